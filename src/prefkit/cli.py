@@ -1,0 +1,59 @@
+"""`prefkit` command line.
+
+Each subcommand lives in the package it belongs to, as a module with two functions:
+``configure(parser)`` adds its arguments and ``run(args) -> int`` does the work and returns the
+exit code. This file only assembles them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command words, module, one-line help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("demo",), "prefkit.train.demo", "train DPO on a built-in tiny model and dataset (no download)"),
+    (("train",), "prefkit.train.commands", "train from a YAML config: prefkit train CONFIG.yaml key=value ..."),
+    (("losses",), "prefkit.losses.commands", "list every registered loss with formula and citation"),
+    (("data", "validate"), "prefkit.data.commands_validate", "report every bad row of a feedback file"),
+    (("data", "stats"), "prefkit.data.commands_stats", "counts and token-length percentiles of a file"),
+    (("data", "convert"), "prefkit.data.commands_convert", "convert between feedback kinds and formats"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prefkit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="prefkit",
+        description="Learn from preferences: feedback data, preference losses, trainers, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"prefkit {__version__}")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, module_name, help_text in COMMANDS:
+        module = importlib.import_module(module_name)
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=help_text, description=help_text)
+        else:
+            if words[0] not in groups:
+                group_parser = top.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
+        module.configure(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

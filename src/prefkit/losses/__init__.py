@@ -1,0 +1,32 @@
+"""Preference losses: pure functions over log-probs / rewards, one registry (DESIGN.md §3)."""
+
+from prefkit.losses.base import (
+    KINDS,
+    ListLogps,
+    LossOutput,
+    LossSpec,
+    PairLogps,
+    RewardList,
+    RewardPair,
+    UnpairedLogps,
+    get_loss,
+    list_losses,
+    register_loss,
+)
+
+# Importing the loss modules registers their losses.
+from prefkit.losses import auxiliary, pairwise, reference_free, unpaired  # noqa: E402,F401
+
+__all__ = [
+    "KINDS",
+    "ListLogps",
+    "LossOutput",
+    "LossSpec",
+    "PairLogps",
+    "RewardList",
+    "RewardPair",
+    "UnpairedLogps",
+    "get_loss",
+    "list_losses",
+    "register_loss",
+]

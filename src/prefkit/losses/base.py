@@ -1,0 +1,215 @@
+"""Input/output types of preference losses and the loss registry.
+
+A loss is a pure function over tensors (DESIGN.md §3): it takes one batch object
+(`PairLogps`, `UnpairedLogps`, `ListLogps`, `RewardPair`, `RewardList`) and keyword-only
+hyper-parameters with their published defaults, and returns a `LossOutput` whose ``loss`` is
+**per example, unreduced**. The trainer weights and reduces. Nothing in ``prefkit.losses``
+knows about models, tokenizers or optimizers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+KINDS = ("pairwise", "unpaired", "list", "reward_pair", "reward_list")
+
+
+@dataclass
+class LossOutput:
+    """``loss``: ``[B]`` per-example loss. ``metrics``: name -> per-example ``[B]`` tensor.
+
+    Metric names shared by all pairwise losses: ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/margins``, ``rewards/accuracies``. Unpaired losses report ``rewards`` (one per
+    example; the trainer splits it by label).
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PairLogps:
+    """Summed log-probs of chosen (w) and rejected (l) completions, shape ``[B]``.
+
+    ``ref_*`` are ``None`` for reference-free losses. ``*_len`` are completion token counts
+    (float). Per-token tensors are ``[B, T]`` with the log-prob of each completion token at its
+    position and 0 elsewhere; ``*_mask`` marks completion tokens (1.0) in the same layout. They
+    are filled only for losses registered with ``needs_tokens=True`` (the ``*_logsumsq``
+    tensors as well, which only WPO-style weighting reads).
+    """
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    chosen_len: Tensor
+    rejected_len: Tensor
+    ref_chosen: Tensor | None = None
+    ref_rejected: Tensor | None = None
+    policy_chosen_tokens: Tensor | None = None
+    policy_rejected_tokens: Tensor | None = None
+    ref_chosen_tokens: Tensor | None = None
+    ref_rejected_tokens: Tensor | None = None
+    chosen_mask: Tensor | None = None
+    rejected_mask: Tensor | None = None
+    # log sum_v pi(v | context)^2 per completion token (detached), same layout; WPO's weights
+    chosen_logsumsq: Tensor | None = None
+    rejected_logsumsq: Tensor | None = None
+    margin: Tensor | None = None  # optional per-pair preference strength from the data
+
+    @property
+    def batch_size(self) -> int:
+        return self.policy_chosen.shape[0]
+
+
+@dataclass
+class UnpairedLogps:
+    """Thumbs-up/down feedback: one completion per example, ``label`` True when desirable.
+
+    ``ref_point`` is a scalar tensor the trainer keeps and passes in: the batch KL estimate
+    z0 for KTO, the running mean reward delta for BCO. Losses hold no state.
+    """
+
+    policy: Tensor
+    ref: Tensor | None
+    label: Tensor
+    length: Tensor
+    ref_point: Tensor | None = None
+
+
+@dataclass
+class ListLogps:
+    """``K`` completions per prompt: ``policy``/``ref`` are ``[B, K]``, ``ranking`` ``[B, K]``
+    holds completion indices from best to worst; ``length`` ``[B, K]`` token counts."""
+
+    policy: Tensor
+    ranking: Tensor
+    length: Tensor
+    ref: Tensor | None = None
+
+
+@dataclass
+class RewardPair:
+    """Reward-model scores of chosen and rejected, ``[B]`` each; optional ``margin`` ``[B]``."""
+
+    chosen: Tensor
+    rejected: Tensor
+    margin: Tensor | None = None
+
+
+@dataclass
+class RewardList:
+    """Reward-model scores ``[B, K]`` and a best-to-worst ``ranking`` ``[B, K]``."""
+
+    scores: Tensor
+    ranking: Tensor
+
+
+BATCH_TYPES = {
+    "pairwise": PairLogps,
+    "unpaired": UnpairedLogps,
+    "list": ListLogps,
+    "reward_pair": RewardPair,
+    "reward_list": RewardList,
+}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: the function and what the trainer must feed it."""
+
+    name: str
+    kind: str
+    fn: Callable[..., LossOutput]
+    needs_reference: bool
+    needs_tokens: bool
+    formula: str
+    citation: str
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """Keyword-only parameters and their defaults, read from the signature."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def __call__(self, batch, **kwargs) -> LossOutput:
+        return self.fn(batch, **kwargs)
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def _docstring_field(doc: str, key: str) -> str:
+    """Return the text after ``key:`` in a docstring (up to the next blank line)."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().lower().startswith(key + ":"):
+            out = [line.split(":", 1)[1].strip()]
+            for nxt in lines[i + 1 :]:
+                if not nxt.strip():
+                    break
+                out.append(nxt.strip())
+            return " ".join(s for s in out if s)
+    return ""
+
+
+def register_loss(
+    name: str, *, kind: str, needs_reference: bool = True, needs_tokens: bool = False
+) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
+    """Register ``fn`` under ``name``.
+
+    The docstring must contain a ``Formula:`` line and a ``Paper:`` line; `prefkit losses`
+    prints both. Hyper-parameters are the function's keyword-only arguments.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
+
+    def deco(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+        if name in _REGISTRY:
+            raise ValueError(f"loss {name!r} is registered twice")
+        formula = _docstring_field(fn.__doc__ or "", "formula")
+        citation = _docstring_field(fn.__doc__ or "", "paper")
+        if not formula or not citation:
+            raise ValueError(f"loss {name!r}: docstring needs 'Formula:' and 'Paper:' lines")
+        _REGISTRY[name] = LossSpec(name, kind, fn, needs_reference, needs_tokens, formula, citation)
+        return fn
+
+    return deco
+
+
+def get_loss(name: str) -> LossSpec:
+    """Look up a registered loss; an unknown name is an error naming the closest one."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown loss {name!r}.{hint} Run `prefkit losses` for the list.")
+    return _REGISTRY[name]
+
+
+def list_losses(kind: str | None = None) -> list[LossSpec]:
+    return [s for s in _REGISTRY.values() if kind is None or s.kind == kind]
+
+
+def pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """The standard per-example metrics of a pairwise loss (rewards detached)."""
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": c,
+        "rewards/rejected": r,
+        "rewards/margins": c - r,
+        "rewards/accuracies": (c > r).to(c.dtype),
+    }
+
+
+def require_reference(b: PairLogps | UnpairedLogps | ListLogps, loss: str) -> None:
+    missing = b.ref is None if not isinstance(b, PairLogps) else (b.ref_chosen is None or b.ref_rejected is None)
+    if missing:
+        raise ValueError(f"loss {loss!r} needs reference log-probs, but the batch has none")
+
+
+def as_tensor(x: float, like: Tensor) -> Tensor:
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device)
