@@ -1,0 +1,187 @@
+"""Tokenized examples -> padded batches (docs/architecture.md §3, docs/tokenization.md).
+
+Examples are dicts as produced by :mod:`prefkit.data.tokenize` (or rows of the
+``datasets.Dataset`` it returns): id lists may be Python lists or 1-D tensors. Keys a collator
+does not need are ignored, except ``user_id``, which is passed through as a Python list.
+Padding is on the right; ``attention_mask`` is 1 on real tokens and ``completion_mask`` is 1 on
+the completion tokens (the ones scored).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("prefkit.data")
+
+__all__ = ["PairwiseCollator", "UnpairedCollator"]
+
+
+def _check_pad(pad_token_id: Any, pad_to_multiple_of: Any) -> None:
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+        raise TypeError(
+            f"pad_token_id must be an int, got {pad_token_id!r} (set tokenizer.pad_token before building "
+            "the collator)"
+        )
+    if pad_to_multiple_of is not None and (
+        isinstance(pad_to_multiple_of, bool)
+        or not isinstance(pad_to_multiple_of, int)
+        or pad_to_multiple_of < 1
+    ):
+        raise ValueError(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
+
+
+def _ids(example: dict, key: str, index: int) -> list[int]:
+    try:
+        value = example[key]
+    except KeyError:
+        raise KeyError(f"example {index} has no {key!r} (keys: {sorted(example)})") from None
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return list(value)
+
+
+def _pad_rows(
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None,
+) -> dict[str, torch.Tensor]:
+    """Right-pad ``prompt + completion`` rows into input_ids / attention_mask / completion_mask."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width = max(lengths)
+    if pad_to_multiple_of is not None:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(lengths)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        n_prompt, n_total = len(prompt), len(prompt) + len(completion)
+        if n_total:
+            input_ids[row, :n_total] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[row, :n_total] = 1
+        completion_mask[row, n_prompt:n_total] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def _user_ids(examples: Sequence[dict]) -> list | None:
+    if not any("user_id" in example for example in examples):
+        return None
+    return [example.get("user_id") for example in examples]
+
+
+class PairwiseCollator:
+    """Collate pairwise examples into one concatenated batch of ``2B`` rows.
+
+    Rows ``0..B-1`` are prompt+chosen and rows ``B..2B-1`` prompt+rejected (row ``i`` and ``B+i``
+    share example ``i``'s prompt), right-padded with ``pad_token_id``.
+
+    Output: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[2B, T]`` long; ``weight``
+    and ``margin`` ``[B]`` float32 (1.0 / 0.0 when an example lacks them); ``user_id`` (list of
+    length ``B``) when the examples carry one. ``T`` is the longest row, rounded up to a multiple
+    of ``pad_to_multiple_of`` when set.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        _check_pad(pad_token_id, pad_to_multiple_of)
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if len(examples) == 0:
+            raise ValueError("PairwiseCollator got an empty batch")
+        prompts = [_ids(ex, "prompt_input_ids", i) for i, ex in enumerate(examples)]
+        chosen = [_ids(ex, "chosen_input_ids", i) for i, ex in enumerate(examples)]
+        rejected = [_ids(ex, "rejected_input_ids", i) for i, ex in enumerate(examples)]
+        batch: dict[str, Any] = _pad_rows(
+            prompts + prompts, chosen + rejected, self.pad_token_id, self.pad_to_multiple_of
+        )
+        batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
+        batch["margin"] = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples], dtype=torch.float32)
+        user_ids = _user_ids(examples)
+        if user_ids is not None:
+            batch["user_id"] = user_ids
+        return batch
+
+
+class UnpairedCollator:
+    """Collate unpaired (thumbs up/down) examples, with KTO's mismatched KL rows.
+
+    Output: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B, T]`` long (prompt ``i`` +
+    completion ``i``); ``label`` ``[B]`` bool; ``weight`` ``[B]`` float32; ``user_id`` (list) when
+    the examples carry one; and, with ``kl_rows=True`` (default), ``kl_input_ids``,
+    ``kl_attention_mask``, ``kl_completion_mask`` ``[B, T_kl]``: prompt ``i`` + the completion of
+    example ``(i + 1) % B``, padded separately (``T_kl`` may differ from ``T``).
+
+    The KL rows' prompt and completion were each sized for their own example, so a KL row can be
+    longer than ``max_length``; with ``max_length`` set, KL rows are cut to their first
+    ``max_length`` tokens (tokenization guarantees every prompt is shorter than ``max_length``, so
+    at least one completion token remains). Matched rows are never cut here: tokenization sized them.
+
+    A batch of one example has no other completion to mismatch with: its KL row is the matched row
+    (prompt 0 + completion 0), so a KL estimate from that batch equals the implied reward. A
+    warning is logged the first time this happens; drop the last incomplete batch
+    (``dataloader_drop_last``) or use batches of at least 2 to avoid it.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        kl_rows: bool = True,
+    ):
+        _check_pad(pad_token_id, pad_to_multiple_of)
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise ValueError(f"max_length must be None or a positive int, got {max_length!r}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
+        self.kl_rows = kl_rows
+        self._warned_single = False
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if len(examples) == 0:
+            raise ValueError("UnpairedCollator got an empty batch")
+        prompts = [_ids(ex, "prompt_input_ids", i) for i, ex in enumerate(examples)]
+        completions = [_ids(ex, "completion_input_ids", i) for i, ex in enumerate(examples)]
+        batch: dict[str, Any] = _pad_rows(prompts, completions, self.pad_token_id, self.pad_to_multiple_of)
+        labels = []
+        for i, ex in enumerate(examples):
+            if "label" not in ex:
+                raise KeyError(f"example {i} has no 'label' (keys: {sorted(ex)})")
+            labels.append(bool(ex["label"]))
+        batch["label"] = torch.tensor(labels, dtype=torch.bool)
+        batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
+        user_ids = _user_ids(examples)
+        if user_ids is not None:
+            batch["user_id"] = user_ids
+        if self.kl_rows:
+            batch.update(self._kl(prompts, completions))
+        return batch
+
+    def _kl(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+        size = len(prompts)
+        if size == 1 and not self._warned_single:
+            logger.warning(
+                "UnpairedCollator: a batch of 1 has no mismatched completion; its KL row is the matched "
+                "row, so the KL estimate for this batch equals the implied reward (warned once)"
+            )
+            self._warned_single = True
+        kl_completions = [completions[(i + 1) % size] for i in range(size)]
+        if self.max_length is not None:
+            too_long = [i for i, p in enumerate(prompts) if len(p) >= self.max_length]
+            if too_long:
+                raise ValueError(
+                    f"examples {too_long} have prompts of max_length={self.max_length} tokens or more; "
+                    "tokenize with the same max_length (it drops or cuts such prompts)"
+                )
+            kl_completions = [c[: self.max_length - len(p)] for p, c in zip(prompts, kl_completions)]
+        rows = _pad_rows(prompts, kl_completions, self.pad_token_id, self.pad_to_multiple_of)
+        return {f"kl_{key}": value for key, value in rows.items()}
