@@ -1,6 +1,32 @@
 """Feedback records, loaders, validation, conversions, tokenization and collators."""
 
+from prefkit.data.convert import (
+    convert_records,
+    pairwise_to_unpaired,
+    ranked_to_pairwise,
+    rated_score,
+    rated_to_pairwise,
+)
+from prefkit.data.formats import (
+    LAYOUTS,
+    hh_pair_to_messages,
+    hh_to_messages,
+    hhh_row,
+    llmbar_row,
+    looks_like_hh,
+    split_hh_pair,
+    split_message_pair,
+)
+from prefkit.data.loaders import (
+    apply_column_map,
+    detect_kind,
+    load_records,
+    parse_column_map,
+    read_rows,
+    write_records,
+)
 from prefkit.data.records import (
+    KINDS,
     RECORD_TYPES,
     DataError,
     PairwiseRecord,
@@ -9,10 +35,15 @@ from prefkit.data.records import (
     Record,
     StepwiseRecord,
     UnpairedRecord,
+    record_from_dict,
     record_to_dict,
+    render_text,
 )
+from prefkit.data.validate import ValidationReport, validate_record, validate_rows, validate_source
 
 __all__ = [
+    "KINDS",
+    "LAYOUTS",
     "RECORD_TYPES",
     "DataError",
     "PairwiseRecord",
@@ -21,5 +52,29 @@ __all__ = [
     "Record",
     "StepwiseRecord",
     "UnpairedRecord",
+    "ValidationReport",
+    "apply_column_map",
+    "convert_records",
+    "detect_kind",
+    "hh_pair_to_messages",
+    "hh_to_messages",
+    "hhh_row",
+    "llmbar_row",
+    "load_records",
+    "looks_like_hh",
+    "pairwise_to_unpaired",
+    "parse_column_map",
+    "ranked_to_pairwise",
+    "rated_score",
+    "rated_to_pairwise",
+    "read_rows",
+    "record_from_dict",
     "record_to_dict",
+    "render_text",
+    "split_hh_pair",
+    "split_message_pair",
+    "validate_record",
+    "validate_rows",
+    "validate_source",
+    "write_records",
 ]

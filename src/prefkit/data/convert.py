@@ -1,0 +1,276 @@
+"""Explicit conversions between kinds of feedback (never applied silently).
+
+* `ranked_to_pairwise`: a ranking (or scores) over K completions -> preference pairs.
+* `rated_to_pairwise`: rated completions of the same prompt -> pairs by one attribute or a
+  weighted sum of attributes, with the score gap as the margin.
+* `pairwise_to_unpaired`: each pair -> a desirable and an undesirable example (KTO-style).
+* `convert_records`: the dispatcher behind ``prefkit data convert --to``.
+
+Pairs whose two completions render to the same text (after stripping surrounding whitespace)
+carry no preference and are never produced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from itertools import combinations
+from typing import Any
+
+from prefkit.data.records import (
+    PairwiseRecord,
+    RankedRecord,
+    RatedRecord,
+    Record,
+    UnpairedRecord,
+    render_text,
+    text_key,
+)
+
+
+def _same_text(a: Any, b: Any) -> bool:
+    return render_text(a).strip() == render_text(b).strip()
+
+
+def _expect(records: Iterable[Record], cls: type, function: str) -> list:
+    records = list(records)
+    for i, record in enumerate(records, start=1):
+        if not isinstance(record, cls):
+            raise TypeError(
+                f"{function} expects {cls.__name__} records; record {i} is a {type(record).__name__}"
+            )
+    return records
+
+
+def _pair_id(record_id: str | None, better: int, worse: int) -> str | None:
+    return None if record_id is None else f"{record_id}:{better}>{worse}"
+
+
+def ranked_levels(record: RankedRecord) -> list[list[int]]:
+    """Completion indices grouped best level first.
+
+    From ``ranking`` (when given) every level has one index; from ``scores`` completions with
+    equal scores share a level (ties), levels ordered by descending score.
+    """
+    n = len(record.completions)
+    if record.ranking is not None:
+        if sorted(record.ranking) != list(range(n)):
+            raise ValueError(f"ranking {record.ranking!r} is not a permutation of 0..{n - 1}")
+        return [[i] for i in record.ranking]
+    if record.scores is None:
+        raise ValueError("a ranked record needs a ranking or scores")
+    if len(record.scores) != n:
+        raise ValueError(f"{len(record.scores)} scores for {n} completions")
+    levels: dict[float, list[int]] = {}
+    for i, score in enumerate(record.scores):
+        levels.setdefault(float(score), []).append(i)
+    return [levels[s] for s in sorted(levels, reverse=True)]
+
+
+def ranked_to_pairwise(records: Iterable[RankedRecord], mode: str = "all") -> list[PairwiseRecord]:
+    """Turn ranked records into pairwise records.
+
+    ``mode="all"``: every pair of completions at different levels (K(K-1)/2 pairs for a strict
+    ranking). ``mode="adjacent"``: only pairs from neighbouring levels (K-1 pairs for a strict
+    ranking; with tied scores, every member of one level against every member of the next).
+    Levels come from ``ranking`` when present, else from ``scores`` (descending; equal scores
+    make no pair). With scores, ``chosen_score``/``rejected_score`` are set and ``margin`` is
+    their difference. ``user_id`` is kept; ``id`` becomes ``"{id}:{better}>{worse}"`` (indices
+    into ``completions``).
+    """
+    if mode not in ("all", "adjacent"):
+        raise ValueError(f"mode must be 'all' or 'adjacent', got {mode!r}")
+    out: list[PairwiseRecord] = []
+    for index, record in enumerate(_expect(records, RankedRecord, "ranked_to_pairwise"), start=1):
+        try:
+            levels = ranked_levels(record)
+        except ValueError as exc:
+            raise ValueError(f"ranked record {index}: {exc}") from None
+        use_scores = record.ranking is None
+        if mode == "all":
+            level_pairs = [(a, b) for a, b in combinations(range(len(levels)), 2)]
+        else:
+            level_pairs = [(a, a + 1) for a in range(len(levels) - 1)]
+        for a, b in level_pairs:
+            for better in levels[a]:
+                for worse in levels[b]:
+                    chosen, rejected = record.completions[better], record.completions[worse]
+                    if _same_text(chosen, rejected):
+                        continue
+                    pair = PairwiseRecord(
+                        prompt=record.prompt,
+                        chosen=chosen,
+                        rejected=rejected,
+                        user_id=record.user_id,
+                        id=_pair_id(record.id, better, worse),
+                    )
+                    if use_scores:
+                        pair.chosen_score = float(record.scores[better])
+                        pair.rejected_score = float(record.scores[worse])
+                        pair.margin = pair.chosen_score - pair.rejected_score
+                    out.append(pair)
+    return out
+
+
+def rated_score(
+    record: RatedRecord, attribute: str | None = None, weights: dict[str, float] | None = None
+) -> float:
+    """The scalar score of a rated record: ``ratings[attribute]``, or ``sum(w * ratings[a])`` over
+    ``weights`` (attributes missing from ``weights`` count 0). With neither, the record must have
+    exactly one rating."""
+    if attribute is not None and weights is not None:
+        raise ValueError("pass either attribute or weights, not both")
+    ratings = record.ratings
+    if weights is not None:
+        if not weights:
+            raise ValueError("weights is empty")
+        missing = [a for a in weights if a not in ratings]
+        if missing:
+            raise KeyError(f"rating(s) {missing} missing; the record has {sorted(ratings)}")
+        return float(sum(float(w) * float(ratings[a]) for a, w in weights.items()))
+    if attribute is None:
+        if len(ratings) != 1:
+            raise ValueError(
+                f"the record has several ratings {sorted(ratings)}; choose one with attribute= "
+                "or combine them with weights="
+            )
+        attribute = next(iter(ratings))
+    if attribute not in ratings:
+        raise KeyError(f"rating {attribute!r} missing; the record has {sorted(ratings)}")
+    return float(ratings[attribute])
+
+
+def rated_to_pairwise(
+    records: Iterable[RatedRecord],
+    attribute: str | None = None,
+    weights: dict[str, float] | None = None,
+    min_gap: float = 0.0,
+    by_user: bool = False,
+) -> list[PairwiseRecord]:
+    """Pair rated completions of the same prompt.
+
+    Records are grouped by prompt (exact text or messages; with ``by_user=True`` by prompt and
+    ``user_id``, so only one annotator's ratings are compared). Within a group every two records
+    whose scores (see `rated_score`: one ``attribute`` or a ``weights`` sum; with neither, the
+    single rating each record has) differ by more than ``min_gap`` make a pair: the higher score
+    is chosen, ``margin`` is the gap and ``chosen_score``/``rejected_score`` the scores.
+    ``user_id`` is kept when both records share it; ``id`` becomes ``"{chosen_id}>{rejected_id}"``
+    when both have ids. Groups keep the order in which their prompts first appear.
+    """
+    if not (isinstance(min_gap, (int, float)) and math.isfinite(min_gap) and min_gap >= 0):
+        raise ValueError(f"min_gap must be a finite number >= 0, got {min_gap!r}")
+    records = _expect(records, RatedRecord, "rated_to_pairwise")
+    groups: dict[Any, list[tuple[RatedRecord, float]]] = {}
+    for index, record in enumerate(records, start=1):
+        try:
+            score = rated_score(record, attribute, weights)
+        except (KeyError, ValueError) as exc:
+            message = exc.args[0] if exc.args else str(exc)
+            raise ValueError(f"rated record {index}: {message}") from None
+        if not math.isfinite(score):
+            raise ValueError(f"rated record {index}: score {score} is not finite")
+        key = (text_key(record.prompt), record.user_id if by_user else None)
+        groups.setdefault(key, []).append((record, score))
+    out: list[PairwiseRecord] = []
+    for members in groups.values():
+        for (a, score_a), (b, score_b) in combinations(members, 2):
+            gap = abs(score_a - score_b)
+            if not gap > min_gap:
+                continue
+            (win, s_win), (lose, s_lose) = (
+                ((a, score_a), (b, score_b)) if score_a > score_b else ((b, score_b), (a, score_a))
+            )
+            if _same_text(win.completion, lose.completion):
+                continue
+            out.append(
+                PairwiseRecord(
+                    prompt=win.prompt,
+                    chosen=win.completion,
+                    rejected=lose.completion,
+                    user_id=win.user_id if win.user_id == lose.user_id else None,
+                    margin=gap,
+                    chosen_score=s_win,
+                    rejected_score=s_lose,
+                    id=f"{win.id}>{lose.id}" if win.id is not None and lose.id is not None else None,
+                )
+            )
+    return out
+
+
+def pairwise_to_unpaired(records: Iterable[PairwiseRecord]) -> list[UnpairedRecord]:
+    """Each pair becomes two unpaired records: ``chosen`` with ``label=True`` then ``rejected``
+    with ``label=False``, same prompt, ``user_id`` and ``weight``; ``id`` becomes
+    ``"{id}:chosen"`` / ``"{id}:rejected"``. Margins and scores are dropped (unpaired records have
+    none)."""
+    out: list[UnpairedRecord] = []
+    for record in _expect(records, PairwiseRecord, "pairwise_to_unpaired"):
+        for completion, label, suffix in (
+            (record.chosen, True, "chosen"),
+            (record.rejected, False, "rejected"),
+        ):
+            out.append(
+                UnpairedRecord(
+                    prompt=record.prompt,
+                    completion=completion,
+                    label=label,
+                    user_id=record.user_id,
+                    weight=record.weight,
+                    id=None if record.id is None else f"{record.id}:{suffix}",
+                )
+            )
+    return out
+
+
+CONVERSIONS: dict[tuple[str, str], str] = {
+    ("ranked", "pairwise"): "ranked_to_pairwise",
+    ("rated", "pairwise"): "rated_to_pairwise",
+    ("pairwise", "unpaired"): "pairwise_to_unpaired",
+}
+
+
+def convert_records(
+    records: Sequence[Record],
+    to: str | None,
+    *,
+    mode: str = "all",
+    attribute: str | None = None,
+    weights: dict[str, float] | None = None,
+    min_gap: float = 0.0,
+) -> list[Record]:
+    """Convert records of one kind to kind ``to`` with the matching function above.
+
+    ``to=None`` or the records' own kind returns them unchanged (a file-format conversion).
+    Options that do not apply to the conversion are refused rather than ignored.
+    """
+    records = list(records)
+    kinds = {type(r).kind for r in records}
+    if len(kinds) > 1:
+        raise ValueError(f"records of several kinds {sorted(kinds)}; convert one kind at a time")
+    source = kinds.pop() if kinds else None
+    given = {
+        "mode": mode != "all",
+        "attribute": attribute is not None,
+        "weights": weights is not None,
+        "min_gap": min_gap != 0.0,
+    }
+    identity = to is None or source is None or to == source
+    if identity:
+        allowed: set[str] = set()
+    elif (source, to) in CONVERSIONS:
+        allowed = {"ranked": {"mode"}, "rated": {"attribute", "weights", "min_gap"}, "pairwise": set()}[
+            source
+        ]
+    else:
+        supported = ", ".join(f"{a} -> {b}" for a, b in CONVERSIONS)
+        raise ValueError(f"no conversion from {source} to {to}; supported: {supported}")
+    unused = [name for name, was_given in given.items() if was_given and name not in allowed]
+    if unused:
+        what = "a format-only conversion" if identity else f"{source} -> {to}"
+        raise ValueError(f"option(s) {', '.join(unused)} do not apply to {what}")
+    if identity:
+        return records
+    if source == "ranked":
+        return ranked_to_pairwise(records, mode=mode)
+    if source == "rated":
+        return rated_to_pairwise(records, attribute=attribute, weights=weights, min_gap=min_gap)
+    return pairwise_to_unpaired(records)

@@ -1,0 +1,257 @@
+"""Layouts of public preference datasets and how to turn them into prefkit rows.
+
+* HH-RLHF "implicit prompt" pairs (Anthropic/hh-rlhf): ``chosen`` and ``rejected`` are whole
+  dialogues ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` sharing everything up to the final reply.
+  `split_hh_pair` cuts them into prompt + two completions; `load_records` does it on its own when
+  a pairwise row has no prompt. `hh_to_messages` / `hh_pair_to_messages` turn such text into chat
+  messages.
+* Chat-message pairs without a prompt (``chosen``/``rejected`` full conversations):
+  `split_message_pair` cuts at the last shared turn before the two assistant replies.
+* LLMBar ``{input, output_1, output_2, label}`` (`llmbar_row`) and the HHH alignment pairs wrapped
+  in a Prometheus judge prompt ``{source, chosen_instruction, rejected_instruction}``
+  (`hhh_row`). `LAYOUTS` maps a layout name to its row adapter; pass ``layout=`` to
+  `load_records` or ``--layout`` to the ``prefkit data`` commands.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from prefkit.data.records import MISSING, DataError, Message, PairwiseRecord
+
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+# ---- HH-RLHF ----------------------------------------------------------------------------------
+def looks_like_hh(text: Any) -> bool:
+    """True for a string shaped like an HH-RLHF dialogue: starts with a ``Human:`` turn (after
+    optional leading whitespace) and holds at least one ``\\n\\nAssistant:`` turn."""
+    return isinstance(text, str) and text.lstrip().startswith("Human:") and ASSISTANT in text
+
+
+def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two HH-RLHF dialogues into ``(prompt, chosen, rejected)``.
+
+    The prompt is the longest common prefix of the two texts, cut back to end with the last
+    ``\\n\\nAssistant:`` marker it contains (the marker is kept, so the prompt ends with
+    ``Assistant:``). The completions are the rest of each text with one leading space removed.
+    This is right when the two replies diverge mid-sentence (``" I think"`` vs ``" I am"``) and
+    when one reply is empty.
+
+    Raises ``ValueError`` when the two texts share no assistant turn.
+    """
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(ASSISTANT, 0, shared)  # the last marker lying wholly inside the shared part
+    if cut < 0:
+        raise ValueError("the two dialogues share no '\\n\\nAssistant:' turn")
+    end = cut + len(ASSISTANT)
+    prompt = chosen[:end]
+    return prompt, _drop_space(chosen[end:]), _drop_space(rejected[end:])
+
+
+def _drop_space(text: str) -> str:
+    return text.removeprefix(" ")
+
+
+def hh_to_messages(text: str, first_role: str = "user") -> list[Message]:
+    """Parse HH-RLHF dialogue text into chat messages.
+
+    ``\\n\\nHuman:`` turns become ``user`` messages and ``\\n\\nAssistant:`` turns ``assistant``
+    messages, contents stripped of surrounding whitespace. Text before the first marker belongs to
+    ``first_role`` (use ``"assistant"`` for a completion cut from a dialogue); it is dropped when
+    empty. A final empty assistant turn (the ``Assistant:`` a split prompt ends with) is dropped,
+    so a prompt becomes the conversation the reply answers.
+    """
+    if first_role not in ("user", "assistant"):
+        raise ValueError(f"first_role must be 'user' or 'assistant', got {first_role!r}")
+    stripped = text.lstrip()
+    if stripped.startswith("Human:") or stripped.startswith("Assistant:"):
+        text = "\n\n" + stripped
+    parts = _TURN.split(text)
+    messages: list[Message] = []
+    head = parts[0].strip()
+    if head:
+        messages.append({"role": first_role, "content": head})
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        messages.append({"role": role, "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"] and len(messages) > 1:
+        messages.pop()
+    return messages
+
+
+def hh_pair_to_messages(record: PairwiseRecord) -> PairwiseRecord:
+    """A copy of a split HH-RLHF pair (plain-text prompt ending in ``Assistant:``) as chat
+    messages: the prompt becomes the user/assistant turns, each completion its assistant turn(s).
+    Other fields are kept."""
+    if not all(isinstance(t, str) for t in (record.prompt, record.chosen, record.rejected)):
+        raise ValueError("hh_pair_to_messages expects a plain-text HH-RLHF pair")
+    if not record.prompt.rstrip().endswith("Assistant:"):
+        raise ValueError(
+            "hh_pair_to_messages expects a prompt ending with 'Assistant:' (a split HH-RLHF pair)"
+        )
+    prompt = hh_to_messages(record.prompt)
+    chosen = hh_to_messages(record.chosen, first_role="assistant") or [{"role": "assistant", "content": ""}]
+    rejected = hh_to_messages(record.rejected, first_role="assistant") or [
+        {"role": "assistant", "content": ""}
+    ]
+    return PairwiseRecord(
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        user_id=record.user_id,
+        margin=record.margin,
+        weight=record.weight,
+        chosen_score=record.chosen_score,
+        rejected_score=record.rejected_score,
+        id=record.id,
+    )
+
+
+# ---- chat-message pairs without a prompt --------------------------------------------------------
+def _is_message_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def split_message_pair(chosen: list[Message], rejected: list[Message]) -> tuple[list, list, list]:
+    """Split two full conversations into ``(prompt, chosen, rejected)`` message lists.
+
+    The prompt is the longest run of identical leading messages after which both conversations
+    continue with an assistant message; the completions are the rest. Raises ``ValueError`` when
+    there is no such non-empty prompt.
+    """
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    cut = shared
+    while cut > 0:
+        if cut < len(chosen) and cut < len(rejected):
+            if chosen[cut].get("role") == "assistant" and rejected[cut].get("role") == "assistant":
+                break
+        cut -= 1
+    if cut == 0:
+        raise ValueError("the two conversations share no turns followed by an assistant reply in both")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def split_implicit_prompt(row: dict, file: str | None, row_number: int | None) -> dict:
+    """If a pairwise ``row`` has no prompt and its chosen/rejected hold one (HH-RLHF text or chat
+    messages), return a copy with ``prompt``, ``chosen`` and ``rejected`` split; otherwise return
+    the row unchanged. Raises `DataError` when the layout is recognised but the split fails."""
+    if row.get("prompt") is not None:
+        return row
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if looks_like_hh(chosen) and looks_like_hh(rejected):
+        try:
+            prompt, chosen, rejected = split_hh_pair(chosen, rejected)
+        except ValueError:
+            raise DataError(
+                file,
+                row_number,
+                "chosen",
+                "HH-RLHF dialogues that share a prefix ending with '\\n\\nAssistant:' (the prompt)",
+                "dialogues that differ before any shared assistant turn",
+            ) from None
+    elif _is_message_list(chosen) and _is_message_list(rejected):
+        try:
+            prompt, chosen, rejected = split_message_pair(chosen, rejected)
+        except ValueError:
+            raise DataError(
+                file,
+                row_number,
+                "chosen",
+                "chat-message conversations that share the prompt turns and then both continue "
+                "with an assistant message",
+                "conversations with no shared turns before the replies",
+            ) from None
+    else:
+        return row
+    out = dict(row)
+    out.update(prompt=prompt, chosen=chosen, rejected=rejected)
+    return out
+
+
+# ---- LLMBar -------------------------------------------------------------------------------------
+def llmbar_row(row: dict, file: str | None = None, row_number: int | None = None) -> dict:
+    """An LLMBar row ``{input, output_1, output_2, label}`` as a pairwise row.
+
+    ``label`` 1 means ``output_1`` is preferred, 2 means ``output_2``. Other keys are kept.
+    """
+    for key in ("input", "output_1", "output_2"):
+        if row.get(key) is None:
+            raise DataError(
+                file, row_number, key, "a string (LLMBar layout: input, output_1, output_2, label)", MISSING
+            )
+    label = row.get("label")
+    if label not in (1, 2) or isinstance(label, bool):
+        raise DataError(
+            file,
+            row_number,
+            "label",
+            "1 or 2 (which output is preferred, LLMBar layout)",
+            label if label is not None else MISSING,
+        )
+    out = {k: v for k, v in row.items() if k not in ("input", "output_1", "output_2", "label")}
+    first, second = row["output_1"], row["output_2"]
+    out.update(
+        prompt=row["input"], chosen=first if label == 1 else second, rejected=second if label == 1 else first
+    )
+    return out
+
+
+# ---- HHH alignment (Prometheus judge wrapping) --------------------------------------------------
+_HHH_PARTS = re.compile(
+    r"###The instruction to evaluate:\n(?P<instruction>.*?)\n\n###Response to evaluate:\n"
+    r"(?P<response>.*?)\n\n###Score Rubrics:",
+    re.DOTALL,
+)
+
+
+def _hhh_parts(text: Any, field: str, file: str | None, row_number: int | None) -> tuple[str, str]:
+    expected = (
+        "a judge prompt holding '###The instruction to evaluate:', '###Response to evaluate:' "
+        "and '###Score Rubrics:' sections (HHH layout)"
+    )
+    if not isinstance(text, str):
+        raise DataError(file, row_number, field, expected, text if text is not None else MISSING)
+    match = _HHH_PARTS.search(text)
+    if match is None:
+        raise DataError(file, row_number, field, expected, text)
+    return match.group("instruction"), match.group("response")
+
+
+def hhh_row(row: dict, file: str | None = None, row_number: int | None = None) -> dict:
+    """A row of the HHH alignment set in the Prometheus judge layout
+    ``{source?, chosen_instruction, rejected_instruction}`` as a pairwise row.
+
+    The prompt is the instruction under evaluation (it must be the same in both), chosen and
+    rejected the two responses. ``source`` (harmless/helpful/honest/other) is kept as the id
+    ``"{source}/{row_number}"`` so results can be grouped by subset.
+    """
+    prompt, chosen = _hhh_parts(row.get("chosen_instruction"), "chosen_instruction", file, row_number)
+    prompt_r, rejected = _hhh_parts(row.get("rejected_instruction"), "rejected_instruction", file, row_number)
+    if prompt != prompt_r:
+        raise DataError(
+            file,
+            row_number,
+            "rejected_instruction",
+            "the same instruction under evaluation as in 'chosen_instruction'",
+            prompt_r,
+        )
+    out = {k: v for k, v in row.items() if k not in ("chosen_instruction", "rejected_instruction", "source")}
+    out.update(prompt=prompt, chosen=chosen, rejected=rejected)
+    source = row.get("source")
+    if source is not None and out.get("id") is None:
+        out["id"] = f"{source}/{row_number}" if row_number is not None else str(source)
+    return out
+
+
+RowAdapter = Callable[[dict, "str | None", "int | None"], dict]
+
+LAYOUTS: dict[str, RowAdapter] = {"llmbar": llmbar_row, "hhh": hhh_row}
