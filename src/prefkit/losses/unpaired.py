@@ -67,8 +67,8 @@ def kto(
 
     The reference point z0 comes in as ``b.ref_point`` (computed by the trainer with
     `kto_kl_estimate`, detached); a missing one is an error rather than a silent 0. Passing
-    ``ref_point=0`` gives the KL-free variant (TRL's ``apo_zero_unpaired`` differs in the
-    undesirable term and is not this loss).
+    ``ref_point=0`` gives the KL-free variant, which is exactly TRL's ``apo_zero_unpaired``
+    (1 - sigma(beta * (0 - r)) = sigma(beta * r) for the undesirable term).
 
     TRL: ``KTOTrainer`` with ``KTOConfig(loss_type="kto", beta=beta,
     desirable_weight=..., undesirable_weight=...)``; TRL reduces with a plain mean over the
