@@ -1,0 +1,236 @@
+"""`prefkit train CONFIG.yaml [key=value ...] [--resume [CHECKPOINT]]`.
+
+Reads the config (`prefkit.train.config`), loads the data, tokenizer, policy (and reference /
+LoRA), trains with `PreferenceTrainer`, evaluates on the held-out split, and leaves in
+``output_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``checkpoint-N/``
+folders, the final model and tokenizer, and ``README.md`` (the model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefkit.data.records import DataError
+from prefkit.train.config import ConfigError, RunConfig, load_config, write_config
+
+logger = logging.getLogger("prefkit.train")
+
+
+@dataclass
+class TrainingRun:
+    """What `train_from_config` returns."""
+
+    trainer: Any
+    output_dir: Path
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def split_holdout(records: Sequence, fraction: float, seed: int) -> tuple[list, list]:
+    """Shuffle indices with ``seed`` and hold out ``round(fraction * n)`` records (at least 1).
+
+    Record order is kept inside each part. Raises when nothing would be left to train on.
+    """
+    n = len(records)
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise ConfigError(f"eval_fraction={fraction} of {n} records leaves nothing to train on")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in held]
+    held_out = [r for i, r in enumerate(records) if i in held]
+    return train, held_out
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-"))
+
+
+def _prepare_output_dir(config: RunConfig, resume: str | bool | None) -> Path:
+    out = Path(config.train.output_dir)
+    existing = _checkpoints(out)
+    if resume is True and not existing:
+        raise ConfigError(f"--resume: output_dir {str(out)!r} holds no checkpoint-* folder to resume from")
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise ConfigError(f"--resume {resume}: no such checkpoint folder")
+    if existing and not resume:
+        if not config.train.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir {str(out)!r} already holds checkpoints "
+                f"({', '.join(p.name for p in existing[-3:])}). "
+                "Pass --resume to continue that run, choose another output_dir (output_dir=...), or set "
+                "overwrite_output_dir=true to delete them and start over."
+            )
+        for path in existing:
+            shutil.rmtree(path)
+        for stale in ("metrics.jsonl",):
+            if (out / stale).exists():
+                (out / stale).unlink()
+        logger.warning(
+            "overwrite_output_dir: deleted %d checkpoint(s) and metrics.jsonl in %s", len(existing), out
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_run_data(config: RunConfig):
+    """``(train_records, eval_records_or_None, description)`` from the data config."""
+    from prefkit.data.loaders import load_records
+
+    data = config.data
+    if not data.train_file:
+        raise ConfigError("train_file is required: the feedback file to train on (see docs/training.md)")
+    train = load_records(
+        data.train_file, kind=data.data_kind, column_map=data.column_map, split=data.train_split
+    )
+    if not train:
+        raise ConfigError(f"train_file {data.train_file!r} holds no records")
+    kind = type(train[0]).kind
+    if kind != config.train.loss_kind:
+        raise ConfigError(
+            f"train_file {data.train_file!r} holds {kind} records, but loss {config.train.loss} is "
+            f"{config.train.loss_kind}; choose a {config.train.loss_kind} loss (`prefkit losses`) or convert "
+            "the data explicitly (`prefkit data convert`)"
+        )
+    description: dict[str, Any] = {"train_file": data.train_file, "kind": kind}
+    held_out = None
+    if data.eval_file:
+        held_out = load_records(
+            data.eval_file, kind=data.data_kind, column_map=data.column_map, split=data.eval_split
+        )
+        description["eval_file"] = data.eval_file
+    elif data.eval_fraction:
+        train, held_out = split_holdout(train, data.eval_fraction, config.train.seed)
+        description["eval"] = (
+            f"{len(held_out)} records held out of train_file "
+            f"(eval_fraction={data.eval_fraction}, seed={config.train.seed})"
+        )
+    if data.column_map:
+        description["column_map"] = data.column_map
+    return train, held_out, description
+
+
+def build_trainer(
+    config: RunConfig, train_records, eval_records=None, *, data_description=None, callbacks=None
+):
+    """Load tokenizer, policy, reference and LoRA from ``config.model`` and build the trainer."""
+    from prefkit.models.loading import load_policy, load_reference, load_tokenizer
+    from prefkit.train.trainer import PreferenceTrainer
+
+    m = config.model
+    tokenizer = load_tokenizer(m.tokenizer or m.model, trust_remote_code=m.trust_remote_code)
+    load_kwargs = {
+        "dtype": m.dtype,
+        "trust_remote_code": m.trust_remote_code,
+        "attn_implementation": m.attn_implementation,
+        "tiny": m.tiny_spec,
+    }
+    policy = load_policy(m.model, vocab_size=len(tokenizer) if m.model == "tiny" else None, **load_kwargs)
+    ref_model = None
+    if m.ref_model is not None:
+        if config.train.reference_free:
+            raise ConfigError(
+                f"ref_model={m.ref_model!r} is set but every selected loss "
+                f"({', '.join(config.train.loss)}) is reference-free; remove ref_model"
+            )
+        ref_model = load_reference(
+            m.ref_model, vocab_size=len(tokenizer) if m.ref_model == "tiny" else None, **load_kwargs
+        )
+    run_info = {"model": m.model, "data": data_description or {}}
+    if m.ref_model is not None:
+        run_info["reference"] = f"`{m.ref_model}` (frozen)"
+    return PreferenceTrainer(
+        policy,
+        config.train,
+        train_dataset=train_records,
+        eval_dataset=eval_records,
+        processing_class=tokenizer,
+        ref_model=ref_model,
+        peft_config=m.lora_config(),
+        callbacks=callbacks,
+        run_info=run_info,
+    )
+
+
+def train_from_config(config: RunConfig, resume: str | bool | None = None, callbacks=None) -> TrainingRun:
+    """Run a whole training job from a `RunConfig` (what `prefkit train` does)."""
+    out = _prepare_output_dir(config, resume)
+    write_config(config, out / "config.yaml")
+    train_records, eval_records, description = load_run_data(config)
+    trainer = build_trainer(
+        config, train_records, eval_records, data_description=description, callbacks=callbacks
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    eval_metrics: dict[str, float] = {}
+    if eval_records is not None:
+        eval_metrics = trainer.evaluate()
+    trainer.save_model(str(out))
+    trainer.create_model_card()
+    return TrainingRun(
+        trainer=trainer, output_dir=out, train_metrics=dict(result.metrics), eval_metrics=eval_metrics
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config: one flat mapping of keys (see docs/training.md)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys; values are YAML scalars "
+        "(loss=ipo, learning_rate=1e-4, loss_params.beta=0.2)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from CHECKPOINT, or from the latest checkpoint in output_dir when no path is given",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    resume = args.resume
+    # `--resume key=value`: argparse gives the override to --resume; it is not a checkpoint path.
+    if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
+        overrides.append(resume)
+        resume = True
+    from prefkit.train.trainer import NonFiniteLossError
+
+    try:
+        config = load_config(args.config, overrides)
+        run_ = train_from_config(config, resume=resume)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"prefkit train: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"prefkit train: stopped: {err}", file=sys.stderr)
+        return 1
+    out = run_.output_dir
+    acc = run_.eval_metrics.get("eval_rewards/accuracies")
+    print(f"\nDone. Output in {out}/")
+    print("  config.yaml    the resolved config (prefkit train it to re-run)")
+    print("  metrics.jsonl  every logged metric, one JSON line per log event")
+    print("  README.md      the model card; the final model and tokenizer are beside it")
+    if acc is not None:
+        print(f"  held-out implicit-reward accuracy: {acc:.3f}")
+    return 0

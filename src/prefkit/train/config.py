@@ -1,0 +1,688 @@
+"""Training configuration: three dataclasses and one flat YAML file.
+
+- `ModelConfig`: which policy / reference / tokenizer to load, LoRA, the tiny model's sizes.
+- `DataConfig`: which feedback files to read and how.
+- `PreferenceConfig` (a ``transformers.TrainingArguments``): the loss(es) and their
+  hyper-parameters, sequence lengths, and every ``TrainingArguments`` option (optimizer,
+  schedule, logging, checkpoints, ...).
+
+A YAML config is **one flat mapping**; each key goes to the dataclass that owns it (as
+``HfArgumentParser`` does over several dataclasses). ``key=value`` overrides are applied on top,
+their values parsed as YAML scalars (``loss_params.beta=0.2`` sets one entry of a mapping). An
+unknown key is an error that names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from transformers import TrainingArguments
+
+from prefkit.models.loading import TinySpec
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "PreferenceConfig",
+    "RunConfig",
+    "config_fields",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+    "parse_overrides",
+    "write_config",
+]
+
+
+class ConfigError(ValueError):
+    """A bad config: unknown key (with a suggestion), bad value or bad override."""
+
+
+# ------------------------------------------------------------------------------------------
+# Dataclasses
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """What to train and against what."""
+
+    model: str = field(
+        default="tiny",
+        metadata={
+            "help": "Policy to train: a local folder, a Hugging Face Hub model id, or 'tiny' (the built-in "
+            "random tiny Llama with the byte tokenizer; no download)."
+        },
+    )
+    ref_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference model (folder, Hub id or 'tiny'). None: a frozen copy of the initial policy, "
+            "or, with LoRA, the policy with its adapters disabled. Not loaded at all when every selected "
+            "loss is reference-free."
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer (folder or Hub id). None: the policy's own ('tiny': the byte tokenizer)."
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weight dtype when loading: float32, bfloat16, float16 or auto (the checkpoint's)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model/tokenizer code from the Hub repository to run."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention implementation (eager, sdpa, flash_attention_2, ...). "
+            "None: transformers' default."
+        },
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank; 0 trains all weights. > 0 wraps the policy with PEFT LoRA adapters "
+            "(needs `peft`)."
+        },
+    )
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | str | None = field(
+        default="all-linear",
+        metadata={
+            "help": "Modules that get adapters: a list of module names (e.g. [q_proj, v_proj]) "
+            "or 'all-linear'."
+        },
+    )
+    tiny_hidden_size: int = field(default=64, metadata={"help": "model: tiny - hidden size."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "model: tiny - number of decoder layers."})
+    tiny_num_heads: int = field(default=4, metadata={"help": "model: tiny - attention heads."})
+    tiny_intermediate_size: int = field(default=128, metadata={"help": "model: tiny - MLP width."})
+    tiny_max_position_embeddings: int = field(
+        default=1024, metadata={"help": "model: tiny - longest sequence."}
+    )
+    tiny_seed: int = field(default=0, metadata={"help": "model: tiny - seed of the random initial weights."})
+
+    def __post_init__(self):
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
+
+    @property
+    def use_lora(self) -> bool:
+        return self.lora_r > 0
+
+    @property
+    def tiny_spec(self) -> TinySpec:
+        return TinySpec(
+            hidden_size=self.tiny_hidden_size,
+            num_layers=self.tiny_num_layers,
+            num_heads=self.tiny_num_heads,
+            intermediate_size=self.tiny_intermediate_size,
+            max_position_embeddings=self.tiny_max_position_embeddings,
+            seed=self.tiny_seed,
+        )
+
+    def lora_config(self):
+        """A ``peft.LoraConfig`` for a causal LM, or None when ``lora_r == 0``."""
+        if not self.use_lora:
+            return None
+        try:
+            from peft import LoraConfig
+        except ImportError as err:
+            raise ImportError(
+                f"lora_r={self.lora_r} needs the `peft` package: "
+                "pip install 'prefkit[peft]' (or pip install peft)"
+            ) from err
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Where the feedback comes from."""
+
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training feedback: a .jsonl/.jsonl.gz/.json/.csv/.parquet file, a saved "
+            "`datasets` folder or a Hub dataset name (read by prefkit.data.load_records)."
+        },
+    )
+    train_split: str | None = field(
+        default=None, metadata={"help": "Split of train_file to read when it holds several (e.g. 'train')."}
+    )
+    eval_file: str | None = field(
+        default=None,
+        metadata={"help": "Held-out feedback, same formats as train_file. Excludes eval_fraction."},
+    )
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split of eval_file to read (e.g. 'test')."}
+    )
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of train_file (shuffled with `seed`) for evaluation when no "
+            "eval_file is given. 0: no held-out split."
+        },
+    )
+    data_kind: str | None = field(
+        default=None,
+        metadata={"help": "Feedback kind (pairwise, unpaired). None: detected from the fields present."},
+    )
+    column_map: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Read fields from differently named columns, prefkit field -> file column "
+            "(e.g. {prompt: question, chosen: response_a})."
+        },
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.eval_fraction) < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_file is not None and self.eval_fraction:
+            raise ConfigError("give eval_file or eval_fraction, not both")
+
+
+@dataclass
+class PreferenceConfig(TrainingArguments):
+    """``TrainingArguments`` plus prefkit's loss and sequence options.
+
+    Defaults differ from ``TrainingArguments`` where preference training needs it:
+    ``remove_unused_columns=False`` (the collators read prefkit's own columns),
+    ``logging_steps=10``, ``learning_rate=1e-6`` (TRL's DPO default), ``report_to="none"``.
+    """
+
+    loss: str | list[str] = field(
+        default="dpo",
+        metadata={
+            "help": "Loss name, or a list of names whose weighted sum is trained (e.g. [dpo, sft] is RPO). "
+            "All must be of one kind (pairwise or unpaired). `prefkit losses` lists them."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per loss in `loss`. None: 1.0 each."}
+    )
+    loss_params: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Loss hyper-parameters: shared keys ({beta: 0.1}) go to every selected loss that takes "
+            "them; per-loss mappings ({dpo: {beta: 0.1}, sft: {}}) to one loss. Unset keys keep the "
+            "published defaults."
+        },
+    )
+    max_length: int | None = field(
+        default=512,
+        metadata={
+            "help": "Longest prompt + completion in tokens; completions are cut to fit. None: no limit."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=256, metadata={"help": "Longest prompt in tokens (cut by prompt_truncation). None: no limit."}
+    )
+    prompt_truncation: str = field(
+        default="keep_end",
+        metadata={"help": "How an over-long prompt is cut: keep_end (its last tokens) or keep_start."},
+    )
+    completion_truncation: str = field(
+        default="keep_start",
+        metadata={"help": "How an over-long completion is cut: keep_start (its first tokens) or keep_end."},
+    )
+    logps_chunk_size: int = field(
+        default=4096,
+        metadata={"help": "Tokens per chunk of the log-softmax over the vocabulary (memory vs speed)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "`prefkit train`: when output_dir already holds checkpoints and no --resume is "
+            "given, delete them (and metrics.jsonl) and start over instead of stopping with an error."
+        },
+    )
+    # Changed TrainingArguments defaults.
+    learning_rate: float = field(
+        default=1e-6,
+        metadata={
+            "help": "Initial AdamW learning rate (TRL's DPO default; raise it for LoRA or tiny models)."
+        },
+    )
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every N optimizer steps (or a fraction of the total steps if < 1)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep False: prefkit's collators read the tokenized columns themselves."},
+    )
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"help": "Integrations to report to (tensorboard, wandb, ...); 'none' (default) or 'all'."},
+    )
+    output_dir: str | None = field(
+        default="runs/prefkit",
+        metadata={"help": "Where checkpoints, metrics.jsonl, config.yaml and README.md go."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.loss, str):
+            self.loss = [self.loss]
+        else:
+            self.loss = list(self.loss)
+        if not self.loss:
+            raise ConfigError("loss: give at least one loss name")
+        if self.loss_weights is not None:
+            self.loss_weights = [float(w) for w in self.loss_weights]
+            if len(self.loss_weights) != len(self.loss):
+                raise ConfigError(
+                    f"loss_weights has {len(self.loss_weights)} entries for {len(self.loss)} losses "
+                    f"({self.loss})"
+                )
+        if self.loss_params is None:
+            self.loss_params = {}
+        if not isinstance(self.loss_params, Mapping):
+            raise ConfigError(f"loss_params must be a mapping, got {self.loss_params!r}")
+        self.loss_params = dict(self.loss_params)
+        for name in ("prompt_truncation", "completion_truncation"):
+            if getattr(self, name) not in ("keep_start", "keep_end"):
+                raise ConfigError(f"{name} must be keep_start or keep_end, got {getattr(self, name)!r}")
+        if self.logps_chunk_size < 1:
+            raise ConfigError(f"logps_chunk_size must be >= 1, got {self.logps_chunk_size}")
+        # Validate loss names / params now, so a typo fails before any model is loaded.
+        from prefkit.losses.combine import resolve_loss_params
+
+        try:
+            resolve_loss_params(self.loss, self.loss_params)
+        except (KeyError, ValueError, TypeError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise ConfigError(message) from err
+        super().__post_init__()
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def loss_names(self) -> list[str]:
+        return list(self.loss)
+
+    @property
+    def resolved_loss_weights(self) -> list[float]:
+        return list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(self.loss)
+
+    @property
+    def resolved_loss_params(self) -> dict[str, dict[str, Any]]:
+        """Every selected loss's full keyword arguments (defaults updated from ``loss_params``)."""
+        from prefkit.losses.combine import resolve_loss_params
+
+        return resolve_loss_params(self.loss, self.loss_params)
+
+    @property
+    def loss_kind(self) -> str:
+        from prefkit.losses import get_loss
+
+        return get_loss(self.loss[0]).kind
+
+    @property
+    def reference_free(self) -> bool:
+        """True when no selected loss reads reference log-probs (no reference model is created)."""
+        from prefkit.losses import get_loss
+
+        return not any(get_loss(n).needs_reference for n in self.loss)
+
+    @property
+    def needs_tokens(self) -> bool:
+        """True when a selected loss reads per-token log-probs."""
+        from prefkit.losses import get_loss
+
+        return any(get_loss(n).needs_tokens for n in self.loss)
+
+
+# ------------------------------------------------------------------------------------------
+# YAML <-> dataclasses
+# ------------------------------------------------------------------------------------------
+
+SECTIONS: tuple[tuple[str, type], ...] = (
+    ("model", ModelConfig),
+    ("data", DataConfig),
+    ("train", PreferenceConfig),
+)
+
+# Fields of PreferenceConfig defined by prefkit (the rest come from TrainingArguments).
+PREFKIT_TRAIN_FIELDS = (
+    "loss",
+    "loss_weights",
+    "loss_params",
+    "max_length",
+    "max_prompt_length",
+    "prompt_truncation",
+    "completion_truncation",
+    "logps_chunk_size",
+    "overwrite_output_dir",
+)
+
+
+@dataclass
+class RunConfig:
+    """One run's full configuration."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: PreferenceConfig
+
+
+def config_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """key -> (section, field) for every key a YAML config may hold."""
+    out: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS:
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            if f.name in out:
+                raise RuntimeError(f"config key {f.name!r} is owned by both {out[f.name][0]} and {section}")
+            out[f.name] = (section, f)
+    return out
+
+
+def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{where}.{hint} See docs/training.md for every key.")
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            try:
+                hints.update(typing.get_type_hints(klass))
+            except Exception:  # noqa: BLE001 - unresolved forward refs: keep what resolves
+                for name, ann in getattr(klass, "__annotations__", {}).items():
+                    hints.setdefault(name, ann)
+    return hints
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert YAML strings to the field's scalar type where the type says so.
+
+    PyYAML reads ``1e-5`` (no dot) as a string; a float field then gets the float. A value that
+    cannot be converted is an error naming the key.
+    """
+    if not isinstance(value, str):
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and float in _members(tp)
+            and int not in _members(tp)
+        ):
+            return float(value)
+        return value
+    members = _members(tp)
+    if str in members or any(isinstance(m, type) and issubclass(m, str) for m in members if m is not str):
+        return value
+    for target in (int, float):
+        if target in members:
+            try:
+                return target(value)
+            except ValueError:
+                continue
+    if bool in members:
+        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+    if int in members or float in members:
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    return value
+
+
+def _set_dotted(mapping: dict[str, Any], dotted: str, value: Any, valid: Mapping[str, Any]) -> None:
+    head, *rest = dotted.split(".")
+    if head not in valid:
+        raise _unknown_key(head, list(valid), " in override")
+    if not rest:
+        mapping[head] = value
+        return
+    current = mapping.get(head)
+    if current is None:
+        current = {}
+        default = valid[head][1]
+        if default.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            current = dict(default.default_factory())  # type: ignore[misc]
+    if not isinstance(current, dict):
+        raise ConfigError(f"override {dotted!r}: {head!r} is not a mapping (it is {current!r})")
+    node = current = dict(current)
+    for part in rest[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a mapping (it is {child!r})")
+        node[part] = child = dict(child)
+        node = child
+    node[rest[-1]] = value
+    mapping[head] = current
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["loss=ipo", "loss_params.beta=0.2"]`` -> ``[("loss", "ipo"), ("loss_params.beta", 0.2)]``."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has no key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+        out.append((key, value))
+    return out
+
+
+def parse_config(
+    mapping: Mapping[str, Any] | None, overrides: Sequence[str] = (), *, source: str | None = None
+) -> RunConfig:
+    """Build a `RunConfig` from a flat mapping plus ``key=value`` overrides."""
+    valid = config_fields()
+    where = f" in {source}" if source else ""
+    values: dict[str, Any] = {}
+    for key, value in dict(mapping or {}).items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys must be strings, got {key!r}{where}")
+        if key not in valid:
+            raise _unknown_key(key, list(valid), where)
+        values[key] = value
+    for key, value in parse_overrides(overrides):
+        _set_dotted(values, key, value, valid)
+
+    per_section: dict[str, dict[str, Any]] = {name: {} for name, _ in SECTIONS}
+    hints = {name: _type_hints(cls) for name, cls in SECTIONS}
+    for key, value in values.items():
+        section, _field = valid[key]
+        per_section[section][key] = _coerce(key, value, hints[section].get(key, Any))
+    built = {}
+    for section, cls in SECTIONS:
+        try:
+            built[section] = cls(**per_section[section])
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"invalid {section} config{where}: {err}") from err
+    return RunConfig(**built)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a flat YAML config file and apply ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(
+            f"{path}: a config is one flat YAML mapping (key: value), got {type(mapping).__name__}"
+        )
+    return parse_config(mapping, overrides, source=str(path))
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe plain values (enums to their value, tuples to lists, dataclasses to dicts)."""
+    import enum
+
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """The resolved config as ``{"model": {...}, "data": {...}, "prefkit": {...}, "training": {...}}``.
+
+    ``training`` holds every ``TrainingArguments`` field (from its ``to_dict()``, tokens left out).
+    Flattening the four groups gives a mapping `parse_config` accepts.
+    """
+    model = {f.name: _plain(getattr(config.model, f.name)) for f in dataclasses.fields(ModelConfig) if f.init}
+    data = {f.name: _plain(getattr(config.data, f.name)) for f in dataclasses.fields(DataConfig) if f.init}
+    args_dict = config.train.to_dict()
+    prefkit = {name: _plain(getattr(config.train, name)) for name in PREFKIT_TRAIN_FIELDS}
+    training = {}
+    init_names = {f.name for f in dataclasses.fields(PreferenceConfig) if f.init}
+    for key, value in args_dict.items():
+        if key in PREFKIT_TRAIN_FIELDS or key not in init_names:
+            continue
+        if isinstance(value, str) and value.startswith("<") and value.endswith("_TOKEN>"):
+            continue  # a redacted secret: never written to disk
+        training[key] = _plain(value)
+    return {"model": model, "data": data, "prefkit": prefkit, "training": training}
+
+
+def write_config(config: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as one flat YAML mapping (grouped by comments), re-readable by
+    `load_config`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = config_to_dict(config)
+    titles = {
+        "model": "model (ModelConfig)",
+        "data": "data (DataConfig)",
+        "prefkit": "loss and sequences (PreferenceConfig)",
+        "training": "transformers.TrainingArguments",
+    }
+    parts = ["# Resolved prefkit config: `prefkit train THIS_FILE` re-runs it.\n"]
+    for name, values in groups.items():
+        parts.append(f"\n# --- {titles[name]} ---\n")
+        parts.append(yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Reference table for docs/training.md
+# ------------------------------------------------------------------------------------------
+
+
+def _default_repr(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "(required)"
+    value = _plain(value)
+    return (
+        "`"
+        + (
+            yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            if value is not None
+            else "null"
+        )
+        + "`"
+    )
+
+
+def config_reference_markdown(group: str) -> str:
+    """A Markdown table (key, default, meaning) for ``group``: ``model``, ``data``, ``loss``
+    (prefkit's PreferenceConfig fields) or ``training`` (every other TrainingArguments field)."""
+    if group == "model":
+        fields_ = [f for f in dataclasses.fields(ModelConfig)]
+    elif group == "data":
+        fields_ = [f for f in dataclasses.fields(DataConfig)]
+    elif group == "loss":
+        by_name = {f.name: f for f in dataclasses.fields(PreferenceConfig)}
+        fields_ = [by_name[n] for n in PREFKIT_TRAIN_FIELDS]
+    elif group == "training":
+        fields_ = [
+            f for f in dataclasses.fields(PreferenceConfig) if f.init and f.name not in PREFKIT_TRAIN_FIELDS
+        ]
+    else:
+        raise ValueError(f"unknown group {group!r}; expected model, data, loss or training")
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for f in fields_:
+        if not f.init:
+            continue
+        text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
+        default = _default_repr(f).replace("|", "\\|")
+        lines.append(f"| `{f.name}` | {default} | {text} |")
+    return "\n".join(lines)
+
+
+TABLE_GROUPS = ("model", "data", "loss", "training")
+
+
+def update_reference_tables(markdown: str) -> str:
+    """Replace each ``<!-- keys:GROUP -->`` ... ``<!-- /keys:GROUP -->`` block of ``markdown``
+    with the current `config_reference_markdown` table (how docs/training.md is kept in sync:
+    ``python -m prefkit.train.config docs/training.md``)."""
+    import re
+
+    for group in TABLE_GROUPS:
+        pattern = re.compile(rf"(<!-- keys:{group} -->\n)(?:.*?\n)?(<!-- /keys:{group} -->)", re.DOTALL)
+        table = config_reference_markdown(group)
+        markdown = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), markdown)
+    return markdown
+
+
+if __name__ == "__main__":  # pragma: no cover - a maintenance helper
+    import sys
+
+    for doc in sys.argv[1:]:
+        p = Path(doc)
+        p.write_text(update_reference_tables(p.read_text(encoding="utf-8")), encoding="utf-8")

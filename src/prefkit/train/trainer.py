@@ -1,0 +1,758 @@
+"""`PreferenceTrainer`: one ``transformers.Trainer`` for every pairwise and unpaired loss.
+
+Per batch (docs/architecture.md §3-§6):
+
+1. the collator gives one concatenated batch (pairwise: ``2B`` rows, chosen then rejected);
+2. the policy scores it with `prefkit.train.logps.completion_logps` in **one** forward pass;
+3. the reference scores it under ``torch.no_grad()`` — a separate frozen model, or the PEFT
+   policy with its adapters disabled; nothing at all when every selected loss is reference-free;
+4. the log-probs become a `PairLogps` / `UnpairedLogps` (per-token tensors only when a selected
+   loss needs them), `combine_losses` computes the per-example loss, which is multiplied by each
+   example's ``weight`` and averaged;
+5. metrics (implicit rewards, accuracies, log-probs, each loss component) are accumulated and
+   logged as averages over the logging window, separately for training and evaluation.
+
+Unpaired losses get their reference point from the trainer: KTO's z0 from the mismatched KL rows
+(`kto_kl_estimate`), BCO's running reward shift (`bco_update_reward_shift`), which is saved with
+every checkpoint and restored on resume.
+
+Logging, progress bars, checkpoints, resume and device placement are ``transformers.Trainer``'s.
+Two additions: a non-finite loss stops the run before the optimizer step with an error naming
+the step and the examples, and checkpoints are written to a staging folder and renamed into
+place, so a ``checkpoint-N`` folder is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from prefkit.data.collators import PairwiseCollator, UnpairedCollator
+from prefkit.data.records import PairwiseRecord, UnpairedRecord
+from prefkit.losses import PairLogps, UnpairedLogps, get_loss
+from prefkit.losses.combine import combine_losses, resolve_loss_params
+from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
+from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
+from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
+from prefkit.train.config import PreferenceConfig
+from prefkit.train.logps import completion_logps
+
+logger = logging.getLogger("prefkit.train")
+
+STATE_FILE = "prefkit_state.json"
+INDEX_COLUMN = "example_index"
+ID_COLUMN = "example_id"
+
+REQUIRED_COLUMNS = {
+    "pairwise": ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
+    "unpaired": ("prompt_input_ids", "completion_input_ids", "label"),
+}
+RECORD_CLASS = {"pairwise": PairwiseRecord, "unpaired": UnpairedRecord}
+# How the trainer computes UnpairedLogps.ref_point for the unpaired losses it knows.
+REF_POINT = {"kto": "kl", "bco": "reward_shift"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; raised before the optimizer step."""
+
+
+class _TrackingCollator:
+    """Wraps a prefkit collator and adds each batch's example indices (and ids) to it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        if all(INDEX_COLUMN in ex for ex in examples):
+            batch[INDEX_COLUMN] = torch.tensor([int(ex[INDEX_COLUMN]) for ex in examples], dtype=torch.long)
+        if any(ex.get(ID_COLUMN) is not None for ex in examples):
+            batch[ID_COLUMN] = [ex.get(ID_COLUMN) for ex in examples]
+        return batch
+
+
+class PreferenceTrainer(Trainer):
+    """Train a causal LM on pairwise or unpaired feedback with any registered loss(es).
+
+    Args:
+        model: a causal LM, or a name for `prefkit.models.loading.load_policy` (``"tiny"``, a
+            folder, a Hub id).
+        args: a `PreferenceConfig` (losses, their hyper-parameters, lengths, TrainingArguments).
+        train_dataset / eval_dataset: a list of `PairwiseRecord` / `UnpairedRecord` (tokenized
+            here with `prefkit.data.tokenize.tokenize_records`), or an already tokenized
+            ``datasets.Dataset`` with the columns of docs/architecture.md §2.
+        processing_class: the tokenizer (loaded from ``model`` when that is a name).
+        ref_model: the reference (model or name). None: with LoRA (``peft_config``, or a PEFT
+            model) the policy with adapters disabled, otherwise a frozen deep copy of the initial
+            policy. Must stay None when every selected loss is reference-free (none is created).
+        peft_config: a ``peft.PeftConfig``; the policy is wrapped with ``get_peft_model``.
+        run_info: descriptions for the model card (``model``, ``data``...), optional.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str,
+        args: PreferenceConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        ref_model: PreTrainedModel | nn.Module | str | None = None,
+        peft_config=None,
+        data_collator=None,
+        callbacks=None,
+        optimizers=(None, None),
+        run_info: dict[str, Any] | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, PreferenceConfig):
+            raise TypeError(f"args must be a prefkit PreferenceConfig, got {type(args).__name__}")
+        if args.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns must be False: prefkit's collators read the tokenized columns "
+                "(prompt_input_ids, ...) that the model's forward signature does not name"
+            )
+        self.loss_names = args.loss_names
+        self.loss_weights = args.resolved_loss_weights
+        self.loss_params = resolve_loss_params(self.loss_names, args.loss_params)
+        self.loss_specs = [get_loss(n) for n in self.loss_names]
+        self.loss_kind = self.loss_specs[0].kind
+        if self.loss_kind not in REQUIRED_COLUMNS:
+            raise ValueError(
+                f"PreferenceTrainer trains pairwise and unpaired losses; {self.loss_names} are of kind "
+                f"{self.loss_kind!r} (no collator for it yet)"
+            )
+        self.needs_reference = any(s.needs_reference for s in self.loss_specs)
+        self.needs_tokens = any(s.needs_tokens for s in self.loss_specs)
+        ref_point_kinds = {REF_POINT[n] for n in self.loss_names if n in REF_POINT}
+        if len(ref_point_kinds) > 1:
+            raise ValueError(
+                f"losses {self.loss_names} need different reference points ({sorted(ref_point_kinds)}) but "
+                "share one batch; train them separately"
+            )
+        self.ref_point_kind = ref_point_kinds.pop() if ref_point_kinds else None
+        if self.ref_point_kind == "kl" and args.per_device_train_batch_size < 2:
+            raise ValueError(
+                "KTO estimates its reference point z0 from mismatched pairs inside a batch: "
+                f"per_device_train_batch_size must be at least 2, got {args.per_device_train_batch_size}"
+            )
+        self.run_info = dict(run_info or {})
+
+        # -- tokenizer and policy ---------------------------------------------------------------
+        model_name = (
+            model
+            if isinstance(model, str)
+            else getattr(getattr(model, "config", None), "_name_or_path", None)
+        )
+        if processing_class is None:
+            if not isinstance(model, str):
+                raise ValueError("processing_class (the tokenizer) is required when model is a module")
+            processing_class = load_tokenizer(model)
+        processing_class = ensure_pad_token(processing_class)
+        if isinstance(model, str):
+            model = load_policy(model, vocab_size=len(processing_class) if model == "tiny" else None)
+        self.run_info.setdefault("model", model_name or type(model).__name__)
+
+        is_peft_model = _is_peft_model(model)
+        if peft_config is not None:
+            if is_peft_model:
+                raise ValueError("model is already a PEFT model; do not pass peft_config as well")
+            try:
+                from peft import get_peft_model
+            except ImportError as err:
+                raise ImportError("peft_config needs the `peft` package: pip install peft") from err
+            model = get_peft_model(model, peft_config)
+            is_peft_model = True
+        self.is_peft = is_peft_model
+
+        # -- reference --------------------------------------------------------------------------
+        self.ref_from_adapters = False
+        if not self.needs_reference:
+            if ref_model is not None:
+                raise ValueError(
+                    f"a ref_model was given, but every selected loss ({', '.join(self.loss_names)}) is "
+                    "reference-free; drop ref_model (no reference model is used)"
+                )
+            self.ref_model = None
+            reference = "none (reference-free loss)"
+        elif ref_model is not None:
+            if isinstance(ref_model, str):
+                reference = f"`{ref_model}` (frozen)"
+                ref_model = load_policy(
+                    ref_model, vocab_size=len(processing_class) if ref_model == "tiny" else None
+                )
+            else:
+                ref_name = getattr(getattr(ref_model, "config", None), "_name_or_path", "")
+                reference = f"`{ref_name or type(ref_model).__name__}` (frozen)"
+            self.ref_model = freeze(ref_model)
+        elif self.is_peft:
+            self.ref_model = None
+            self.ref_from_adapters = True
+            reference = "the base model (policy with LoRA adapters disabled)"
+        else:
+            self.ref_model = frozen_copy(model)
+            reference = "a frozen copy of the initial policy"
+        self.run_info.setdefault("reference", reference)
+
+        # -- data -------------------------------------------------------------------------------
+        self.tokenization_stats: dict[str, Any] = {}
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                k: self._prepare_dataset(v, processing_class, args, f"eval_{k}")
+                for k, v in eval_dataset.items()
+            }
+        else:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+        if data_collator is None:
+            pad_id = processing_class.pad_token_id
+            if self.loss_kind == "pairwise":
+                data_collator = PairwiseCollator(pad_id)
+            else:
+                data_collator = UnpairedCollator(
+                    pad_id, max_length=args.max_length, kl_rows=self.ref_point_kind == "kl"
+                )
+            data_collator = _TrackingCollator(data_collator)
+
+        # -- state ------------------------------------------------------------------------------
+        self._metric_sums: dict[str, dict[str, float]] = {
+            "train": defaultdict(float),
+            "eval": defaultdict(float),
+        }
+        self._metric_counts: dict[str, dict[str, float]] = {
+            "train": defaultdict(float),
+            "eval": defaultdict(float),
+        }
+        self.bco_reward_shift = torch.zeros((), dtype=torch.float32)
+        self.bco_count = 0
+        self._staging_root: str | None = None
+        self._deferred_push: str | None = None
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(PreferenceProgressCallback)
+        self.add_callback(MetricsJsonlCallback())
+        # compute_loss returns a per-batch mean: transformers divides it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+
+        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "PreferenceTrainer runs in a single process for now: prefkit.train.logps.completion_logps "
+                "calls the decoder directly and rejects DDP/FSDP/DeepSpeed-wrapped models (their gradient "
+                "synchronisation would be bypassed). Use one device."
+            )
+        if self.ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------------------------------
+    def _prepare_dataset(self, data, tokenizer, args: PreferenceConfig, name: str):
+        if data is None:
+            return None
+        from datasets import Dataset
+
+        if isinstance(data, Dataset):
+            missing = [c for c in REQUIRED_COLUMNS[self.loss_kind] if c not in data.column_names]
+            if missing:
+                raise ValueError(
+                    f"{name} dataset lacks the tokenized {self.loss_kind} columns {missing} (has "
+                    f"{data.column_names}); pass records to tokenize, or tokenize with "
+                    "prefkit.data.tokenize.tokenize_records"
+                )
+            if INDEX_COLUMN not in data.column_names:
+                data = data.add_column(INDEX_COLUMN, list(range(len(data))))
+            return data
+        if isinstance(data, (list, tuple)):
+            from prefkit.data.tokenize import tokenize_records
+
+            records = list(data)
+            if not records:
+                raise ValueError(f"{name} dataset is empty")
+            expected = RECORD_CLASS[self.loss_kind]
+            wrong = [i for i, r in enumerate(records) if not isinstance(r, expected)]
+            if wrong:
+                got = type(records[wrong[0]]).__name__
+                raise ValueError(
+                    f"losses {self.loss_names} are {self.loss_kind} and need {expected.__name__}s, "
+                    f"but {name} "
+                    f"record {wrong[0]} is a {got} ({len(wrong)} such records); convert the data explicitly "
+                    "(see `prefkit data convert`)"
+                )
+            dataset, stats = tokenize_records(
+                records,
+                tokenizer,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                prompt_truncation=args.prompt_truncation,
+                completion_truncation=args.completion_truncation,
+                progress=not args.disable_tqdm,
+            )
+            self.tokenization_stats[name] = stats
+            dropped = set(stats.dropped_indices)
+            kept = [i for i in range(len(records)) if i not in dropped]
+            dataset = dataset.add_column(INDEX_COLUMN, kept)
+            if any(getattr(records[i], "id", None) is not None for i in kept):
+                dataset = dataset.add_column(ID_COLUMN, [_str_or_none(records[i].id) for i in kept])
+            return dataset
+        raise TypeError(
+            f"{name} dataset must be a list of records or a tokenized datasets.Dataset, "
+            f"got {type(data).__name__}"
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Log-probs and the loss
+    # ------------------------------------------------------------------------------------------
+    def _logps(
+        self,
+        model: nn.Module,
+        ids: Tensor,
+        attn: Tensor,
+        comp: Tensor,
+        *,
+        tokens: bool,
+        logsumsq: bool = False,
+    ):
+        return completion_logps(
+            model, ids, attn, comp, chunk_size=self.args.logps_chunk_size, per_token=tokens, logsumsq=logsumsq
+        )
+
+    @contextlib.contextmanager
+    def _reference(self, model: nn.Module):
+        """Yield the module that scores reference log-probs (no grad, eval mode)."""
+        if self.ref_from_adapters:
+            peft_model = self.accelerator.unwrap_model(model)
+            was_training = peft_model.training
+            peft_model.eval()
+            try:
+                with torch.no_grad(), peft_model.disable_adapter():
+                    yield peft_model
+            finally:
+                peft_model.train(was_training)
+        else:
+            if self.ref_model is None:
+                raise RuntimeError("internal: a reference was requested but none exists")
+            with torch.no_grad():
+                yield self.ref_model
+
+    def _ref_logps(self, model: nn.Module, ids: Tensor, attn: Tensor, comp: Tensor, *, tokens: bool):
+        with self._reference(model) as ref:
+            return self._logps(ref, ids, attn, comp, tokens=tokens)
+
+    def compute_preference_loss(
+        self, model: nn.Module, inputs: dict[str, Any], train: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """``(loss, metrics, per_example_loss)`` for one batch.
+
+        ``metrics`` maps a metric name to a 1-D tensor of values (per example or per batch) whose
+        mean over the logging window is logged.
+        """
+        if self.loss_kind == "pairwise":
+            return self._pairwise_loss(model, inputs)
+        return self._unpaired_loss(model, inputs, train)
+
+    def _pairwise_loss(self, model, inputs):
+        ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        weight = inputs["weight"]
+        b = weight.shape[0]
+        tokens = self.needs_tokens
+        pol = self._logps(model, ids, attn, comp, tokens=tokens, logsumsq=tokens)
+        ref = self._ref_logps(model, ids, attn, comp, tokens=tokens) if self.needs_reference else None
+        mask = comp.to(pol.sum.dtype)
+        batch = PairLogps(
+            policy_chosen=pol.sum[:b],
+            policy_rejected=pol.sum[b:],
+            chosen_len=pol.n_tokens[:b],
+            rejected_len=pol.n_tokens[b:],
+            ref_chosen=None if ref is None else ref.sum[:b],
+            ref_rejected=None if ref is None else ref.sum[b:],
+            margin=inputs.get("margin"),
+        )
+        if tokens:
+            batch.policy_chosen_tokens, batch.policy_rejected_tokens = pol.per_token[:b], pol.per_token[b:]
+            batch.chosen_mask, batch.rejected_mask = mask[:b], mask[b:]
+            batch.chosen_logsumsq, batch.rejected_logsumsq = pol.logsumsq[:b], pol.logsumsq[b:]
+            if ref is not None:
+                batch.ref_chosen_tokens, batch.ref_rejected_tokens = ref.per_token[:b], ref.per_token[b:]
+        out = combine_losses(batch, self.loss_names, self.loss_weights, self.loss_params)
+        per_example = out.loss * weight.to(out.loss.dtype)
+        metrics = {k: v for k, v in out.metrics.items()}
+        metrics["logps/chosen"] = pol.sum[:b].detach()
+        metrics["logps/rejected"] = pol.sum[b:].detach()
+        return per_example.mean(), metrics, per_example.detach()
+
+    def _unpaired_loss(self, model, inputs, train: bool):
+        ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        weight, label = inputs["weight"], inputs["label"].bool()
+        pol = self._logps(model, ids, attn, comp, tokens=False)
+        ref = self._ref_logps(model, ids, attn, comp, tokens=False) if self.needs_reference else None
+        metrics: dict[str, Tensor] = {}
+        ref_point = None
+        if self.ref_point_kind == "kl":
+            kl_ids, kl_attn, kl_comp = (
+                inputs["kl_input_ids"],
+                inputs["kl_attention_mask"],
+                inputs["kl_completion_mask"],
+            )
+            with torch.no_grad():
+                pol_kl = self._logps(model, kl_ids, kl_attn, kl_comp, tokens=False)
+            ref_kl = self._ref_logps(model, kl_ids, kl_attn, kl_comp, tokens=False)
+            ref_point = kto_kl_estimate(pol_kl.sum, ref_kl.sum)
+            metrics["kl"] = ref_point.reshape(1)
+        elif self.ref_point_kind == "reward_shift":
+            beta = float(self.loss_params["bco"]["beta"])
+            if train:
+                rewards = (beta * (pol.sum - ref.sum)).detach()
+                self.bco_reward_shift, self.bco_count = bco_update_reward_shift(
+                    self.bco_reward_shift, self.bco_count, rewards[label], rewards[~label]
+                )
+            ref_point = torch.as_tensor(self.bco_reward_shift, device=pol.sum.device)
+            metrics["reward_shift"] = ref_point.detach().reshape(1)
+        batch = UnpairedLogps(
+            policy=pol.sum,
+            ref=None if ref is None else ref.sum,
+            label=label,
+            length=pol.n_tokens,
+            ref_point=ref_point,
+        )
+        out = combine_losses(batch, self.loss_names, self.loss_weights, self.loss_params)
+        per_example = out.loss * weight.to(out.loss.dtype)
+        for key, value in out.metrics.items():
+            if key == "rewards":
+                metrics["rewards/chosen"] = value[label]
+                metrics["rewards/rejected"] = value[~label]
+            else:
+                metrics[key] = value
+        metrics["logps/chosen"] = pol.sum[label].detach()
+        metrics["logps/rejected"] = pol.sum[~label].detach()
+        return per_example.mean(), metrics, per_example.detach()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics, per_example = self.compute_preference_loss(model, inputs, train=model.training)
+        if model.training and not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(self._non_finite_message(loss, inputs, metrics, per_example))
+        self._store_metrics(metrics, "train" if model.training else "eval")
+        return (loss, metrics) if return_outputs else loss
+
+    def _non_finite_message(self, loss, inputs, metrics, per_example) -> str:
+        step = self.state.global_step + 1
+        where = f"global step {step} (the optimizer step being computed; epoch {self.state.epoch or 0:.2f})"
+        indices = inputs.get(INDEX_COLUMN)
+        index_list = indices.tolist() if isinstance(indices, Tensor) else None
+        bad_rows = [i for i, v in enumerate(per_example.tolist()) if not math.isfinite(v)]
+        parts = [f"non-finite training loss ({loss.item()}) at {where}."]
+        if index_list is not None:
+            parts.append(f" Batch: dataset example indices {index_list}")
+            if bad_rows:
+                parts.append(f"; non-finite at examples {[index_list[i] for i in bad_rows]}")
+            parts.append(".")
+        ids = inputs.get(ID_COLUMN)
+        if ids is not None:
+            parts.append(f" Example ids: {ids}.")
+        bad_components = [
+            k[len("loss/") :]
+            for k, v in metrics.items()
+            if k.startswith("loss/") and not torch.isfinite(v).all()
+        ]
+        if bad_components:
+            parts.append(f" Non-finite loss component(s): {', '.join(bad_components)}.")
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        parts.append(
+            " Training stopped before the optimizer step: no update and no checkpoint were written for this "
+            f"step (last checkpoint: {last or 'none'}). Check those rows, the loss hyper-parameters and the "
+            "learning rate."
+        )
+        return "".join(parts)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, metrics, _ = self.compute_preference_loss(model, inputs, train=False)
+        self._store_metrics(metrics, "eval")
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------------
+    # Metrics
+    # ------------------------------------------------------------------------------------------
+    def _store_metrics(self, metrics: dict[str, Tensor], split: str) -> None:
+        sums, counts = self._metric_sums[split], self._metric_counts[split]
+        for key, value in metrics.items():
+            value = value.detach().float().reshape(-1)
+            if value.numel() == 0:
+                continue
+            sums[key] += value.sum().item()
+            counts[key] += value.numel()
+
+    def _pop_metrics(self, split: str) -> dict[str, float]:
+        sums, counts = self._metric_sums[split], self._metric_counts[split]
+        out = {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
+        if self.loss_kind == "unpaired" and "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        sums.clear()
+        counts.clear()
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            logs.update(self._pop_metrics("train"))
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self._pop_metrics("eval")  # start clean
+        output = super().evaluation_loop(
+            dataloader,
+            description,
+            prediction_loss_only=prediction_loss_only,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
+        for key, value in self._pop_metrics("eval").items():
+            output.metrics[f"{metric_key_prefix}_{key}"] = value
+        return output
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints: atomic folders, prefkit state, resume
+    # ------------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        if self._staging_root is not None:
+            return self._staging_root
+        return super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._staging_root is not None:
+            self._deferred_push = checkpoint_folder  # pushed once the folder has its final name
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def prefkit_state(self) -> dict[str, Any]:
+        """Trainer-held state that checkpoints must carry (BCO's running reward shift)."""
+        return {"bco_reward_shift": float(self.bco_reward_shift), "bco_count": int(self.bco_count)}
+
+    def load_prefkit_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            if self.ref_point_kind == "reward_shift":
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {STATE_FILE}: BCO's running reward shift cannot be restored, so "
+                    "resuming would not continue the same run"
+                )
+            return
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        self.bco_reward_shift = torch.tensor(float(state["bco_reward_shift"]), dtype=torch.float32)
+        self.bco_count = int(state["bco_count"])
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, written into a staging folder and renamed into place.
+
+        transformers writes ``checkpoint-N`` file by file, so a crash mid-save leaves a partial
+        folder that ``get_last_checkpoint`` would pick for ``--resume``. Here everything
+        (weights, optimizer, scheduler, RNG, trainer state, prefkit state) goes to
+        ``.staging-checkpoint-N/checkpoint-N`` first; one ``os.replace`` publishes it.
+        """
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging_root = os.path.join(run_dir, f".staging-{name}")
+        staged = os.path.join(staging_root, name)
+        if self.args.should_save and os.path.exists(staging_root):
+            shutil.rmtree(staging_root)  # left by an earlier interrupted save
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        self._deferred_push = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        with open(os.path.join(staged, STATE_FILE), "w", encoding="utf-8") as fh:
+            json.dump(self.prefkit_state(), fh)
+        if self.state.best_model_checkpoint and os.path.abspath(
+            self.state.best_model_checkpoint
+        ) == os.path.abspath(staged):
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        _fsync_tree(staged)
+        if os.path.exists(final):
+            # Re-saving a step that already has a checkpoint (e.g. the end of a resumed run).
+            old = os.path.join(staging_root, f"old-{name}")
+            os.replace(final, old)
+        os.replace(staged, final)
+        _fsync_dir(run_dir)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=False,  # step order: renamed folders do not carry meaningful mtimes
+        )
+        if self._deferred_push is not None:
+            self._deferred_push = None
+            super()._push_from_checkpoint(final)
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial=None,
+        ignore_keys_for_eval=None,
+        **kwargs,
+    ):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = (
+                get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            )
+            if resume_from_checkpoint is None:
+                raise ValueError(f"--resume: no checkpoint-* folder in output_dir {self.args.output_dir!r}")
+        if resume_from_checkpoint:
+            if not os.path.isdir(resume_from_checkpoint):
+                raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} does not exist")
+            self.load_prefkit_state(resume_from_checkpoint)
+        result = super().train(
+            resume_from_checkpoint=resume_from_checkpoint or None,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+        if self.args.should_save:
+            self.create_model_card()
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    # Model card
+    # ------------------------------------------------------------------------------------------
+    def model_card_info(self):
+        from prefkit import __version__
+        from prefkit.train.modelcard import CARD_ARGS, ModelCardInfo
+
+        losses = [
+            {
+                "name": spec.name,
+                "weight": w,
+                "params": self.loss_params[spec.name],
+                "formula": spec.formula,
+                "citation": spec.citation,
+            }
+            for spec, w in zip(self.loss_specs, self.loss_weights)
+        ]
+        train_metrics, eval_metrics = {}, {}
+        for entry in self.state.log_history:
+            if "loss" in entry and not any(k.startswith("eval_") for k in entry):
+                train_metrics = {k: v for k, v in entry.items() if k not in ("step", "epoch")}
+            elif any(k.startswith("eval_") for k in entry):
+                eval_metrics = {
+                    k: v
+                    for k, v in entry.items()
+                    if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
+                }
+        lora = None
+        if self.is_peft:
+            cfg = self.accelerator.unwrap_model(self.model).active_peft_config
+            lora = {k: getattr(cfg, k, None) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+            if isinstance(lora.get("target_modules"), set):
+                lora["target_modules"] = sorted(lora["target_modules"])
+        data = dict(self.run_info.get("data", {}))
+        for split, stats in self.tokenization_stats.items():
+            data.setdefault(f"{split} rows", stats.n_rows)
+            if stats.n_truncated or stats.n_dropped:
+                data.setdefault(f"{split} truncated / dropped", f"{stats.n_truncated} / {stats.n_dropped}")
+        return ModelCardInfo(
+            model=str(self.run_info.get("model")),
+            reference=str(self.run_info.get("reference")),
+            losses=losses,
+            hyperparameters={k: getattr(self.args, k) for k in CARD_ARGS if hasattr(self.args, k)},
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            data=data,
+            lora=lora,
+            global_step=self.state.global_step,
+            prefkit_version=__version__,
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call=_internal_call)
+        target = os.path.abspath(output_dir or self.args.output_dir)
+        if (
+            not _internal_call
+            and target == os.path.abspath(self.args.output_dir)
+            and self.state.global_step > 0
+        ):
+            self.create_model_card()  # PEFT's save_pretrained writes its own README.md there
+
+    def create_model_card(self, *args, **kwargs):
+        """Write prefkit's model card to ``output_dir/README.md`` (also what push_to_hub uploads)."""
+        from prefkit.train.modelcard import write_model_card
+
+        if not self.is_world_process_zero():
+            return None
+        return write_model_card(self.model_card_info(), self.args.output_dir)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The default reference: a deep copy of the (initial) policy, in eval mode, without gradients."""
+    return freeze(copy.deepcopy(model))
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _str_or_none(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _fsync_tree(folder: str) -> None:
+    """Flush every file of ``folder`` to disk before it is renamed into place."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
