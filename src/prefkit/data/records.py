@@ -11,10 +11,10 @@ tokenizer-free text rendering (`render_text`, `text_key`) used for comparisons a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 Message = dict[str, str]
-Text = Union[str, list[Message]]
+Text = str | list[Message]
 
 
 class DataError(ValueError):
@@ -46,7 +46,7 @@ class DataError(ValueError):
     def __reduce__(self):
         return (DataError, (self.file, self.row, self.field, self.expected, self.got, self.hint))
 
-    def with_hint(self, hint: str) -> "DataError":
+    def with_hint(self, hint: str) -> DataError:
         """A copy of this error with ``hint`` appended to its message (after any hint it had)."""
         combined = f"{self.hint}; {hint}" if self.hint else hint
         return DataError(self.file, self.row, self.field, self.expected, self.got, hint=combined)
@@ -119,12 +119,12 @@ class RankedRecord:
 class StepwiseRecord:
     prompt: Text
     completions: list[Text]
-    labels: list[Union[bool, float]]
+    labels: list[bool | float]
     id: str | None = None
     kind: ClassVar[str] = "stepwise"
 
 
-Record = Union[PairwiseRecord, UnpairedRecord, RatedRecord, RankedRecord, StepwiseRecord]
+Record = PairwiseRecord | UnpairedRecord | RatedRecord | RankedRecord | StepwiseRecord
 
 RECORD_TYPES: dict[str, type] = {
     cls.kind: cls for cls in (PairwiseRecord, UnpairedRecord, RatedRecord, RankedRecord, StepwiseRecord)

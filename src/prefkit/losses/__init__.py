@@ -1,5 +1,7 @@
 """Preference losses: pure functions over log-probs / rewards, one registry (DESIGN.md §3)."""
 
+# Importing the loss modules registers their losses.
+from prefkit.losses import auxiliary, pairwise, reference_free, unpaired  # noqa: E402,F401
 from prefkit.losses.base import (
     KINDS,
     ListLogps,
@@ -13,9 +15,6 @@ from prefkit.losses.base import (
     list_losses,
     register_loss,
 )
-
-# Importing the loss modules registers their losses.
-from prefkit.losses import auxiliary, pairwise, reference_free, unpaired  # noqa: E402,F401
 
 __all__ = [
     "KINDS",
