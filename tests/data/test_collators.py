@@ -160,15 +160,24 @@ def test_unpaired_batch_exact():
     assert batch["weight"].dtype == torch.float32 and batch["weight"].tolist() == [1.0, 0.5, 2.0]
 
 
-def test_unpaired_kl_rows_pair_prompt_i_with_completion_i_plus_1():
+def test_unpaired_kl_rows_pair_prompt_i_with_completion_i_minus_1():
+    """TRL 1.16's KTO pairing: prompt i + the completion of example (i - 1) % B."""
     batch = UnpairedCollator(pad_token_id=0)(UNPAIRED_EXAMPLES)
     assert batch["kl_input_ids"].tolist() == [
-        [5, 6, 9, 10, 11],  # prompt 0 + completion 1
-        [8, 15, 16, 0, 0],  # prompt 1 + completion 2
-        [12, 13, 14, 7, 0],  # prompt 2 + completion 0 (wraps around)
+        [5, 6, 15, 16, 0, 0],  # prompt 0 + completion 2 (wraps around)
+        [8, 7, 0, 0, 0, 0],  # prompt 1 + completion 0
+        [12, 13, 14, 9, 10, 11],  # prompt 2 + completion 1 (the longest KL row sets T_kl = 6)
     ]
-    assert batch["kl_attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
-    assert batch["kl_completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 1, 0]]
+    assert batch["kl_attention_mask"].tolist() == [
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+    ]
+    assert batch["kl_completion_mask"].tolist() == [
+        [0, 0, 1, 1, 0, 0],
+        [0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1],
+    ]
 
 
 def test_unpaired_kl_rows_are_padded_on_their_own():
@@ -178,6 +187,7 @@ def test_unpaired_kl_rows_are_padded_on_their_own():
     ]
     batch = UnpairedCollator(pad_token_id=0)(examples)
     assert batch["input_ids"].shape == (2, 5)
+    # B = 2: completion (i - 1) % 2 is the other example's, so each KL row swaps completions
     assert batch["kl_input_ids"].tolist() == [[5, 14, 0, 0, 0, 0, 0, 0], [10, 11, 12, 13, 6, 7, 8, 9]]
     batch = UnpairedCollator(pad_token_id=0, pad_to_multiple_of=4)(examples)
     assert batch["input_ids"].shape == (2, 8) and batch["kl_input_ids"].shape == (2, 8)
@@ -236,7 +246,7 @@ def test_unpaired_round_trip_with_chat_records(tokenizer):
         tokenizer.decode(batch["input_ids"][i][batch["completion_mask"][i].bool()].tolist()) for i in range(2)
     ]
     assert decoded == ["hello</s>\n", "go away</s>\n"]
-    kl = [
+    kl = [  # B = 2: each KL row carries the other example's completion
         tokenizer.decode(batch["kl_input_ids"][i][batch["kl_completion_mask"][i].bool()].tolist())
         for i in range(2)
     ]

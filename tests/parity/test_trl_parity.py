@@ -411,8 +411,7 @@ class UnpairedSide:
     examples: list[dict[str, Any]]
     batch: dict[str, torch.Tensor]
     logps: dict[str, torch.Tensor]  # "a"/"b": logps under policy-model / ref-model on the main rows
-    kl_trl: dict[str, torch.Tensor]  # same on TRL's mismatched pairs (prompt i, completion i-1)
-    kl_pk: dict[str, torch.Tensor]  # same on prefkit's collator kl rows
+    kl: dict[str, torch.Tensor]  # same on the collator's kl rows (prompt i, completion (i - 1) % B, as TRL)
     label: torch.Tensor
     length: torch.Tensor
 
@@ -423,27 +422,14 @@ def pk_unpaired(models, tok):
     records = [UnpairedRecord(**row) for row in unpaired_records()]
     dataset, _ = tokenize_records(records, tok, progress=False)
     examples = [dataset[i] for i in range(len(dataset))]
-    collate = UnpairedCollator(pad_token_id=tok.pad_token_id)
-    batch = collate(examples)
-    n = len(examples)
-    # TRL's KL rows: prompt i with the completion of example i - 1 (rotation by +1 of the completions)
-    trl_kl_examples = [
-        {**examples[i], "completion_input_ids": examples[(i - 1) % n]["completion_input_ids"]}
-        for i in range(n)
-    ]
-    trl_kl_batch = collate(trl_kl_examples)
-    pk_kl_batch = {
-        "input_ids": batch["kl_input_ids"],
-        "attention_mask": batch["kl_attention_mask"],
-        "completion_mask": batch["kl_completion_mask"],
-    }
-    main, kl_trl, kl_pk = {}, {}, {}
+    batch = UnpairedCollator(pad_token_id=tok.pad_token_id)(examples)
+    kl_batch = {key: batch[f"kl_{key}"] for key in ("input_ids", "attention_mask", "completion_mask")}
+    main, kl = {}, {}
     for name, model in (("a", policy), ("b", ref)):
         main[name] = _logps(model, batch).sum
-        kl_trl[name] = _logps(model, trl_kl_batch).sum
-        kl_pk[name] = _logps(model, pk_kl_batch).sum
+        kl[name] = _logps(model, kl_batch).sum
     length = _logps(ref, batch).n_tokens
-    return UnpairedSide(examples, batch, main, kl_trl, kl_pk, batch["label"].bool(), length)
+    return UnpairedSide(examples, batch, main, kl, batch["label"].bool(), length)
 
 
 def test_unpaired_token_ids_match_trl(trl_runs, pk_unpaired):
@@ -468,9 +454,10 @@ KTO_CASES = [
 ]
 
 
-def _kto_batch(side: UnpairedSide, swap: bool, kl: dict[str, torch.Tensor]) -> UnpairedLogps:
+def _kto_batch(side: UnpairedSide, swap: bool) -> UnpairedLogps:
+    """z0 from prefkit's own KL rows (``UnpairedCollator``), as ``PreferenceTrainer`` computes it."""
     pol, ref = ("b", "a") if swap else ("a", "b")
-    z0 = kto_kl_estimate(kl[pol], kl[ref])
+    z0 = kto_kl_estimate(side.kl[pol], side.kl[ref])
     return UnpairedLogps(
         policy=side.logps[pol], ref=side.logps[ref], label=side.label, length=side.length, ref_point=z0
     )
@@ -479,7 +466,7 @@ def _kto_batch(side: UnpairedSide, swap: bool, kl: dict[str, torch.Tensor]) -> U
 @pytest.mark.parametrize("swap, config", KTO_CASES)
 def test_kto_parity(swap, config, trl_runs, pk_unpaired):
     trl = trl_runs("kto", swap=swap, **config)
-    b = _kto_batch(pk_unpaired, swap, pk_unpaired.kl_trl)
+    b = _kto_batch(pk_unpaired, swap)
     params = {k: config[k] for k in ("beta", "desirable_weight", "undesirable_weight")}
     out = combine_losses(b, ["kto"], params=params)
     assert_close(b.ref_point, trl.metrics["kl"], "kl (z0)")
@@ -518,29 +505,33 @@ def test_apo_zero_unpaired_is_kto_without_reference_point(trl_runs, pk_unpaired)
     rewards = out.metrics["rewards"]
     assert_close(rewards[b.label].mean(), trl.metrics["rewards/chosen"], "rewards/chosen")
     assert_close(rewards[~b.label].mean(), trl.metrics["rewards/rejected"], "rewards/rejected")
-    with_z0 = _kto_batch(side, True, side.kl_trl)
+    with_z0 = _kto_batch(side, True)
     assert float(with_z0.ref_point) > 0.01
     assert_differs(combine_losses(with_z0, ["kto"], params=config).loss.mean(), trl.loss, "kto with z0 > 0")
 
 
-def test_kto_kl_pairing_is_a_known_difference(trl_runs, pk_unpaired):
-    """TRL's KL rows pair prompt ``i`` with completion ``i - 1``; prefkit's ``UnpairedCollator``
-    (docs/architecture.md §3) pairs it with completion ``(i + 1) % B``. Both are valid mismatched
-    pairs, but they are different samples, so z0 (and the loss, once z0 > 0) differ from TRL's."""
+def test_kto_kl_rows_match_trl(trl_runs, pk_unpaired):
+    """prefkit's ``UnpairedCollator`` builds TRL 1.16's KL rows (prompt ``i`` + the completion of
+    example ``(i - 1) % B``, docs/architecture.md §3), so z0 from prefkit's own rows is TRL's ``kl``,
+    and the KTO loss agrees on the swapped models, where z0 > 0."""
     side = pk_unpaired
     ex = side.examples
     n = len(ex)
-    ids = side.batch["kl_input_ids"]
-    for i in range(n):
-        want = ex[i]["prompt_input_ids"] + ex[(i + 1) % n]["completion_input_ids"]
-        assert ids[i, : len(want)].tolist() == want, f"kl row {i}"
-    trl = trl_runs("kto", swap=True, beta=BETA, desirable_weight=1.2, undesirable_weight=0.8)
-    trl_ids = trl.batch["KL_input_ids"]
-    for i in range(n):
+    config = {"beta": BETA, "desirable_weight": 1.2, "undesirable_weight": 0.8}
+    trl = trl_runs("kto", swap=True, **config)
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        ours, theirs = side.batch[f"kl_{key}"].long(), trl.batch[f"KL_{key}"].long()
+        assert ours.shape == theirs.shape, f"kl_{key}: shape {tuple(ours.shape)} vs TRL {tuple(theirs.shape)}"
+        for i in range(n):
+            assert ours[i].tolist() == theirs[i].tolist(), f"kl_{key} row {i}"
+    for i in range(n):  # and that pairing is (i - 1) % B, not merely some pairing both happen to share
         want = ex[i]["prompt_input_ids"] + ex[(i - 1) % n]["completion_input_ids"]
-        assert trl_ids[i, : len(want)].tolist() == want, f"TRL KL row {i}"
-    b = _kto_batch(side, True, side.kl_pk)
-    assert_differs(b.ref_point, trl.metrics["kl"], "kto z0 from prefkit's own kl rows")
+        assert side.batch["kl_input_ids"][i, : len(want)].tolist() == want, f"kl row {i}"
+    b = _kto_batch(side, True)
+    assert float(b.ref_point) > 0.01, "this case must exercise a positive z0"
+    assert_close(b.ref_point, trl.metrics["kl"], "kto z0 from prefkit's own kl rows")
+    out = combine_losses(b, ["kto"], params=config)
+    assert_close(out.loss.mean(), trl.loss, "kto loss with z0 from prefkit's own kl rows")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,7 +724,7 @@ E2E_CASES = [
         PAIR_E2E_METRICS,
         id="wpo",
     ),
-    # TRL logs LD-weighted logps/* here; see test_trainer_ld_dpo_logps_metric
+    # logps/* are a documented difference here (TRL logs LD-weighted ones); see test_trainer_ld_dpo_logps_metric
     pytest.param(
         "dpo",
         {"loss_type": ["sigmoid"], "beta": BETA, "ld_alpha": 0.4},
@@ -742,7 +733,7 @@ E2E_CASES = [
         ("loss", "grad_norm", *REWARD_METRICS),
         id="ld_dpo",
     ),
-    # perturbed policy: z0 clamps to 0 under both KL pairings, so the trainers must agree exactly
+    # perturbed policy: z0 clamps to 0 on this data (test_kto_parity covers z0 > 0 on the same KL rows)
     pytest.param("kto", KTO_PARAMS, "kto", KTO_PARAMS, KTO_E2E_METRICS, id="kto"),
 ]
 
@@ -800,12 +791,10 @@ def test_trainer_first_step_matches_trl(kind, trl_config, loss, loss_params, met
         assert ours["kl"] == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="undocumented difference, reported: with ld_alpha TRL logs logps/chosen|rejected of the LD-weighted "
-    "log-probs, PreferenceTrainer logs the plain summed log-probs (loss, grad_norm and rewards agree)",
-)
-def test_trainer_ld_dpo_logps_metric(models, tok, tmp_path):
+def test_trainer_ld_dpo_logps_metric(models, tok, tmp_path, pk_pairs):
+    """Documented difference (``ld_dpo`` docstring, docs/parity.md): with ``ld_alpha`` TRL logs
+    ``logps/chosen|rejected`` of the LD-weighted log-probs; ``PreferenceTrainer`` always logs the plain
+    summed completion log-probs, whatever the loss. Loss, gradients and rewards agree (E2E_CASES)."""
     ours, trl_log = _first_step_logs(
         "dpo",
         {"loss_type": ["sigmoid"], "beta": BETA, "ld_alpha": 0.4},
@@ -815,5 +804,9 @@ def test_trainer_ld_dpo_logps_metric(models, tok, tmp_path):
         tok,
         tmp_path,
     )
+    # the plain sums, computed independently: completion_logps of the policy on the same collated batch
+    n = len(pk_pairs.examples)
+    plain = {"logps/chosen": pk_pairs.policy_sum[:n].mean(), "logps/rejected": pk_pairs.policy_sum[n:].mean()}
     for key in ("logps/chosen", "logps/rejected"):
-        assert_close(ours[key], trl_log[key], f"ld_dpo: logged {key}")
+        assert_close(ours[key], plain[key], f"ld_dpo: logged {key} vs plain summed log-prob")
+        assert_differs(ours[key], trl_log[key], f"ld_dpo: logged {key} vs TRL's LD-weighted value")

@@ -115,7 +115,9 @@ class UnpairedCollator:
     completion ``i``); ``label`` ``[B]`` bool; ``weight`` ``[B]`` float32; ``user_id`` (list) when
     the examples carry one; and, with ``kl_rows=True`` (default), ``kl_input_ids``,
     ``kl_attention_mask``, ``kl_completion_mask`` ``[B, T_kl]``: prompt ``i`` + the completion of
-    example ``(i + 1) % B``, padded separately (``T_kl`` may differ from ``T``).
+    example ``(i - 1) % B``, padded separately (``T_kl`` may differ from ``T``). This is TRL 1.16's
+    KTO pairing (the completions rotated by one, ``completions[-1:] + completions[:-1]``), so the
+    KL estimate z0 from these rows equals TRL's on the same batch.
 
     The KL rows' prompt and completion were each sized for their own example, so a KL row can be
     longer than ``max_length``; with ``max_length`` set, KL rows are cut to their first
@@ -174,7 +176,7 @@ class UnpairedCollator:
                 "row, so the KL estimate for this batch equals the implied reward (warned once)"
             )
             self._warned_single = True
-        kl_completions = [completions[(i + 1) % size] for i in range(size)]
+        kl_completions = [completions[(i - 1) % size] for i in range(size)]  # TRL 1.16's pairing
         if self.max_length is not None:
             too_long = [i for i, p in enumerate(prompts) if len(p) >= self.max_length]
             if too_long:

@@ -584,7 +584,9 @@ def ld_dpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 0.5) -> LossOutput
     masks. The summed ``policy_*`` / ``ref_*`` fields are not used.
 
     TRL: ``loss_type="sigmoid"`` with ``ld_alpha=alpha``. Identical numerics, including the
-    logged rewards, which TRL also computes from the weighted log-probs.
+    logged rewards, which TRL also computes from the weighted log-probs. Logged ``logps/chosen``
+    and ``logps/rejected`` differ on purpose: TRL logs the LD-weighted log-probs there, while
+    ``PreferenceTrainer`` always logs the plain summed completion log-probs, whatever the loss.
     """
     beta = _positive("beta", beta, "ld_dpo")
     alpha = _in_range("alpha", alpha, "ld_dpo", 0.0, 1.0, hi_open=False)

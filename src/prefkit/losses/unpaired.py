@@ -37,8 +37,9 @@ def kto_kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     """KTO's reference point z0: the batch estimate of KL(pi || pi_ref).
 
     Inputs are the summed log-probs ``[N]`` of *mismatched* prompt/completion pairs (prompt ``i``
-    with the completion of another example, `UnpairedCollator`'s ``kl_*`` rows) under the policy
-    and the reference. Returns a detached 0-d tensor: ``max(0, mean(policy - ref))``.
+    with the completion of example ``(i - 1) % N``, `UnpairedCollator`'s ``kl_*`` rows, which is
+    TRL 1.16's pairing) under the policy and the reference. Returns a detached 0-d tensor:
+    ``max(0, mean(policy - ref))``.
 
     Under data parallelism TRL averages the per-process means before clamping; a trainer that
     wants the same number gathers ``(policy_kl_logps - ref_kl_logps).mean()`` from every process,
@@ -73,7 +74,8 @@ def kto(
     TRL: ``KTOTrainer`` with ``KTOConfig(loss_type="kto", beta=beta,
     desirable_weight=..., undesirable_weight=...)``; TRL reduces with a plain mean over the
     batch, which is what prefkit's trainer does with unit example weights. Numbers match given
-    the same z0.
+    the same z0, and z0 from `UnpairedCollator`'s KL rows is TRL's ``kl`` on the same batch (same
+    pairing).
 
     Metrics: ``rewards`` = ``beta * r`` per example (TRL's ``rewards/chosen`` / ``rewards/rejected``
     are their means over the desirable / undesirable examples).
