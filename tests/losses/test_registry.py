@@ -81,3 +81,9 @@ def test_markdown_table(capsys):
     # pipes inside formulas are escaped so the table keeps six columns
     for row in rows:
         assert len(re.split(r"(?<!\\)\|", row)) == 8
+
+
+def test_only_batch_sorting_losses_are_batch_coupled():
+    from prefkit.losses import list_losses
+
+    assert {s.name for s in list_losses() if s.batch_coupled} == {"aot", "aot_pair"}

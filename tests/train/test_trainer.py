@@ -285,3 +285,20 @@ def test_best_checkpoint_by_eval_reward_accuracy(tokenizer, tiny_model, pref_arg
     )
     saved = json.loads((best / "trainer_state.json").read_text())
     assert saved["best_model_checkpoint"] == str(best)  # the published path, never the staging one
+
+
+def test_batch_coupled_loss_refuses_per_example_weights(tokenizer, tiny_model, pref_args, make_pairs):
+    """AOT sorts over the batch, so loss[i] is not pair i's: weights other than 1 are refused."""
+    trainer = PreferenceTrainer(
+        tiny_model, pref_args(loss="aot_pair"), train_dataset=make_pairs(8, weights=True), processing_class=tokenizer
+    )
+    with pytest.raises(ValueError, match="sorts over the batch"):
+        trainer.train()
+
+
+def test_batch_coupled_loss_trains_without_weights(tokenizer, tiny_model, pref_args, make_pairs):
+    trainer = PreferenceTrainer(
+        tiny_model, pref_args(loss="aot"), train_dataset=make_pairs(8), processing_class=tokenizer
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2

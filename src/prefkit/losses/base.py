@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -129,6 +130,9 @@ class LossSpec:
     needs_tokens: bool
     formula: str
     citation: str
+    # True when loss[i] does not belong to example i (e.g. AOT sorts over the batch): the
+    # trainer then refuses per-example weights other than 1.
+    batch_coupled: bool = False
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -158,7 +162,12 @@ def _docstring_field(doc: str, key: str) -> str:
 
 
 def register_loss(
-    name: str, *, kind: str, needs_reference: bool = True, needs_tokens: bool = False
+    name: str,
+    *,
+    kind: str,
+    needs_reference: bool = True,
+    needs_tokens: bool = False,
+    batch_coupled: bool = False,
 ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Register ``fn`` under ``name``.
 
@@ -175,7 +184,9 @@ def register_loss(
         citation = _docstring_field(fn.__doc__ or "", "paper")
         if not formula or not citation:
             raise ValueError(f"loss {name!r}: docstring needs 'Formula:' and 'Paper:' lines")
-        _REGISTRY[name] = LossSpec(name, kind, fn, needs_reference, needs_tokens, formula, citation)
+        _REGISTRY[name] = LossSpec(
+            name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled
+        )
         return fn
 
     return deco

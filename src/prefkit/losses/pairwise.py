@@ -343,7 +343,7 @@ def sppo_hard(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
 # distributional (optimal-transport) alignment
 
 
-@register_loss("aot", kind="pairwise", needs_reference=True)
+@register_loss("aot", kind="pairwise", needs_reference=True, batch_coupled=True)
 def aot(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     """Alignment via Optimal Transport, unpaired form: the distribution of chosen log-ratios
     should dominate (first order) the distribution of rejected log-ratios.
@@ -377,7 +377,7 @@ def aot(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> Los
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("aot_pair", kind="pairwise", needs_reference=True)
+@register_loss("aot_pair", kind="pairwise", needs_reference=True, batch_coupled=True)
 def aot_pair(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     """Alignment via Optimal Transport, paired form: the distribution of the policy's
     chosen-minus-rejected log-prob margins should dominate the reference's.

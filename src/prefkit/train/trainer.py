@@ -374,6 +374,14 @@ class PreferenceTrainer(Trainer):
             return self._pairwise_loss(model, inputs)
         return self._unpaired_loss(model, inputs, train)
 
+    def _check_batch_coupled_weights(self, weight: torch.Tensor) -> None:
+        coupled = [s.name for s in self.loss_specs if s.batch_coupled]
+        if coupled and not bool(torch.all(weight == 1)):
+            raise ValueError(
+                f"loss {coupled} sorts over the batch, so its loss[i] is not example i's and per-example "
+                "weights cannot apply; remove the `weight` field from the data or use another loss"
+            )
+
     def _pairwise_loss(self, model, inputs):
         ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
         weight = inputs["weight"]
@@ -398,6 +406,7 @@ class PreferenceTrainer(Trainer):
             if ref is not None:
                 batch.ref_chosen_tokens, batch.ref_rejected_tokens = ref.per_token[:b], ref.per_token[b:]
         out = combine_losses(batch, self.loss_names, self.loss_weights, self.loss_params)
+        self._check_batch_coupled_weights(weight)
         per_example = out.loss * weight.to(out.loss.dtype)
         metrics = {k: v for k, v in out.metrics.items()}
         metrics["logps/chosen"] = pol.sum[:b].detach()
