@@ -5,6 +5,10 @@ Examples are dicts as produced by :mod:`prefkit.data.tokenize` (or rows of the
 does not need are ignored, except ``user_id``, which is passed through as a Python list.
 Padding is on the right; ``attention_mask`` is 1 on real tokens and ``completion_mask`` is 1 on
 the completion tokens (the ones scored).
+
+With ``share_prompt=True``, `PairwiseCollator` and `ListCollator` pack each example into **one**
+row, ``[prompt][completion 1]...[completion K]`` (`pack_shared_rows`), for
+`prefkit.train.logps.shared_prefix_logps`, which runs the prompt once for all its completions.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import torch
 
 logger = logging.getLogger("prefkit.data")
 
-__all__ = ["ListCollator", "PairwiseCollator", "UnpairedCollator"]
+__all__ = ["SHARED_PREFIX_KEYS", "ListCollator", "PairwiseCollator", "UnpairedCollator", "pack_shared_rows"]
+
+# The keys of a packed (share_prompt) batch that `prefkit.train.logps.shared_prefix_logps` reads.
+SHARED_PREFIX_KEYS = ("input_ids", "position_ids", "segment_ids", "completion_rows", "completion_mask")
 
 
 def _check_pad(pad_token_id: Any, pad_to_multiple_of: Any) -> None:
@@ -52,9 +59,7 @@ def pad_rows(
 ) -> dict[str, torch.Tensor]:
     """Right-pad ``prompt + completion`` rows into input_ids / attention_mask / completion_mask."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    width = max(lengths)
-    if pad_to_multiple_of is not None:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    width = _round_up(max(lengths), pad_to_multiple_of)
     n = len(lengths)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
@@ -66,6 +71,70 @@ def pad_rows(
         attention_mask[row, :n_total] = 1
         completion_mask[row, n_prompt:n_total] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def pack_shared_rows(
+    prompts: Sequence[list[int]],
+    completions: Sequence[Sequence[list[int]]],
+    rows: Sequence[Sequence[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None,
+) -> dict[str, torch.Tensor]:
+    """Pack example ``b`` into one row ``[prompt][completion 1]...[completion K]`` (prefix sharing).
+
+    ``completions[b]`` are example ``b``'s ``K`` completions (the same ``K`` for every example) and
+    ``rows[b][k]`` is the row that prompt ``b`` + completion ``k`` has in the unshared layout
+    (`pad_rows` over all ``N = B * K`` rows). Returns, right-padded to the longest packed row ``L``
+    (rounded up to ``pad_to_multiple_of``):
+
+    - ``input_ids`` ``[B, L]``: the packed tokens, then ``pad_token_id``;
+    - ``position_ids`` ``[B, L]``: ``0..P-1`` over the prompt and ``P..P+C_k-1`` over completion
+      ``k`` (every completion restarts where the prompt ends: its positions in its unshared row);
+      0 on padding;
+    - ``segment_ids`` ``[B, L]``: 0 on the prompt, ``k + 1`` on completion ``k``, -1 on padding;
+    - ``completion_rows`` ``[B, K]``: ``rows`` as a tensor;
+    - ``completion_mask`` ``[N, T]``: the unshared layout's completion mask (row ``rows[b][k]`` is 1
+      at columns ``P..P+C_k-1``), in which the log-probs come back.
+    """
+    k = len(completions[0])
+    flat_rows = sorted(r for example_rows in rows for r in example_rows)
+    if any(len(c) != k for c in completions) or any(len(r) != k for r in rows):
+        raise ValueError(f"every example must have the same number of completions and rows ({k})")
+    if flat_rows != list(range(len(flat_rows))):
+        raise ValueError(f"rows must number the B*K = {len(flat_rows)} unshared rows 0..{len(flat_rows) - 1} once each")
+    packed = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions)]
+    unshared = [len(p) + len(c) for p, cs in zip(prompts, completions) for c in cs]
+    width = _round_up(max(packed), pad_to_multiple_of)
+    unshared_width = _round_up(max(unshared), pad_to_multiple_of)
+    b = len(prompts)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    segment_ids = torch.full((b, width), -1, dtype=torch.long)
+    completion_mask = torch.zeros((len(flat_rows), unshared_width), dtype=torch.long)
+    for i, (prompt, example_completions) in enumerate(zip(prompts, completions)):
+        n_prompt = len(prompt)
+        input_ids[i, :n_prompt] = torch.tensor(prompt, dtype=torch.long)
+        position_ids[i, :n_prompt] = torch.arange(n_prompt)
+        segment_ids[i, :n_prompt] = 0
+        start = n_prompt
+        for j, completion in enumerate(example_completions):
+            end = start + len(completion)
+            input_ids[i, start:end] = torch.tensor(completion, dtype=torch.long)
+            position_ids[i, start:end] = torch.arange(n_prompt, n_prompt + len(completion))
+            segment_ids[i, start:end] = j + 1
+            completion_mask[rows[i][j], n_prompt : n_prompt + len(completion)] = 1
+            start = end
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "completion_rows": torch.tensor(rows, dtype=torch.long),
+        "completion_mask": completion_mask,
+    }
+
+
+def _round_up(width: int, multiple: int | None) -> int:
+    return width if multiple is None else -(-width // multiple) * multiple
 
 
 def _user_ids(examples: Sequence[dict]) -> list | None:
@@ -84,12 +153,19 @@ class PairwiseCollator:
     and ``margin`` ``[B]`` float32 (1.0 / 0.0 when an example lacks them); ``user_id`` (list of
     length ``B``) when the examples carry one. ``T`` is the longest row, rounded up to a multiple
     of ``pad_to_multiple_of`` when set.
+
+    With ``share_prompt=True`` the prompt appears once: ``input_ids``, ``position_ids`` and
+    ``segment_ids`` are ``[B, L]`` packed rows ``[prompt][chosen][rejected]`` and
+    ``completion_rows`` is ``[B, 2]`` (`pack_shared_rows`); ``completion_mask`` keeps the ``[2B, T]``
+    layout above (the layout `prefkit.train.logps.shared_prefix_logps` returns log-probs in);
+    there is no ``attention_mask``. ``weight``, ``margin`` and ``user_id`` are unchanged.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, share_prompt: bool = False):
         _check_pad(pad_token_id, pad_to_multiple_of)
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.share_prompt = share_prompt
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if len(examples) == 0:
@@ -97,9 +173,13 @@ class PairwiseCollator:
         prompts = [_ids(ex, "prompt_input_ids", i) for i, ex in enumerate(examples)]
         chosen = [_ids(ex, "chosen_input_ids", i) for i, ex in enumerate(examples)]
         rejected = [_ids(ex, "rejected_input_ids", i) for i, ex in enumerate(examples)]
-        batch: dict[str, Any] = pad_rows(
-            prompts + prompts, chosen + rejected, self.pad_token_id, self.pad_to_multiple_of
-        )
+        if self.share_prompt:
+            size = len(examples)
+            rows = [[i, size + i] for i in range(size)]  # chosen rows, then rejected rows
+            pairs = [[c, r] for c, r in zip(chosen, rejected)]
+            batch: dict[str, Any] = pack_shared_rows(prompts, pairs, rows, self.pad_token_id, self.pad_to_multiple_of)
+        else:
+            batch = pad_rows(prompts + prompts, chosen + rejected, self.pad_token_id, self.pad_to_multiple_of)
         batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
         batch["margin"] = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples], dtype=torch.float32)
         user_ids = _user_ids(examples)
@@ -202,12 +282,19 @@ class ListCollator:
     (rank level per completion, 0 = best, ties share a level, ``-1`` absent; from a strict
     ``ranking`` when an example has no ``levels``); ``weight`` ``[B]`` float32; ``user_id`` (list)
     when the examples carry one.
+
+    With ``share_prompt=True`` the prompt appears once: ``input_ids``, ``position_ids`` and
+    ``segment_ids`` are ``[B, L]`` packed rows ``[prompt][completion 0]...[completion K-1]`` (spare
+    completions included, as above) and ``completion_rows`` is ``[B, K]`` (`pack_shared_rows`);
+    ``completion_mask`` keeps the ``[B*K, T]`` record-major layout above; there is no
+    ``attention_mask``.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, share_prompt: bool = False):
         _check_pad(pad_token_id, pad_to_multiple_of)
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.share_prompt = share_prompt
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if len(examples) == 0:
@@ -215,9 +302,14 @@ class ListCollator:
         prompts = [_ids(ex, "prompt_input_ids", i) for i, ex in enumerate(examples)]
         lists = [_completion_list(ex, i) for i, ex in enumerate(examples)]
         k = max(len(completions) for completions in lists)
-        rows_prompt = [p for p in prompts for _ in range(k)]
-        rows_completion = [c[j] if j < len(c) else c[0] for c in lists for j in range(k)]
-        batch: dict[str, Any] = pad_rows(rows_prompt, rows_completion, self.pad_token_id, self.pad_to_multiple_of)
+        filled = [[c[j] if j < len(c) else c[0] for j in range(k)] for c in lists]
+        if self.share_prompt:
+            rows = [[b * k + j for j in range(k)] for b in range(len(examples))]  # record-major
+            batch: dict[str, Any] = pack_shared_rows(prompts, filled, rows, self.pad_token_id, self.pad_to_multiple_of)
+        else:
+            rows_prompt = [p for p in prompts for _ in range(k)]
+            rows_completion = [c for completions in filled for c in completions]
+            batch = pad_rows(rows_prompt, rows_completion, self.pad_token_id, self.pad_to_multiple_of)
         rankings = [_ranking(ex, i, len(c)) for i, (ex, c) in enumerate(zip(examples, lists))]
         levels = [_levels(ex, ranking) for ex, ranking in zip(examples, rankings)]
         batch["ranking"] = torch.tensor([r + [-1] * (k - len(r)) for r in rankings], dtype=torch.long)

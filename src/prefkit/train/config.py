@@ -261,6 +261,14 @@ class PreferenceConfig(TrainingArguments):
         default=4096,
         metadata={"help": "Tokens per chunk of the log-softmax over the vocabulary (memory vs speed)."},
     )
+    share_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Pairwise losses: run each prompt once for its chosen and rejected completion (one packed row "
+            "[prompt][chosen][rejected] with a block attention mask) instead of twice; same log-probs and "
+            "gradients up to float rounding. Needs eager or sdpa attention."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -390,6 +398,7 @@ PREFKIT_TRAIN_FIELDS = (
     "prompt_truncation",
     "completion_truncation",
     "logps_chunk_size",
+    "share_prompt",
     "overwrite_output_dir",
 )
 

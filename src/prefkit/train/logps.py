@@ -23,10 +23,17 @@ is known). Other known transforms raise ``NotImplementedError`` naming the confi
 against transforms this module does not know about, the first call for each model compares the
 engine with the model's own ``forward`` on a short probe (at most 16 tokens of the batch) and
 raises ``NotImplementedError`` if the two disagree.
+
+Prefix sharing (:func:`shared_prefix_logps`): the ``K`` completions of one prompt are packed into one
+row ``[prompt][completion 1]...[completion K]`` with ``position_ids`` restarting after the prompt and
+a block attention mask, so the prompt runs once; the result has the layout and values (up to float
+rounding) of :func:`completion_logps` on the ``K`` unshared rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import weakref
 from dataclasses import dataclass
@@ -34,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LogpOutput", "chunked_token_logps", "completion_logps"]
+__all__ = ["LogpOutput", "chunked_token_logps", "completion_logps", "shared_prefix_logps", "shared_prefix_mask"]
 
 
 @dataclass
@@ -423,9 +430,12 @@ def _resolve_head(model: nn.Module) -> _Head:
     return _Head(decoder, head.weight, head.bias, scale, softcap)
 
 
-def _final_hidden(decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The decoder's last hidden states ``[N, T, H]``."""
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def _final_hidden(
+    decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+) -> Tensor:
+    """The decoder's last hidden states ``[N, T, H]`` (``attention_mask`` 2-D, or 4-D with ``position_ids``)."""
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         raise NotImplementedError(f"{type(decoder).__name__} returned no last_hidden_state")
@@ -446,6 +456,24 @@ _PROBE_TOKENS = 16
 _PROBE_TOL = {torch.float64: 1e-4, torch.float32: 1e-3}
 _PROBE_TOL_LOW_PRECISION = 3e-2
 _verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module):
+    """Eval mode (no dropout) and no gradients; every module's training flag is restored after."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, was_training in modes.items():
+            m.training = was_training
+
+
+def _max_tv(logits_a: Tensor, logits_b: Tensor) -> float:
+    """Largest total-variation distance between the rows' next-token distributions ``[C, V]``."""
+    return 0.5 * (torch.softmax(logits_a, dim=-1) - torch.softmax(logits_b, dim=-1)).abs().sum(-1).max().item()
 
 
 def _verify_against_forward(model: nn.Module, head: _Head, input_ids: Tensor, attention_mask: Tensor) -> None:
@@ -469,26 +497,18 @@ def _verify_against_forward(model: nn.Module, head: _Head, input_ids: Tensor, at
     if probe is None:
         return  # nothing to compare on; check at the next call
     ones = torch.ones_like(probe)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(input_ids=probe, attention_mask=ones, use_cache=False)
-            ref = getattr(out, "logits", None)
-            hidden = _final_hidden(head.decoder, probe, ones)[0]
-            ours = _chunk_logits(hidden, head.weight, head.bias, head.scale, head.softcap)
-    finally:
-        for m, was_training in modes.items():
-            m.training = was_training
+    with _eval_no_grad(model):
+        out = model(input_ids=probe, attention_mask=ones, use_cache=False)
+        ref = getattr(out, "logits", None)
+        hidden = _final_hidden(head.decoder, probe, ones)[0]
+        ours = _chunk_logits(hidden, head.weight, head.bias, head.scale, head.softcap)
     name = type(model).__name__
     if ref is None or ref.shape != (1, *ours.shape):
         raise NotImplementedError(
             f"{name}'s forward returned logits of shape {None if ref is None else tuple(ref.shape)} for a "
             f"probe of {probe.shape[1]} tokens; the engine expects [1, {probe.shape[1]}, {ours.shape[1]}]"
         )
-    p_ref = torch.softmax(ref[0].to(ours.dtype), dim=-1)
-    p_ours = torch.softmax(ours, dim=-1)
-    tv = 0.5 * (p_ref - p_ours).abs().sum(-1).max().item()
+    tv = _max_tv(ref[0].to(ours.dtype), ours)
     tol = _PROBE_TOL.get(head.weight.dtype, _PROBE_TOL_LOW_PRECISION)
     if not tv <= tol:
         raise NotImplementedError(
@@ -564,13 +584,38 @@ def completion_logps(
     _verify_against_forward(model, head, input_ids, attention_mask)
 
     hidden = _final_hidden(head.decoder, input_ids, attention_mask)
-    n, t = input_ids.shape
     # hidden[:, t - 1] predicts input_ids[:, t]; keep only the rows predicting a completion token.
     select = completion_mask[:, 1:].bool()
     rows, cols = select.nonzero(as_tuple=True)
-    targets = input_ids[:, 1:][select]
-    result = chunked_token_logps(
+    return _score(
+        head,
         hidden[:, :-1][select],
+        input_ids[:, 1:][select],
+        rows,
+        cols + 1,
+        input_ids.shape,
+        chunk_size=chunk_size,
+        per_token=per_token,
+        logsumsq=logsumsq,
+    )
+
+
+def _score(
+    head: _Head,
+    hidden: Tensor,
+    targets: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    shape: tuple[int, int],
+    *,
+    chunk_size: int,
+    per_token: bool,
+    logsumsq: bool,
+) -> LogpOutput:
+    """Score ``targets`` ``[M]`` from the ``hidden`` ``[M, H]`` that predict them; token ``m`` is
+    position ``(rows[m], cols[m])`` of the ``shape = (N, T)`` layout the output is given in."""
+    result = chunked_token_logps(
+        hidden,
         head.weight,
         targets,
         head.bias,
@@ -580,14 +625,238 @@ def completion_logps(
         return_logsumsq=logsumsq,
     )
     logp, lss = result if logsumsq else (result, None)
-
+    n, t = shape
     # Accumulate the per-row sums in float64 (M numbers, negligible cost): sums of hundreds of
     # float32 log-probs would otherwise carry a few ulps of summation-order error.
     total = logp.new_zeros(n, dtype=torch.float64).index_add(0, rows, logp.double()).to(logp.dtype)
-    n_tokens = select.sum(1).to(logp.dtype)
+    n_tokens = torch.bincount(rows, minlength=n).to(logp.dtype)
     out = LogpOutput(sum=total, n_tokens=n_tokens)
     if per_token:
-        out.per_token = logp.new_zeros(n, t).index_put((rows, cols + 1), logp)
+        out.per_token = logp.new_zeros(n, t).index_put((rows, cols), logp)
     if logsumsq:
-        out.logsumsq = lss.new_zeros(n, t).index_put((rows, cols + 1), lss).detach()
+        out.logsumsq = lss.new_zeros(n, t).index_put((rows, cols), lss).detach()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Prefix sharing: one pass over each prompt for all of its completions
+# --------------------------------------------------------------------------------------------
+
+# Attention implementations that apply a custom 4-D additive mask exactly as given.
+_MASKED_ATTENTION = ("eager", "sdpa")
+
+
+def shared_prefix_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """The ``[B, 1, L, L]`` attention mask of packed rows ``[prompt][completion 1]...``.
+
+    Position ``q`` sees position ``k <= q`` when ``k`` is a prompt token (segment 0) or in ``q``'s
+    own segment, so each completion attends to the one prompt copy and to itself, causally, and
+    never to another completion. A padding position (segment -1) sees only itself, so no softmax
+    row is empty (an empty one would give NaN and poison the gradients). With ``dtype=torch.bool``:
+    True where visible (what transformers gives sdpa); with a float dtype: additive, 0 where visible
+    and ``finfo(dtype).min`` elsewhere (what transformers gives eager attention).
+    """
+    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    causal = idx[:, None] >= idx[None, :]
+    visible = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    visible |= (q < 0) & (idx[:, None] == idx[None, :])
+    if dtype == torch.bool:
+        return visible[:, None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def _prompt_lengths(segment_ids: Tensor) -> Tensor:
+    return (segment_ids == 0).sum(1)
+
+
+def _check_shared_inputs(
+    input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor, completion_rows: Tensor, completion_mask: Tensor
+) -> None:
+    """Packed rows as `prefkit.data.collators.pack_shared_rows` lays them out."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
+    for name, t in (("position_ids", position_ids), ("segment_ids", segment_ids)):
+        if t.shape != input_ids.shape:
+            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    b, length = input_ids.shape
+    if completion_rows.dim() != 2 or completion_rows.shape[0] != b:
+        raise ValueError(f"completion_rows must be [B, K] with B = {b}, got {tuple(completion_rows.shape)}")
+    if completion_mask.dim() != 2 or completion_mask.shape[0] != completion_rows.numel():
+        raise ValueError(
+            f"completion_mask must be [B*K, T] with B*K = {completion_rows.numel()}, got {tuple(completion_mask.shape)}"
+        )
+    if segment_ids.numel() and (int(segment_ids.min()) < -1 or int(segment_ids.max()) > completion_rows.shape[1]):
+        raise ValueError(f"segment_ids must lie in [-1, K = {completion_rows.shape[1]}]")
+    idx = torch.arange(length, device=segment_ids.device)
+    real, prompt = segment_ids >= 0, segment_ids == 0
+    if not torch.equal(real, idx < real.sum(1, keepdim=True)) or not torch.equal(
+        prompt, idx < _prompt_lengths(segment_ids)[:, None]
+    ):
+        raise ValueError("each packed row must be its prompt (segment 0), then its completions, then padding (-1)")
+    if bool((segment_ids[:, 1:] < segment_ids[:, :-1])[real[:, 1:]].any()):
+        raise ValueError("each completion's segment must be one run of positions, in increasing segment order")
+    if bool(((segment_ids > 0).any(1) & (_prompt_lengths(segment_ids) == 0)).any()):
+        raise ValueError("a packed row has completion tokens but no prompt token to predict the first one from")
+    expected = torch.where(
+        segment_ids > 0, _prompt_lengths(segment_ids)[:, None] + idx - _segment_starts(segment_ids), idx
+    )
+    if not torch.equal(position_ids[real], expected[real]):
+        raise ValueError(
+            "position_ids must count 0.. over the prompt and restart at the prompt's length on every completion"
+        )
+    if int((segment_ids > 0).sum()) != int(completion_mask.sum()):
+        raise ValueError(
+            f"segment_ids mark {int((segment_ids > 0).sum())} completion tokens, completion_mask "
+            f"{int(completion_mask.sum())}"
+        )
+
+
+def _segment_starts(segment_ids: Tensor) -> Tensor:
+    """``[B, L]``: the index where each position's segment begins."""
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    change = torch.ones_like(segment_ids, dtype=torch.bool)
+    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.where(change, idx, 0).cummax(1).values
+
+
+def _mask_dtype(decoder: nn.Module) -> torch.dtype:
+    """Boolean for sdpa (a quarter of a float32 mask's memory), the model's float dtype for eager."""
+    if decoder.config._attn_implementation == "sdpa":
+        return torch.bool
+    return decoder.get_input_embeddings().weight.dtype
+
+
+def _check_shared_model(decoder: nn.Module, position_ids: Tensor, segment_ids: Tensor) -> None:
+    """Raise unless ``decoder`` applies a custom 4-D mask and ``position_ids`` exactly."""
+    config = decoder.config
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in _MASKED_ATTENTION:
+        raise NotImplementedError(
+            f"share_prompt needs attention that takes a custom 4-D mask ({' or '.join(_MASKED_ATTENTION)}); the model "
+            f"uses {impl!r}. Set share_prompt to false, or load the model with attn_implementation='sdpa'."
+        )
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        raise NotImplementedError(
+            f"share_prompt needs position_ids, which {type(decoder).__name__}.forward does not take; "
+            "set share_prompt to false"
+        )
+    window = getattr(config, "sliding_window", None)
+    longest = int(position_ids[segment_ids >= 0].max()) + 1 if bool((segment_ids >= 0).any()) else 0
+    if isinstance(window, int) and longest > window:
+        raise NotImplementedError(
+            f"share_prompt: a prompt + completion of {longest} tokens exceeds the model's sliding window "
+            f"({window}), which the packed mask does not reproduce; set share_prompt to false"
+        )
+
+
+def _verify_sharing(model: nn.Module, head: _Head, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor):
+    """Once per model (and head), compare packed rows with unshared ones on the batch's first example.
+
+    Runs the first packed row and each of its prompt + completion rows (eval mode, no gradients)
+    and compares the next-token distributions at the first 16 tokens of every completion. Raises
+    ``NotImplementedError`` naming ``share_prompt`` if they differ by more than numerical noise
+    (a model that ignores ``position_ids`` or the 4-D mask, or changes attention in another way).
+    """
+    key = ("share_prompt", id(head.weight), id(head.bias), head.scale, head.softcap)
+    done = _verified.setdefault(model, set())
+    if key in done:
+        return
+    real = segment_ids[0] >= 0
+    ids, pos, seg = input_ids[0, real][None], position_ids[0, real][None], segment_ids[0, real][None]
+    if not bool((seg > 0).any()):
+        return  # nothing to compare on; check at the next call
+    tv = 0.0
+    with _eval_no_grad(model):
+        packed = _final_hidden(head.decoder, ids, shared_prefix_mask(seg, _mask_dtype(head.decoder)), pos)[0]
+        n_prompt = int(_prompt_lengths(seg))
+        for k in seg.unique().tolist():
+            if k == 0:
+                continue
+            row = ids[(seg == 0) | (seg == k)][None]
+            alone = _final_hidden(head.decoder, row, torch.ones_like(row))[0, n_prompt : n_prompt + _PROBE_TOKENS]
+            shared = packed[seg[0] == k][:_PROBE_TOKENS]
+            logits = [_chunk_logits(h, head.weight, head.bias, head.scale, head.softcap) for h in (alone, shared)]
+            tv = max(tv, _max_tv(*logits))
+    tol = _PROBE_TOL.get(head.weight.dtype, _PROBE_TOL_LOW_PRECISION)
+    if not tv <= tol:
+        raise NotImplementedError(
+            f"share_prompt: {type(model).__name__} gives different next-token distributions for a completion "
+            "packed after its prompt and for the plain prompt + completion row (total-variation distance "
+            f"{tv:.3g} > {tol:g}); the model does not apply position_ids or the 4-D attention mask as the packing "
+            "needs. Set share_prompt to false."
+        )
+    done.add(key)
+
+
+def shared_prefix_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    segment_ids: Tensor,
+    completion_rows: Tensor,
+    completion_mask: Tensor,
+    *,
+    chunk_size: int = 4096,
+    per_token: bool = False,
+    logsumsq: bool = False,
+) -> LogpOutput:
+    """`completion_logps` of ``N = B * K`` prompt + completion rows, each prompt run only once.
+
+    Example ``b`` is one packed row ``[prompt][completion 1]...[completion K]``
+    (`prefkit.data.collators.pack_shared_rows`): ``position_ids`` restart at the prompt's length on
+    every completion and a block attention mask (`shared_prefix_mask`) lets each completion see the
+    prompt and itself, causally, but not the other completions, so every completion token gets the
+    hidden state it would get in its own row. The decoder runs once over the ``[B, L]`` packed rows;
+    a completion's first token is predicted from the hidden state of the prompt's last token, which
+    all ``K`` completions share (it is gathered once per completion, so its gradient sums them); every
+    other token from the token before it.
+
+    Args:
+        model: a transformers causal LM with eager or sdpa attention (see `completion_logps`).
+        input_ids, position_ids: ``[B, L]`` packed rows, right-padded.
+        segment_ids: ``[B, L]``: 0 on the prompt, ``k`` on completion ``k`` (1-based), -1 on padding.
+        completion_rows: ``[B, K]``: the output row of example ``b``'s completion ``k`` (``k + 1`` in
+            ``segment_ids``).
+        completion_mask: ``[N, T]``: the completion mask of the unshared rows (completion ``k`` of
+            example ``b`` is 1 in row ``completion_rows[b, k]`` at columns ``P_b .. P_b + C_bk - 1``).
+        chunk_size, per_token, logsumsq: as in `completion_logps`.
+
+    Returns:
+        The `LogpOutput` `completion_logps` gives for the unshared ``[N, T]`` rows: ``sum`` and
+        ``n_tokens`` ``[N]``, ``per_token`` / ``logsumsq`` ``[N, T]`` in the layout of ``completion_mask``.
+
+    Raises ``NotImplementedError`` (naming ``share_prompt``) for an attention implementation that
+    does not take a custom 4-D mask (e.g. flash-attention-2), a prompt + completion longer than a
+    sliding window, or a model whose packed rows disagree with unshared ones on the first call's
+    probe (as `completion_logps` checks its forward).
+    """
+    _check_shared_inputs(input_ids, position_ids, segment_ids, completion_rows, completion_mask)
+    head = _resolve_head(model)
+    _check_shared_model(head.decoder, position_ids, segment_ids)
+    _verify_against_forward(model, head, input_ids, (segment_ids >= 0).long())
+    _verify_sharing(model, head, input_ids, position_ids, segment_ids)
+
+    mask = shared_prefix_mask(segment_ids, _mask_dtype(head.decoder))
+    hidden = _final_hidden(head.decoder, input_ids, mask, position_ids)
+    b_idx, t_idx = (segment_ids > 0).nonzero(as_tuple=True)
+    seg = segment_ids[b_idx, t_idx]
+    # The predictor of a completion token: the token before it, or the prompt's last token for the first.
+    first = t_idx == _segment_starts(segment_ids)[b_idx, t_idx]
+    source = torch.where(first, _prompt_lengths(segment_ids)[b_idx] - 1, t_idx - 1)
+    rows, cols = completion_rows[b_idx, seg - 1], position_ids[b_idx, t_idx]
+    width = completion_mask.shape[1]
+    if bool((cols >= width).any()) or not bool(completion_mask[rows, cols.clamp(max=width - 1)].all()):
+        raise ValueError("completion_mask does not mark the completion tokens of segment_ids at their positions")
+    return _score(
+        head,
+        hidden[b_idx, source],
+        input_ids[b_idx, t_idx],
+        rows,
+        cols,
+        tuple(completion_mask.shape),
+        chunk_size=chunk_size,
+        per_token=per_token,
+        logsumsq=logsumsq,
+    )

@@ -2,8 +2,10 @@
 
 Per batch (docs/architecture.md §3-§6):
 
-1. the collator gives one concatenated batch (pairwise: ``2B`` rows, chosen then rejected);
-2. the policy scores it with `prefkit.train.logps.completion_logps` in **one** forward pass;
+1. the collator gives one concatenated batch (pairwise: ``2B`` rows, chosen then rejected; with
+   ``share_prompt``, ``B`` packed rows ``[prompt][chosen][rejected]``);
+2. the policy scores it with `prefkit.train.logps.completion_logps` (with ``share_prompt``,
+   `prefkit.train.logps.shared_prefix_logps`) in **one** forward pass;
 3. the reference scores it under ``torch.no_grad()`` — a separate frozen model, or the PEFT
    policy with its adapters disabled; nothing at all when every selected loss is reference-free;
 4. the log-probs become a `PairLogps` / `UnpairedLogps` (per-token tensors only when a selected
@@ -41,7 +43,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from prefkit.data.collators import PairwiseCollator, UnpairedCollator
+from prefkit.data.collators import SHARED_PREFIX_KEYS, PairwiseCollator, UnpairedCollator
 from prefkit.data.records import PairwiseRecord, RankedRecord, UnpairedRecord
 from prefkit.losses import PairLogps, UnpairedLogps, get_loss
 from prefkit.losses.combine import combine_losses, resolve_loss_params
@@ -49,7 +51,7 @@ from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
 from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
 from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
 from prefkit.train.config import PreferenceConfig
-from prefkit.train.logps import completion_logps
+from prefkit.train.logps import completion_logps, shared_prefix_logps
 
 logger = logging.getLogger("prefkit.train")
 
@@ -149,6 +151,11 @@ class PreferenceTrainer(Trainer):
                 f"{type(self).__name__} trains losses of kind {' / '.join(self.LOSS_KINDS)}; {self.loss_names} "
                 f"are of kind {self.loss_kind!r} (PreferenceTrainer trains a policy on pairwise / unpaired "
                 "losses, RewardTrainer a reward model on reward_pair / reward_list / judge losses)"
+            )
+        if args.share_prompt and self.loss_kind != "pairwise":
+            raise ValueError(
+                f"share_prompt shares a prompt between the chosen and rejected completions of pairwise losses; "
+                f"{self.loss_names} are of kind {self.loss_kind!r}. Set share_prompt to false."
             )
         self.needs_reference = any(s.needs_reference for s in self.loss_specs)
         self.needs_tokens = any(s.needs_tokens for s in self.loss_specs)
@@ -284,7 +291,7 @@ class PreferenceTrainer(Trainer):
 
     def _default_collator(self, pad_id: int, args: PreferenceConfig):
         if self.loss_kind == "pairwise":
-            return PairwiseCollator(pad_id)
+            return PairwiseCollator(pad_id, share_prompt=args.share_prompt)
         return UnpairedCollator(pad_id, max_length=args.max_length, kl_rows=self.ref_point_kind == "kl")
 
     def _prepare_dataset(self, data, tokenizer, args: PreferenceConfig, name: str):
@@ -357,6 +364,21 @@ class PreferenceTrainer(Trainer):
             model, ids, attn, comp, chunk_size=self.args.logps_chunk_size, per_token=tokens, logsumsq=logsumsq
         )
 
+    def _pair_logps(self, model: nn.Module, inputs: dict[str, Any], *, tokens: bool, logsumsq: bool = False):
+        """Log-probs of a pairwise batch's ``2B`` rows; with ``share_prompt``, one pass per prompt."""
+        if not self.args.share_prompt:
+            ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+            return self._logps(model, ids, attn, comp, tokens=tokens, logsumsq=logsumsq)
+        missing = [k for k in SHARED_PREFIX_KEYS if k not in inputs]
+        if missing:
+            raise KeyError(
+                f"share_prompt is on but the batch lacks {missing}; use PairwiseCollator(pad_id, share_prompt=True)"
+            )
+        packed = {k: inputs[k] for k in SHARED_PREFIX_KEYS}
+        return shared_prefix_logps(
+            model, **packed, chunk_size=self.args.logps_chunk_size, per_token=tokens, logsumsq=logsumsq
+        )
+
     @contextlib.contextmanager
     def _reference(self, model: nn.Module):
         """Yield the module that scores reference log-probs (no grad, eval mode)."""
@@ -400,13 +422,15 @@ class PreferenceTrainer(Trainer):
             )
 
     def _pairwise_loss(self, model, inputs):
-        ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
         weight = inputs["weight"]
         b = weight.shape[0]
         tokens = self.needs_tokens
-        pol = self._logps(model, ids, attn, comp, tokens=tokens, logsumsq=tokens)
-        ref = self._ref_logps(model, ids, attn, comp, tokens=tokens) if self.needs_reference else None
-        mask = comp.to(pol.sum.dtype)
+        pol = self._pair_logps(model, inputs, tokens=tokens, logsumsq=tokens)
+        ref = None
+        if self.needs_reference:
+            with self._reference(model) as ref_model:
+                ref = self._pair_logps(ref_model, inputs, tokens=tokens)
+        mask = inputs["completion_mask"].to(pol.sum.dtype)
         batch = PairLogps(
             policy_chosen=pol.sum[:b],
             policy_rejected=pol.sum[b:],
