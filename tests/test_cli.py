@@ -1,4 +1,4 @@
-"""`prefkit train` and `prefkit demo` through prefkit.cli.main."""
+"""`prefkit train` through prefkit.cli.main (the demo: tests/lab/test_demo.py)."""
 
 import json
 from pathlib import Path
@@ -130,32 +130,3 @@ def test_example_configs_parse():
         cfg = load_config(path)
         assert Path(REPO, cfg.data.train_file).is_file(), path
         assert cfg.train.output_dir.startswith("runs/")
-
-
-def test_demo_smoke(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--steps", "4", "--output-dir", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "held-out" in printed and "prefkit train examples/dpo_tiny.yaml" in printed
-    assert (
-        (out / "data.jsonl").is_file() and (out / "metrics.jsonl").is_file() and (out / "README.md").is_file()
-    )
-    assert (out / "model" / "model.safetensors").is_file()
-    assert len((out / "data.jsonl").read_text().splitlines()) == 300
-
-
-def test_demo_rejects_a_non_pairwise_loss(tmp_path, capsys):
-    assert main(["demo", "--loss", "kto", "--output-dir", str(tmp_path / "d")]) == 2
-    assert "needs a pairwise loss" in capsys.readouterr().err
-    assert main(["demo", "--loss", "dpoo", "--output-dir", str(tmp_path / "d")]) == 2
-    assert "Did you mean 'dpo'" in capsys.readouterr().err
-    assert not (tmp_path / "d").exists()
-
-
-def test_demo_learns_the_preference(tmp_path):
-    from prefkit.train.demo import run_demo
-
-    result = run_demo(tmp_path / "demo", steps=8, quiet=True)
-    assert result["heldout_accuracy"] >= 0.8  # chance is 0.5 (and 0 before training: all rewards tie at 0)
-    assert result["train_accuracy"] >= 0.8
-    assert result["heldout_margin"] > 0

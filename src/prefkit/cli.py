@@ -13,7 +13,7 @@ import sys
 
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("demo",), "prefkit.train.demo", "train DPO on a built-in tiny model and dataset (no download)"),
+    (("demo",), "prefkit.lab.demo", "DPO and a reward model in a lab world with a known true reward, end to end (no download)"),
     (("train",), "prefkit.train.commands", "train from a YAML config: prefkit train CONFIG.yaml key=value ..."),
     (("losses",), "prefkit.losses.commands", "list every registered loss with formula and citation"),
     (("data", "validate"), "prefkit.data.commands_validate", "report every bad row of a feedback file"),

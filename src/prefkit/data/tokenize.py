@@ -48,6 +48,7 @@ __all__ = [
     "TokenizationStats",
     "render_prompt_completion",
     "tokenize_pairwise",
+    "tokenize_prompt",
     "tokenize_ranked",
     "tokenize_records",
     "tokenize_unpaired",
@@ -371,6 +372,21 @@ def tokenize_pairwise(
     """
     settings = _Settings(max_length, max_prompt_length, prompt_truncation, completion_truncation)
     return _pairwise(record, _Context(tokenizer, settings))[0]
+
+
+def tokenize_prompt(
+    prompt: Any, tokenizer, *, max_prompt_length: int | None = None, prompt_truncation: str = "keep_end"
+) -> list[int]:
+    """The token ids a prompt (text or chat messages) gets in training, for generation: chat messages
+    rendered with ``add_generation_prompt=True``, the tokenizer's leading special tokens on a plain
+    text, cut to ``max_prompt_length`` as training cuts it."""
+    _check_text(prompt, "prompt")
+    ctx = _Context(tokenizer, _Settings(None, max_prompt_length, prompt_truncation, "keep_start"))
+    if _is_messages(prompt):
+        text, chat = _apply_template(tokenizer, prompt, add_generation_prompt=True), True
+    else:
+        text, chat = prompt, False
+    return _truncate_prompt(ctx, _tokenize_prompt(ctx, text, chat))[0]
 
 
 def tokenize_unpaired(

@@ -74,6 +74,7 @@ RESPONSE_WORDS: tuple[str, ...] = (
     + FILLER_WORDS
     + tuple(w for words in TOPICS.values() for w in words)
 )
+_RESPONSE_INDEX: dict[str, int] = {w: i for i, w in enumerate(RESPONSE_WORDS)}
 _TOPIC_OF_WORD: dict[str, str] = {w: topic for topic, words in TOPICS.items() for w in words}
 _STYLE_OF_WORD: dict[str, str] = {w: style for style, words in STYLES.items() for w in words}
 
@@ -124,6 +125,11 @@ class World:
     def shares(self) -> dict[str, float]:
         return {g.name: g.share for g in self.groups}
 
+    @property
+    def prompts(self) -> list[str]:
+        """Every distinct prompt of the base distribution (each template around each topic)."""
+        return [t.format(topic=topic) for topic in TOPICS for t in PROMPT_TEMPLATES]
+
     def sample_prompts(self, n: int, rng: np.random.Generator) -> list[str]:
         """``n`` prompts: a uniform template around a uniform topic."""
         topics = list(TOPICS)
@@ -153,6 +159,15 @@ class World:
             idx = rng.choice(len(RESPONSE_WORDS), size=length, p=probs)
             out.append(" ".join(RESPONSE_WORDS[i] for i in idx))
         return out
+
+    def base_log_prob(self, prompt: str, response: str) -> float:
+        """``log p_base(response | prompt)``: ``-log(max_len)`` for the length plus the words' unigram
+        log-probabilities (``-inf`` for a response the base distribution cannot produce)."""
+        words = response.split()
+        if not 1 <= len(words) <= self.max_len or any(w not in _RESPONSE_INDEX for w in words):
+            return float("-inf")
+        probs = self.word_probs(prompt)
+        return -math.log(self.max_len) + float(sum(math.log(probs[_RESPONSE_INDEX[w]]) for w in words))
 
     # ----- true reward -----
     def group(self, name: str) -> Group:

@@ -25,7 +25,6 @@ _EXPORTS = {
     "TrainingRun": "prefkit.train.commands",
     "MetricsJsonlCallback": "prefkit.train.callbacks",
     "PreferenceProgressCallback": "prefkit.train.callbacks",
-    "run_demo": "prefkit.train.demo",
     "completion_logps": "prefkit.train.logps",
     "LogpOutput": "prefkit.train.logps",
 }
@@ -46,7 +45,6 @@ __all__ = [
     "completion_logps",
     "load_config",
     "parse_config",
-    "run_demo",
     "train_from_config",
     "write_config",
 ]
