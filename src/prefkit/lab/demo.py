@@ -202,6 +202,7 @@ def run_demo(
         seed=seed,
         progress=progress,
         logging_steps=max(1, steps // 20),
+        eval_every=max(1, steps // 5),
     )
     truth = TruthCallback(the_world, ref.tokenizer, ref.model, every=max(1, steps // 5), seed=seed)
     lap("data")

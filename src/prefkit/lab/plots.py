@@ -25,13 +25,15 @@ def _save(fig, path: str | Path) -> Path:
 
 def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequence[str], path: str | Path) -> Path:
     """One panel per metric; in each, the metric against the step for every run (``runs[name]`` is a
-    Trainer ``log_history``: entries without the metric are skipped)."""
+    Trainer ``log_history``: entries without the metric are skipped), and its held-out value
+    (``eval_<metric>``, dashed) where the run logged one."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for name, history in runs.items():
-            points = [(h["step"], h[metric]) for h in history if metric in h and "step" in h]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=name)
+        for i, (name, history) in enumerate(runs.items()):
+            for key, label, style in ((metric, name, "-"), (f"eval_{metric}", f"{name}, held-out", "--")):
+                points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{i}", marker=".", label=label)
         ax.set(xlabel="step", title=metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
