@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import shlex
 import sys
 import time
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from _results_md import write_section
 from transformers import set_seed
 
 from prefkit.cli import main as prefkit_main
@@ -256,18 +256,6 @@ def section_text(key: str, setup: list[str], evals: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, key: str, text: str) -> None:
-    """Replace the section marked ``rm_real:key`` in ``path`` (or append it)."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"<!-- rm_real:{re.escape(key)} -->.*?<!-- /rm_real:{re.escape(key)} -->", re.DOTALL)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text, old)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = resolve_plan(args)
@@ -311,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- held out: {split.n_heldout} HH pairs from the same file; LLMBar (Natural 100, Adversarial 319) is out of "
         "distribution (instruction following, not harmlessness)",
     ]
-    write_section(results_path, key, section_text(key, setup, evals))
+    write_section(results_path, f"rm_real:{key}", section_text(key, setup, evals))
     print(f"wrote the '{key}' section of {results_path}")
     return 0
 
