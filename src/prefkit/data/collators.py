@@ -137,6 +137,37 @@ def _round_up(width: int, multiple: int | None) -> int:
     return width if multiple is None else -(-width // multiple) * multiple
 
 
+def _reference_sums(examples: Sequence[dict], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Precomputed reference log-probs (`prefkit.train.reference_cache`) as ``[B]`` float64 tensors,
+    for each of ``keys`` the examples carry."""
+    out = {}
+    for key in keys:
+        present = [key in example for example in examples]
+        if not any(present):
+            continue
+        if not all(present):
+            raise KeyError(f"examples {[i for i, p in enumerate(present) if not p]} have no {key!r}; others have it")
+        out[key] = torch.tensor([float(example[key]) for example in examples], dtype=torch.float64)
+    return out
+
+
+def _reference_tokens(
+    examples: Sequence[dict], key: str, prompts: Sequence[list[int]], completions: Sequence[list[int]], width: int
+) -> torch.Tensor:
+    """Per-token reference log-probs ``[B, width]`` float64 in the layout of ``completion_mask``:
+    example ``i``'s values at columns ``len(prompt_i) .. len(prompt_i) + len(completion_i) - 1``."""
+    out = torch.zeros((len(examples), width), dtype=torch.float64)
+    for i, (example, prompt, completion) in enumerate(zip(examples, prompts, completions)):
+        values = _ids(example, key, i)
+        if len(values) != len(completion):
+            raise ValueError(
+                f"example {i}: {key!r} has {len(values)} values for a completion of {len(completion)} tokens "
+                "(the reference log-probs were computed for other token ids)"
+            )
+        out[i, len(prompt) : len(prompt) + len(completion)] = torch.tensor(values, dtype=torch.float64)
+    return out
+
+
 def _user_ids(examples: Sequence[dict]) -> list | None:
     if not any("user_id" in example for example in examples):
         return None
@@ -159,6 +190,11 @@ class PairwiseCollator:
     ``completion_rows`` is ``[B, 2]`` (`pack_shared_rows`); ``completion_mask`` keeps the ``[2B, T]``
     layout above (the layout `prefkit.train.logps.shared_prefix_logps` returns log-probs in);
     there is no ``attention_mask``. ``weight``, ``margin`` and ``user_id`` are unchanged.
+
+    Precomputed reference log-probs (``PreferenceConfig.precompute_ref_logps``) pass through when
+    the examples carry them: ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` float64, and
+    ``ref_chosen_token_logps`` / ``ref_rejected_token_logps`` ``[B, T]`` float64 in the layout of
+    the chosen / rejected half of ``completion_mask``.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, share_prompt: bool = False):
@@ -182,6 +218,11 @@ class PairwiseCollator:
             batch = pad_rows(prompts + prompts, chosen + rejected, self.pad_token_id, self.pad_to_multiple_of)
         batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
         batch["margin"] = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples], dtype=torch.float32)
+        batch.update(_reference_sums(examples, ("ref_chosen_logps", "ref_rejected_logps")))
+        width = batch["completion_mask"].shape[1]
+        for key, completions in (("ref_chosen_token_logps", chosen), ("ref_rejected_token_logps", rejected)):
+            if key in examples[0]:
+                batch[key] = _reference_tokens(examples, key, prompts, completions, width)
         user_ids = _user_ids(examples)
         if user_ids is not None:
             batch["user_id"] = user_ids
@@ -208,6 +249,9 @@ class UnpairedCollator:
     (prompt 0 + completion 0), so a KL estimate from that batch equals the implied reward. A
     warning is logged the first time this happens; drop the last incomplete batch
     (``dataloader_drop_last``) or use batches of at least 2 to avoid it.
+
+    Precomputed reference log-probs (``ref_completion_logps``) pass through as ``[B]`` float64
+    when the examples carry them.
     """
 
     def __init__(
@@ -241,6 +285,7 @@ class UnpairedCollator:
             labels.append(bool(ex["label"]))
         batch["label"] = torch.tensor(labels, dtype=torch.bool)
         batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
+        batch.update(_reference_sums(examples, ("ref_completion_logps",)))
         user_ids = _user_ids(examples)
         if user_ids is not None:
             batch["user_id"] = user_ids

@@ -269,6 +269,23 @@ class PreferenceConfig(TrainingArguments):
             "gradients up to float rounding. Needs eager or sdpa attention."
         },
     )
+    precompute_ref_logps: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the train and eval data with the reference once before training, cache the log-probs "
+            "on disk (reference_cache_dir) and train without a reference model in memory; same losses up to "
+            "float rounding. Pairwise losses and bco; not kto (its KL rows pair completions within each "
+            "shuffled batch)."
+        },
+    )
+    reference_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "precompute_ref_logps: folder of the cache, one file per dataset (train.safetensors, "
+            "eval.safetensors) keyed by the data's token ids and the reference's weights; a file that does "
+            "not match is refused, never reused. None: OUTPUT_DIR/ref_logps."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -399,6 +416,8 @@ PREFKIT_TRAIN_FIELDS = (
     "completion_truncation",
     "logps_chunk_size",
     "share_prompt",
+    "precompute_ref_logps",
+    "reference_cache_dir",
     "overwrite_output_dir",
 )
 

@@ -18,6 +18,10 @@ Unpaired losses get their reference point from the trainer: KTO's z0 from the mi
 (`kto_kl_estimate`), BCO's running reward shift (`bco_update_reward_shift`), which is saved with
 every checkpoint and restored on resume.
 
+With ``precompute_ref_logps`` step 3 happens once, at init: `prefkit.train.reference_cache` scores
+every train / eval row with the reference (or loads the values from its on-disk cache), the values
+become dataset columns that the collators batch, and the reference model is dropped.
+
 Logging, progress bars, checkpoints, resume and device placement are ``transformers.Trainer``'s.
 Two additions: a non-finite loss stops the run before the optimizer step with an error naming
 the step and the examples, and checkpoints are written to a staging folder and renamed into
@@ -28,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections import defaultdict
 from collections.abc import Sequence
@@ -51,7 +57,16 @@ from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
 from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
 from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
 from prefkit.train.config import PreferenceConfig
-from prefkit.train.logps import completion_logps, shared_prefix_logps
+from prefkit.train.logps import LogpOutput, completion_logps, shared_prefix_logps
+from prefkit.train.reference_cache import (
+    REF_COLUMNS,
+    REF_TOKEN_COLUMNS,
+    attach_reference_columns,
+    cached_reference_logps,
+    compute_reference_logps,
+    model_hash,
+    reference_dtype,
+)
 
 logger = logging.getLogger("prefkit.train")
 
@@ -166,6 +181,8 @@ class PreferenceTrainer(Trainer):
                 "share one batch; train them separately"
             )
         self.ref_point_kind = ref_point_kinds.pop() if ref_point_kinds else None
+        if args.precompute_ref_logps:
+            self._check_precompute(args)
         if self.ref_point_kind == "kl" and args.per_device_train_batch_size < 2:
             raise ValueError(
                 "KTO estimates its reference point z0 from mismatched pairs inside a batch: "
@@ -224,9 +241,15 @@ class PreferenceTrainer(Trainer):
             self.ref_model = None
             self.ref_from_adapters = True
             reference = "the base model (policy with LoRA adapters disabled)"
+        elif args.precompute_ref_logps:
+            self.ref_model = None  # the initial policy scores the reference log-probs itself, at init
+            reference = "the initial policy"
         else:
             self.ref_model = frozen_copy(model)
             reference = "a frozen copy of the initial policy"
+        if args.precompute_ref_logps:
+            reference += " (log-probs precomputed before training)"
+        self.reference_precomputed = False
         self.run_info.setdefault("reference", reference)
 
         # -- data -------------------------------------------------------------------------------
@@ -279,6 +302,8 @@ class PreferenceTrainer(Trainer):
                 "calls the decoder directly and rejects DDP/FSDP/DeepSpeed-wrapped models (their gradient "
                 "synchronisation would be bypassed). Use one device."
             )
+        if args.precompute_ref_logps:
+            self._precompute_reference()
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
 
@@ -346,6 +371,121 @@ class PreferenceTrainer(Trainer):
             f"{name} dataset must be a list of records or a tokenized datasets.Dataset, "
             f"got {type(data).__name__}"
         )
+
+    # ------------------------------------------------------------------------------------------
+    # Reference log-probs precomputed once (precompute_ref_logps)
+    # ------------------------------------------------------------------------------------------
+    def _check_precompute(self, args: PreferenceConfig) -> None:
+        if not self.needs_reference:
+            raise ValueError(
+                f"precompute_ref_logps is set, but every selected loss ({', '.join(self.loss_names)}) is "
+                "reference-free: there are no reference log-probs to compute. Set precompute_ref_logps to false."
+            )
+        if self.ref_point_kind == "kl":
+            kl = [n for n in self.loss_names if REF_POINT.get(n) == "kl"]
+            raise ValueError(
+                f"precompute_ref_logps cannot serve loss {', '.join(kl)}: its reference point z0 comes from KL "
+                "rows that pair each prompt with another example's completion inside each shuffled batch, so "
+                "their reference log-probs depend on the batch and cannot be computed per example. Set "
+                "precompute_ref_logps to false (bco's reference point needs only per-example log-probs)."
+            )
+
+    def reference_cache_dir(self) -> str:
+        """Where ``precompute_ref_logps`` caches the reference log-probs."""
+        return self.args.reference_cache_dir or os.path.join(self.args.output_dir, "ref_logps")
+
+    def _precompute_reference(self) -> None:
+        """Attach the reference log-probs of the train / eval datasets as columns (from the cache,
+        or computed and cached), then drop the reference model."""
+        with self._initial_reference() as ref:
+            key = {"model_hash": model_hash(ref), "dtype": reference_dtype(ref)}
+            if self.train_dataset is not None:
+                self.train_dataset = self._with_reference_logps(self.train_dataset, "train", ref, key)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    k: self._with_reference_logps(v, f"eval_{k}", ref, key) for k, v in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference_logps(self.eval_dataset, "eval", ref, key)
+        del ref
+        self.ref_model = None
+        self.reference_precomputed = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _initial_reference(self):
+        """The reference for precomputing (no grad, eval mode): the given reference model, the PEFT
+        policy with adapters disabled, or the initial policy itself (no copy is made)."""
+        if self.ref_model is not None:
+            self.ref_model = self.ref_model.to(self.args.device)
+        if self.ref_model is not None or self.ref_from_adapters:
+            with self._reference(self.model) as ref:
+                yield ref
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield self.model
+        finally:
+            self.model.train(was_training)
+
+    def _with_reference_logps(self, dataset, split: str, ref: nn.Module, key: dict[str, str]):
+        per_token = self.needs_tokens and self.loss_kind == "pairwise"
+        collate = (
+            PairwiseCollator(self.processing_class.pad_token_id, share_prompt=self.args.share_prompt)
+            if self.loss_kind == "pairwise"
+            else UnpairedCollator(self.processing_class.pad_token_id, kl_rows=False)
+        )
+
+        def score(batch: dict[str, Any]) -> LogpOutput:
+            batch = {k: v.to(self.args.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            if self.loss_kind == "pairwise":
+                return self._pair_logps(ref, batch, tokens=per_token)
+            ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            return self._logps(ref, ids, attn, comp, tokens=False)
+
+        def compute():
+            return compute_reference_logps(
+                dataset,
+                self.loss_kind,
+                collate,
+                score,
+                batch_size=self.args.per_device_eval_batch_size,
+                per_token=per_token,
+                progress=not self.args.disable_tqdm,
+                desc=f"reference log-probs ({split})",
+            )
+
+        path = os.path.join(self.reference_cache_dir(), f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}.safetensors")
+        values = cached_reference_logps(
+            dataset, self.loss_kind, path, per_token=per_token, split=split, compute=compute, **key
+        )
+        return attach_reference_columns(dataset, values, self.loss_kind, per_token=per_token)
+
+    def _cached_reference(self, inputs: dict[str, Any], key: str, like: Tensor) -> Tensor:
+        """A precomputed reference column of the batch, as ``like``'s dtype and device."""
+        if key not in inputs:
+            raise KeyError(
+                f"precompute_ref_logps is on but the batch has no {key!r}: the reference model is not kept, "
+                "so every dataset must get its reference log-probs at init (pass it as train_dataset / "
+                "eval_dataset), and a custom data_collator must pass the ref_* columns through"
+            )
+        return inputs[key].to(device=like.device, dtype=like.dtype)
+
+    def _pair_reference(self, model: nn.Module, inputs: dict[str, Any], pol: LogpOutput, *, tokens: bool):
+        """The reference's `LogpOutput` of a pairwise batch: precomputed columns, or a forward pass."""
+        if not self.reference_precomputed:
+            with self._reference(model) as ref_model:
+                return self._pair_logps(ref_model, inputs, tokens=tokens)
+        chosen, rejected = REF_COLUMNS["pairwise"]
+        sums = torch.cat([self._cached_reference(inputs, k, pol.sum) for k in (chosen, rejected)])
+        per_token = None
+        if tokens:
+            per_token = torch.cat([self._cached_reference(inputs, k, pol.sum) for k in REF_TOKEN_COLUMNS["pairwise"]])
+        return LogpOutput(sum=sums, n_tokens=pol.n_tokens, per_token=per_token)
 
     # ------------------------------------------------------------------------------------------
     # Log-probs and the loss
@@ -426,10 +566,7 @@ class PreferenceTrainer(Trainer):
         b = weight.shape[0]
         tokens = self.needs_tokens
         pol = self._pair_logps(model, inputs, tokens=tokens, logsumsq=tokens)
-        ref = None
-        if self.needs_reference:
-            with self._reference(model) as ref_model:
-                ref = self._pair_logps(ref_model, inputs, tokens=tokens)
+        ref = self._pair_reference(model, inputs, pol, tokens=tokens) if self.needs_reference else None
         mask = inputs["completion_mask"].to(pol.sum.dtype)
         batch = PairLogps(
             policy_chosen=pol.sum[:b],
@@ -458,7 +595,11 @@ class PreferenceTrainer(Trainer):
         ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
         weight, label = inputs["weight"], inputs["label"].bool()
         pol = self._logps(model, ids, attn, comp, tokens=False)
-        ref = self._ref_logps(model, ids, attn, comp, tokens=False) if self.needs_reference else None
+        ref = None
+        if self.reference_precomputed:
+            ref = self._cached_reference(inputs, REF_COLUMNS["unpaired"][0], pol.sum)
+        elif self.needs_reference:
+            ref = self._ref_logps(model, ids, attn, comp, tokens=False).sum
         metrics: dict[str, Tensor] = {}
         ref_point = None
         if self.ref_point_kind == "kl":
@@ -475,7 +616,7 @@ class PreferenceTrainer(Trainer):
         elif self.ref_point_kind == "reward_shift":
             beta = float(self.loss_params["bco"]["beta"])
             if train:
-                rewards = (beta * (pol.sum - ref.sum)).detach()
+                rewards = (beta * (pol.sum - ref)).detach()
                 self.bco_reward_shift, self.bco_count = bco_update_reward_shift(
                     self.bco_reward_shift, self.bco_count, rewards[label], rewards[~label]
                 )
@@ -483,7 +624,7 @@ class PreferenceTrainer(Trainer):
             metrics["reward_shift"] = ref_point.detach().reshape(1)
         batch = UnpairedLogps(
             policy=pol.sum,
-            ref=None if ref is None else ref.sum,
+            ref=ref,
             label=label,
             length=pol.n_tokens,
             ref_point=ref_point,
