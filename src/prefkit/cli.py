@@ -13,13 +13,19 @@ import sys
 
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("demo",), "prefkit.lab.demo", "DPO and a reward model in a lab world with a known true reward, end to end (no download)"),
+    (
+        ("demo",),
+        "prefkit.lab.demo",
+        "DPO and a reward model in a lab world with a known true reward, end to end (no download)",
+    ),
     (("train",), "prefkit.train.commands", "train from a YAML config: prefkit train CONFIG.yaml key=value ..."),
     (("losses",), "prefkit.losses.commands", "list every registered loss with formula and citation"),
     (("data", "validate"), "prefkit.data.commands_validate", "report every bad row of a feedback file"),
     (("data", "stats"), "prefkit.data.commands_stats", "counts and token-length percentiles of a file"),
     (("data", "convert"), "prefkit.data.commands_convert", "convert between feedback kinds and formats"),
     (("eval", "rm"), "prefkit.eval.commands", "evaluate a reward model: accuracy, best-of-N, calibration, length bias"),
+    (("lab", "study"), "prefkit.lab.commands", "lab studies with a known true reward: losses, noise, overopt"),
+    (("lab", "draw"), "prefkit.lab.commands_draw", "save a dataset drawn from a lab world by simulated annotators"),
 ]
 
 

@@ -85,6 +85,7 @@ def labelled_scatter(
         ax.legend(fontsize=8)
     if log_x:
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=min(0.0, *(p["x"] for p in points)))  # no empty negative decade
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -1,0 +1,212 @@
+"""``prefkit lab study losses|noise|overopt``: the lab's studies (`prefkit.lab.studies`) from the command line.
+
+Each study trains and measures in a lab world with a known true reward and writes ``results.md``,
+``results.json`` and PNG plots into ``--output-dir`` (default ``runs/lab/<study>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefkit.lab.world import PRESETS
+
+# argparse expands "%" in help texts, so the world descriptions' "%" are doubled
+WORLDS_HELP = (
+    "the lab world: "
+    + "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items()).replace("%", "%%")
+    + (" (default: default)")
+)
+
+STUDIES = {
+    "losses": "every registered pairwise loss on the same world and data: true-reward gain, KL, win rate, "
+    "implicit-reward agreement with the true preferences, wall time",
+    "noise": "labels flipped at set rates: dpo against the noise-aware losses (cdpo, robust_dpo), mean ± SE over seeds",
+    "overopt": "best-of-N against a proxy reward model learned from few pairs: true and proxy reward against "
+    "KL = log N - (N-1)/N (Gao et al. 2023)",
+}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _common(parser: argparse.ArgumentParser, study: str) -> None:
+    parser.add_argument(
+        "--world",
+        default="default",
+        choices=list(PRESETS),
+        help=WORLDS_HELP,
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world and its reference policy (default: 0)")
+    parser.add_argument(
+        "--output-dir", default=f"runs/lab/{study}", help=f"where results go (default: runs/lab/{study})"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where reference policies are cached (default: $PREFKIT_CACHE/lab or ~/.cache/prefkit/lab)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output; the results are still written")
+
+
+def _training(parser: argparse.ArgumentParser, samples_per_prompt: int) -> None:
+    parser.add_argument(
+        "--steps", type=int, default=200, help="optimizer steps per run; each sees fresh pairs (default: 200)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per step (default: 32)")
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="learning rate of every run (default: 5e-4)")
+    parser.add_argument(
+        "--beta", type=float, default=0.1, help="the shared beta of losses that take DPO's beta (default: 0.1)"
+    )
+    parser.add_argument(
+        "--heldout-pairs",
+        type=int,
+        default=500,
+        help="fresh pairs on which implicit rewards are checked against the true preferences (default: 500)",
+    )
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=samples_per_prompt,
+        help=f"samples of each prompt for true reward, KL and win rate (default: {samples_per_prompt})",
+    )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    studies = parser.add_subparsers(dest="study", metavar="STUDY")
+    losses = studies.add_parser("losses", help=STUDIES["losses"], description=STUDIES["losses"])
+    _common(losses, "losses")
+    losses.add_argument(
+        "--losses",
+        type=_names,
+        default=None,
+        help="comma-separated pairwise losses (default: every registered one; `prefkit losses`)",
+    )
+    _training(losses, samples_per_prompt=16)
+
+    noise = studies.add_parser("noise", help=STUDIES["noise"], description=STUDIES["noise"])
+    _common(noise, "noise")
+    noise.add_argument(
+        "--losses",
+        type=_names,
+        default=["dpo", "cdpo", "robust_dpo"],
+        help="comma-separated pairwise losses; noise-aware ones get label_smoothing = the flip rate "
+        "(default: dpo,cdpo,robust_dpo)",
+    )
+    noise.add_argument(
+        "--rates", type=_floats, default=[0.0, 0.1, 0.2, 0.3], help="flip rates in [0, 0.5) (default: 0,0.1,0.2,0.3)"
+    )
+    noise.add_argument(
+        "--seeds", type=_ints, default=[0, 1, 2], help="data and training seeds, one run each (default: 0,1,2)"
+    )
+    noise.add_argument(
+        "--annotator",
+        choices=["argmax", "bt"],
+        default="argmax",
+        help="labels before flipping: argmax (noise-free, so the flip rate is all the noise) or bt "
+        "(Bradley-Terry, temperature 1) (default: argmax)",
+    )
+    _training(noise, samples_per_prompt=8)
+
+    overopt = studies.add_parser("overopt", help=STUDIES["overopt"], description=STUDIES["overopt"])
+    _common(overopt, "overopt")
+    overopt.add_argument(
+        "--proxy-pairs", type=int, default=300, help="pairs the proxy reward model learns from (default: 300)"
+    )
+    overopt.add_argument(
+        "--proxy-steps", type=int, default=100, help="training steps of 32 pairs for the proxy (default: 100)"
+    )
+    overopt.add_argument("--pool", type=int, default=512, help="reference samples per prompt (default: 512)")
+    overopt.add_argument("--n-max", type=int, default=256, help="largest N, a power of 2 <= --pool (default: 256)")
+    overopt.add_argument(
+        "--heldout-pairs", type=int, default=500, help="fresh pairs to measure the proxy on (default: 500)"
+    )
+
+
+def _problem(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, or None."""
+    from prefkit.losses import get_loss
+
+    for name in getattr(args, "losses", None) or []:
+        try:
+            kind = get_loss(name).kind
+        except KeyError as err:
+            return str(err.args[0])
+        if kind != "pairwise":
+            return f"loss {name!r} is {kind}; the studies train on pairs and need pairwise losses"
+    for name in (
+        "steps",
+        "batch_size",
+        "heldout_pairs",
+        "samples_per_prompt",
+        "proxy_pairs",
+        "proxy_steps",
+        "pool",
+        "n_max",
+    ):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {value}"
+    if args.study == "noise" and (not args.rates or any(not 0 <= r < 0.5 for r in args.rates)):
+        return f"--rates must be one or more flip rates in [0, 0.5), got {args.rates}"
+    if args.study == "noise" and not args.seeds:
+        return "--seeds must name at least one seed"
+    if args.study == "overopt" and args.n_max > args.pool:
+        return f"--n-max ({args.n_max}) must be <= --pool ({args.pool})"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefkit.lab import studies
+
+    if args.study is None:
+        print(
+            "prefkit lab study: error: name a study: " + ", ".join(STUDIES) + " (prefkit lab study -h)", file=sys.stderr
+        )
+        return 2
+    problem = _problem(args)
+    if problem:
+        print(f"prefkit lab study {args.study}: error: {problem}", file=sys.stderr)
+        return 2
+    common = dict(seed=args.seed, output_dir=args.output_dir, cache_dir=args.cache_dir, progress=not args.quiet)
+    if args.study == "overopt":
+        studies.overoptimization(
+            args.world,
+            proxy_pairs=args.proxy_pairs,
+            proxy_steps=args.proxy_steps,
+            pool=args.pool,
+            n_max=args.n_max,
+            heldout_pairs=args.heldout_pairs,
+            **common,
+        )
+        return 0
+    training = dict(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        heldout_pairs=args.heldout_pairs,
+        samples_per_prompt=args.samples_per_prompt,
+    )
+    if args.study == "losses":
+        studies.loss_comparison(args.world, args.losses, **training, **common)
+    else:
+        studies.noise_study(
+            args.world, args.rates, args.losses, args.seeds, annotator=args.annotator, **training, **common
+        )
+    return 0

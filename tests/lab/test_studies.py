@@ -1,0 +1,113 @@
+"""The lab studies on a tiny reference policy: each writes its files and gives sane values."""
+
+import json
+import math
+
+import pytest
+import transformers
+
+from prefkit.lab.policy import ReferenceSpec, reference_policy
+from prefkit.lab.studies import loss_comparison, noise_study, overoptimization
+from prefkit.lab.world import make_world
+from prefkit.losses.base import _REGISTRY, LossSpec
+
+transformers.logging.set_verbosity_error()
+
+SPEC = ReferenceSpec(hidden_size=32, num_heads=2, intermediate_size=64, steps=30, batch_size=32, heldout_samples=64)
+TINY = dict(steps=3, batch_size=8, heldout_pairs=20, samples_per_prompt=2, spec=SPEC, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache folder holding the tiny reference policy of the default world (pre-trained once)."""
+    folder = tmp_path_factory.mktemp("lab-cache")
+    reference_policy(make_world("default", 0), 0, spec=SPEC, cache_dir=folder, progress=False)
+    return folder
+
+
+def _boom(b, *, beta: float = 0.1):
+    """A loss that always fails.
+
+    Formula: none
+    Paper: none
+    """
+    raise RuntimeError("boom")
+
+
+def test_loss_comparison_records_every_loss(tmp_path, cache, monkeypatch):
+    monkeypatch.setitem(_REGISTRY, "boom", LossSpec("boom", "pairwise", _boom, True, False, "none", "none"))
+    out = tmp_path / "losses"
+    r = loss_comparison(losses=["dpo", "simpo", "boom"], output_dir=out, cache_dir=cache, **TINY)
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "reward_vs_kl.png"}
+    rows = {row["loss"]: row for row in r["rows"]}
+    # the shared beta replaces dpo's; simpo keeps its published beta (2.0)
+    assert rows["dpo"]["params"] == {"beta": 0.1} and rows["simpo"]["params"] == {}
+    assert rows["boom"]["error"] == "RuntimeError: boom"
+    for name in ("dpo", "simpo"):
+        row = rows[name]
+        assert row["error"] is None
+        assert 0 <= row["agreement"] <= 1 and 0 <= row["win_rate"] <= 1
+        assert row["gain"] == pytest.approx(row["mean_reward"] - r["reference"]["mean_reward"])
+        assert math.isfinite(row["kl"]) and row["train_seconds"] > 0
+    md = (out / "results.md").read_text()
+    assert "| dpo | beta=0.1 |" in md and "failed: RuntimeError: boom" in md and "## What this shows" in md
+    assert json.loads((out / "results.json").read_text())["rows"][0]["loss"] == "dpo"
+
+
+def test_loss_comparison_rejects_bad_losses(tmp_path):
+    with pytest.raises(KeyError, match="unknown loss 'dpoo'"):
+        loss_comparison(losses=["dpoo"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="kto' is unpaired"):
+        loss_comparison(losses=["kto"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown world"):
+        loss_comparison("nowhere", losses=["dpo"], output_dir=tmp_path)
+
+
+def test_noise_study(tmp_path, cache):
+    out = tmp_path / "noise"
+    r = noise_study(rates=(0.0, 0.2), losses=("dpo", "robust_dpo"), seeds=(0,), output_dir=out, cache_dir=cache, **TINY)
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "noise.png"}
+    assert len(r["runs"]) == 2 * 2
+    robust = [run for run in r["runs"] if run["loss"] == "robust_dpo"]
+    assert {run["params"]["label_smoothing"] for run in robust} == {0.0, 0.2}  # told the flip rate
+    # at flip rate 0 robust_dpo's loss is dpo's ((1 - 0) * L(h) - 0) / 1), so the runs match exactly
+    at_zero = r["table"]["robust_dpo"][0]
+    assert at_zero["rate"] == 0.0 and at_zero["reward_minus_dpo"] == pytest.approx(0.0, abs=1e-9)
+    assert at_zero["mean_reward"] == pytest.approx(r["table"]["dpo"][0]["mean_reward"])
+    assert at_zero["n"] == 1 and math.isnan(at_zero["mean_reward_se"])  # one seed: no standard error
+    md = (out / "results.md").read_text()
+    assert "robust_dpo minus dpo" in md and "Only 1 data seed(s)" in md
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        noise_study(rates=(0.5,), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown annotator"):
+        noise_study(annotator="oracle", output_dir=tmp_path)
+
+
+def test_overoptimization(tmp_path, cache):
+    out = tmp_path / "overopt"
+    world = make_world("default", 0)
+    r = overoptimization(
+        proxy_pairs=16,
+        proxy_steps=2,
+        pool=8,
+        n_max=8,
+        prompts=world.prompts[:3],
+        heldout_pairs=20,
+        output_dir=out,
+        spec=SPEC,
+        cache_dir=cache,
+        progress=False,
+    )
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "overoptimization.png"}
+    rows = r["rows"]
+    assert [row["n"] for row in rows] == [1, 2, 4, 8]
+    assert rows[1]["kl"] == pytest.approx(math.log(2) - 0.5)
+    # N = 1 is a uniformly random pool sample: both standardised rewards average to 0
+    assert rows[0]["true"] == pytest.approx(0.0, abs=1e-9) and rows[0]["proxy"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[0]["true_raw"] == pytest.approx(r["pool_true_mean"])
+    # selecting by a reward can only raise that reward's best-of-N value
+    for a, b in zip(rows, rows[1:]):
+        assert b["proxy"] >= a["proxy"] - 1e-9 and b["oracle"] >= a["oracle"] - 1e-9
+    assert 0 <= r["proxy_agreement"] <= 1
+    with pytest.raises(ValueError, match="must be <= pool"):
+        overoptimization(pool=4, n_max=8, output_dir=tmp_path)
