@@ -320,6 +320,27 @@ class PreferenceTrainer(Trainer):
         return UnpairedCollator(pad_id, max_length=args.max_length, kl_rows=self.ref_point_kind == "kl")
 
     def _prepare_dataset(self, data, tokenizer, args: PreferenceConfig, name: str):
+        dataset = self._tokenized_dataset(data, tokenizer, args, name)
+        grouped = args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
+        if dataset is None or not grouped or args.length_column_name in dataset.column_names:
+            return dataset
+        return dataset.add_column(args.length_column_name, self._padded_lengths(dataset))
+
+    def _padded_lengths(self, dataset) -> list[int]:
+        """Per example, the width its longest row pads the batch to (the ``length`` column that
+        ``train_sampling_strategy="group_by_length"`` sorts by): prompt + longest completion."""
+        prompts = [len(ids) for ids in dataset["prompt_input_ids"]]
+        if self.loss_kind == "unpaired":
+            completions = [len(ids) for ids in dataset["completion_input_ids"]]
+        elif self.loss_kind == "reward_list":
+            completions = [max(map(len, ids)) for ids in dataset["completions_input_ids"]]
+        else:
+            completions = [
+                max(len(c), len(r)) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])
+            ]
+        return [p + c for p, c in zip(prompts, completions)]
+
+    def _tokenized_dataset(self, data, tokenizer, args: PreferenceConfig, name: str):
         if data is None:
             return None
         from datasets import Dataset
