@@ -12,7 +12,9 @@ from prefkit.train.trainer import PreferenceTrainer
 def _varied_pairs(n=32):
     # byte tokenizer: one token per character (+ EOS on completions), so lengths are easy to count
     return [
-        PairwiseRecord(prompt="Q" * (1 + i % 7), chosen="a" * (1 + (5 * i) % 31), rejected="b" * (1 + (5 * i) % 31 + i % 2))
+        PairwiseRecord(
+            prompt="Q" * (1 + i % 7), chosen="a" * (1 + (5 * i) % 31), rejected="b" * (1 + (5 * i) % 31 + i % 2)
+        )
         for i in range(n)
     ]
 

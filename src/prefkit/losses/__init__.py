@@ -1,7 +1,15 @@
 """Preference losses: pure functions over log-probs / rewards, one registry (DESIGN.md §3)."""
 
 # Importing the loss modules registers their losses.
-from prefkit.losses import auxiliary, pairwise, preference_models, reference_free, reward, unpaired  # noqa: E402,F401
+from prefkit.losses import (  # noqa: E402,F401
+    auxiliary,
+    pairwise,
+    preference_models,
+    reference_free,
+    reward,
+    unpaired,
+    variational,
+)
 from prefkit.losses.base import (
     KINDS,
     ListLogps,
