@@ -224,3 +224,27 @@ def test_save_and_load_round_trip(trained, tmp_path):
     (tmp_path / "vpl" / "config.json").write_text('{"model_type": "other"}')
     with pytest.raises(ValueError, match="prefkit_vpl"):
         VPL.from_pretrained(tmp_path / "vpl")
+
+
+def test_fit_objective_equals_the_registered_vpl_elbo():
+    """`VPL.fit` writes the ELBO out (models do not import losses): per user it must equal the registered
+    ``vpl_elbo`` summed over that user's target pairs."""
+    pairs = pets_pairs(users_per_group=2, agreed=3, contested=2, seed=0)
+    model = VPL(H, latent_dim=3, hidden=8)
+    context = torch.tensor([[0, 1, 3], [5, 6, 8], [10, 11, 13], [15, 16, 18]])
+    targets = torch.tensor([[2, 4], [7, 9], [12, 14], [17, 19]])
+    torch.manual_seed(3)
+    loss, metrics = model._episode_loss(pairs, context, targets, beta_kl=0.7)
+    torch.manual_seed(3)  # the same reparameterisation noise
+    mu, logvar = model.encode(pairs.chosen[context], pairs.rejected[context])
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    batch = LatentRewardPair(
+        chosen=model.reward(pairs.chosen[targets], z[:, None]).flatten(),
+        rejected=model.reward(pairs.rejected[targets], z[:, None]).flatten(),
+        mu=mu.repeat_interleave(2, dim=0),
+        logvar=logvar.repeat_interleave(2, dim=0),
+        pairs_per_latent=2.0,
+    )
+    expected = vpl_elbo(batch, beta_kl=0.7).loss.sum() / 4
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(metrics["kl"], gaussian_kl(mu, logvar).detach(), atol=1e-6)

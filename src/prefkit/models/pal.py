@@ -30,10 +30,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prefkit.losses.base import RewardPair
-from prefkit.losses.reward import bt
 from prefkit.models.embeddings import EmbeddedPairs, EmbeddingHead
 from prefkit.models.mixture import user_rows
 
@@ -193,7 +192,9 @@ class PAL(EmbeddingHead):
         return history
 
     def _bt_loss(self, chosen: Tensor, rejected: Tensor, weights: Tensor) -> Tensor:
-        return bt(RewardPair(self.reward(chosen, weights), self.reward(rejected, weights))).loss
+        """Per-pair Bradley-Terry negative log-likelihood ``-log sigma(r_u(chosen) - r_u(rejected))`` (the
+        registered ``bt`` loss; written out here because models do not import losses)."""
+        return -F.logsigmoid(self.reward(chosen, weights) - self.reward(rejected, weights))
 
     def fit_new_user(
         self, pairs: EmbeddedPairs, steps: int = 100, *, lr: float = 0.1, user: str | None = None

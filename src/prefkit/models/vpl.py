@@ -12,7 +12,8 @@ Model, on fixed response embeddings (`prefkit.models.embeddings.EmbeddedPairs`):
 - reward ``r(e, z) = g([e, z])``, an MLP on the response embedding and the latent;
 - ``P(a > b | z) = sigmoid(r(e_a, z) - r(e_b, z))``;
 - training maximises the ELBO per user, ``E_{z ~ q}[sum_targets log P(y | z)] - beta_kl * KL(q || N(0, I))``,
-  with ``z`` reparameterised; the loss is the registered ``vpl_elbo`` (`prefkit.losses.variational`).
+  with ``z`` reparameterised; the same objective is the registered loss ``vpl_elbo``
+  (`prefkit.losses.variational`), for trainers.
 
 Posterior collapse (the encoder ignores the context, ``q = prior``, every user gets the same reward)
 shows in two logged numbers: the KL and the number of *active* latent units, those whose posterior
@@ -30,10 +31,10 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from prefkit.losses.variational import LatentRewardPair, vpl_elbo
 from prefkit.models.embeddings import EmbeddedPairs
 
 __all__ = ["VPL", "active_units"]
@@ -169,19 +170,19 @@ class VPL(nn.Module):
         return active_units(mu, threshold)
 
     def _episode_loss(self, pairs: EmbeddedPairs, context: Tensor, targets: Tensor, beta_kl: float):
-        """Mean negative ELBO over users, and the batch's LossOutput; ``context``/``targets`` ``[U, n]`` rows."""
+        """Mean negative ELBO over users, and per-user metrics; ``context``/``targets`` ``[U, n]`` rows.
+
+        Per user: ``sum_targets -log sigma(r(e_w, z) - r(e_l, z)) + beta_kl * KL(q || N(0, I))``, the
+        registered ``vpl_elbo`` summed over the user's target pairs (written out here because models do
+        not import losses; a test checks that the two agree)."""
         mu, logvar = self.encode(pairs.chosen[context], pairs.rejected[context])
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        n_targets = targets.shape[1]
-        batch = LatentRewardPair(
-            chosen=self.reward(pairs.chosen[targets], z[:, None]).flatten(),
-            rejected=self.reward(pairs.rejected[targets], z[:, None]).flatten(),
-            mu=mu.repeat_interleave(n_targets, dim=0),
-            logvar=logvar.repeat_interleave(n_targets, dim=0),
-            pairs_per_latent=float(n_targets),
-        )
-        out = vpl_elbo(batch, beta_kl=beta_kl)
-        return out.loss.sum() / mu.shape[0], out
+        margin = self.reward(pairs.chosen[targets], z[:, None]) - self.reward(pairs.rejected[targets], z[:, None])
+        bt = -F.logsigmoid(margin)  # [U, n]
+        kl = 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar).sum(-1)  # [U]
+        loss = (bt.sum(1) + beta_kl * kl).mean()
+        metrics = {"bt": bt.detach(), "kl": kl.detach(), "accuracy": (margin > 0).float().detach()}
+        return loss, metrics
 
     def fit(
         self,
@@ -239,7 +240,7 @@ class VPL(nn.Module):
                 targets = rows.sample(slots, target_size, generator)
                 loss, out = self._episode_loss(pairs, context, targets, beta_kl)
                 if step % log_every == 0 or step == steps:
-                    history.append(self._log(step, loss, out, target_size, pairs, probe))
+                    history.append(self._log(step, loss, out, pairs, probe))
                 if step == steps:
                     break
                 optimizer.zero_grad()
@@ -247,13 +248,13 @@ class VPL(nn.Module):
                 optimizer.step()
         return history
 
-    def _log(self, step: int, loss: Tensor, out, target_size: int, pairs: EmbeddedPairs, probe: Tensor) -> dict:
+    def _log(self, step: int, loss: Tensor, out: dict, pairs: EmbeddedPairs, probe: Tensor) -> dict:
         return {
             "step": step,
             "loss": float(loss.detach()),
-            "bt": float(out.metrics["bt"].mean()),
-            "kl": float(out.metrics["kl"][::target_size].mean()),
-            "accuracy": float(out.metrics["rewards/accuracies"].mean()),
+            "bt": float(out["bt"].mean()),
+            "kl": float(out["kl"].mean()),
+            "accuracy": float(out["accuracy"].mean()),
             "active_units": self.count_active_units(pairs.chosen[probe], pairs.rejected[probe]),
         }
 
