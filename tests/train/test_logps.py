@@ -207,7 +207,7 @@ def test_full_logits_are_never_built(tiny_model, tokenizer):
     completion_logps(tiny_model, ids, am, cm)  # first call: the one-time probe runs the full forward once
 
     calls = []
-    handle = tiny_model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    handle = tiny_model.lm_head.register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape)))
     watch = _WatchVocabTensors(vocab)
     try:
         with watch:
@@ -215,7 +215,8 @@ def test_full_logits_are_never_built(tiny_model, tokenizer):
             out.sum.sum().backward()
     finally:
         handle.remove()
-    assert calls == []
+    # The LM head runs once, replaced: it returns [1, M, 1] gradient carriers, not logits.
+    assert calls == [(1, int(cm[:, 1:].sum()), 1)]
     assert watch.shapes, "the watcher saw no vocabulary-sized tensors at all"
     # Only chunk-sized [rows, V] blocks and the [V, H] weight gradient: never [N, T, V] nor [M, V].
     hidden_size = tiny_model.config.hidden_size

@@ -22,10 +22,11 @@ class ImplicitReward(nn.Module):
         policy: the trained causal LM.
         reference: the causal LM it was trained against (frozen here: eval mode, no gradients).
         beta: the loss's beta (the reward's scale; it changes no ranking).
-        chunk_size: rows of the vocabulary projection at once (`prefkit.train.logps.completion_logps`).
+        chunk_size: rows of the vocabulary projection at once, or "auto" (a memory budget), as in
+            `prefkit.train.logps.completion_logps`.
     """
 
-    def __init__(self, policy: nn.Module, reference: nn.Module, beta: float, chunk_size: int = 4096):
+    def __init__(self, policy: nn.Module, reference: nn.Module, beta: float, chunk_size: int | str = "auto"):
         super().__init__()
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta!r}")

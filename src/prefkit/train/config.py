@@ -257,9 +257,20 @@ class PreferenceConfig(TrainingArguments):
         default="keep_start",
         metadata={"help": "How an over-long completion is cut: keep_start (its first tokens) or keep_end."},
     )
-    logps_chunk_size: int = field(
-        default=4096,
-        metadata={"help": "Tokens per chunk of the log-softmax over the vocabulary (memory vs speed)."},
+    logps_chunk_size: int | str = field(
+        default="auto",
+        metadata={
+            "help": "Completion tokens per chunk of the log-softmax over the vocabulary (memory vs speed), or auto: "
+            "as many as fit logps_memory_mb, max(1, logps_memory_mb * 2^20 // (vocab_size * 4 bytes * 4 copies)). "
+            "Results do not depend on it beyond float rounding (docs/logps.md)."
+        },
+    )
+    logps_memory_mb: float = field(
+        default=256,
+        metadata={
+            "help": "With logps_chunk_size: auto, the memory budget in MiB of one chunk's [tokens, vocab] float32 "
+            "tensors (e.g. 524 tokens per chunk for a 32k vocabulary, 110 for 152k)."
+        },
     )
     share_prompt: bool = field(
         default=False,
@@ -336,8 +347,18 @@ class PreferenceConfig(TrainingArguments):
         for name in ("prompt_truncation", "completion_truncation"):
             if getattr(self, name) not in ("keep_start", "keep_end"):
                 raise ConfigError(f"{name} must be keep_start or keep_end, got {getattr(self, name)!r}")
-        if self.logps_chunk_size < 1:
-            raise ConfigError(f"logps_chunk_size must be >= 1, got {self.logps_chunk_size}")
+        if isinstance(self.logps_chunk_size, str) and self.logps_chunk_size.strip().isdigit():
+            self.logps_chunk_size = int(self.logps_chunk_size)
+        if self.logps_chunk_size != "auto" and (
+            isinstance(self.logps_chunk_size, bool)
+            or not isinstance(self.logps_chunk_size, int)
+            or self.logps_chunk_size < 1
+        ):
+            raise ConfigError(f"logps_chunk_size must be an integer >= 1 or auto, got {self.logps_chunk_size!r}")
+        if isinstance(self.logps_memory_mb, bool) or not (
+            isinstance(self.logps_memory_mb, (int, float)) and 0 < self.logps_memory_mb < float("inf")
+        ):
+            raise ConfigError(f"logps_memory_mb must be a positive number, got {self.logps_memory_mb!r}")
         # Validate loss names / params now, so a typo fails before any model is loaded.
         from prefkit.losses.combine import resolve_loss_params
 
@@ -415,6 +436,7 @@ PREFKIT_TRAIN_FIELDS = (
     "prompt_truncation",
     "completion_truncation",
     "logps_chunk_size",
+    "logps_memory_mb",
     "share_prompt",
     "precompute_ref_logps",
     "reference_cache_dir",

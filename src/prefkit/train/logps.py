@@ -3,26 +3,32 @@
 Every preference method scores completions under a causal LM: for each row of a batch, the sum of
 ``log p(token_t | tokens_<t)`` over the completion tokens. The obvious way — run the model, take
 ``log_softmax`` of the full logits, gather — materialises a ``[N, T, V]`` tensor (and its gradient),
-which dominates memory for modern vocabularies. This module avoids it:
+which dominates memory for modern vocabularies. This module avoids it while still running the
+model's own ``forward`` (and so any DDP / FSDP / DeepSpeed wrapper's forward around it):
 
-1. The model's *decoder* (the backbone under the LM head, reached with ``get_decoder()``) is run to
-   its final hidden states ``[N, T, H]``.
-2. Only the rows that predict a completion token are kept (the hidden state at ``t - 1`` predicts
-   token ``t``), giving ``[M, H]`` with ``M`` = number of completion tokens. Prompt and padding
-   positions are never projected to the vocabulary.
-3. :func:`chunked_token_logps` projects ``chunk_size`` rows at a time against the output-embedding
-   weight, takes the log-softmax of the target token in float32, and keeps only ``[M]`` numbers.
-   Its backward pass recomputes each chunk's logits and accumulates the gradients of the hidden
-   states and of the weight chunk by chunk, so peak extra memory is ``O(chunk_size * V)`` in both
-   directions.
+1. For the duration of one call, the forward of the model's output embedding (the LM head, an
+   ``nn.Linear``) is replaced by a function that receives the final hidden states ``[N, T, H]``
+   inside the real forward, keeps only the ``M`` rows that predict a completion token (the hidden
+   state at ``t - 1`` predicts token ``t``) and scores them with :func:`chunked_token_logps`,
+   reading the head's weight at that moment (when FSDP / ZeRO-3 have gathered it).
+2. :func:`chunked_token_logps` projects ``chunk_size`` rows at a time against the weight, takes the
+   log-softmax of the target token in float32 and keeps only ``[M]`` numbers. Its backward pass
+   recomputes each chunk's logits and accumulates the gradients of the hidden states and of the
+   weight chunk by chunk, so peak extra memory is ``O(chunk_size * V)`` in both directions.
+   ``chunk_size="auto"`` picks the rows per chunk from a memory budget (:func:`auto_chunk_size`).
+3. The head returns ``[1, M, 1]`` zeros that carry the log-probs' gradient (``(logp - logp.detach())
+   / slope``). They leave the model as ``.logits`` (so wrappers see the gradient path through the
+   forward's output); the engine adds the detached log-probs back. Whatever the forward does to its
+   logits after the head (a scale or soft-cap) maps 0 to 0, and the division by its slope at 0
+   makes the gradient exact.
 
 Final-logit transforms that some architectures apply after the LM head are reproduced exactly:
 soft-capping (``final_logit_softcapping``, ``logits_soft_cap``: ``cap * tanh(z / cap)``) and scaling
 (``logit_scale`` in the Cohere family, ``logits_scaling`` for the architectures whose meaning of it
 is known). Other known transforms raise ``NotImplementedError`` naming the config field. As a guard
 against transforms this module does not know about, the first call for each model compares the
-engine with the model's own ``forward`` on a short probe (at most 16 tokens of the batch) and
-raises ``NotImplementedError`` if the two disagree.
+engine with the model's own logits on a short probe (at most 16 tokens of the batch) and raises
+``NotImplementedError`` if the two disagree.
 
 Prefix sharing (:func:`shared_prefix_logps`): the ``K`` completions of one prompt are packed into one
 row ``[prompt][completion 1]...[completion K]`` with ``position_ids`` restarting after the prompt and
@@ -36,12 +42,22 @@ import contextlib
 import inspect
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LogpOutput", "chunked_token_logps", "completion_logps", "shared_prefix_logps", "shared_prefix_mask"]
+__all__ = [
+    "DEFAULT_MEMORY_MB",
+    "LogpOutput",
+    "auto_chunk_size",
+    "chunked_token_logps",
+    "completion_logps",
+    "shared_prefix_logps",
+    "shared_prefix_mask",
+]
 
 
 @dataclass
@@ -63,8 +79,13 @@ class LogpOutput:
 
 
 # --------------------------------------------------------------------------------------------
-# Chunked log-softmax of target tokens
+# Rows per chunk from a memory budget
 # --------------------------------------------------------------------------------------------
+
+DEFAULT_MEMORY_MB = 256
+# Vocabulary-wide rows alive at once per chunk row in the worst case (the backward pass of a
+# soft-capped model: the logits, their softmax, and two temporaries of the soft-cap's slope).
+_LOGIT_COPIES = 4
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,13 +93,51 @@ def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(
-    h: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None
-) -> Tensor:
+def auto_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
+    """Rows per chunk whose logits fit in ``memory_mb``: ``max(1, memory_mb * 2**20 // (V * bytes * 4))``.
+
+    ``bytes`` is the size of one element of the softmax dtype (4: float32, for float32, bfloat16 and
+    float16 models alike; 8 for float64) and 4 the number of ``[rows, V]`` float tensors the engine
+    holds at once in the worst case. E.g. ``V = 32000`` and 256 MB: 524 rows; ``V = 151936``: 110.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, (int, float)) or not memory_mb > 0:
+        raise ValueError(f"memory_mb must be a positive number, got {memory_mb!r}")
+    if not math.isfinite(memory_mb):
+        raise ValueError(f"memory_mb must be finite, got {memory_mb!r}")
+    row_bytes = vocab_size * _float_dtype(dtype).itemsize * _LOGIT_COPIES
+    return max(1, int(memory_mb * 2**20) // row_bytes)
+
+
+def _chunk_rows(chunk_size: int | str, memory_mb: float, vocab_size: int, dtype: torch.dtype) -> int:
+    """``chunk_size`` itself, or with ``"auto"`` :func:`auto_chunk_size`."""
+    if chunk_size == "auto":
+        return auto_chunk_size(vocab_size, dtype, memory_mb)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or 'auto', got {chunk_size!r}")
+    return chunk_size
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked log-softmax of target tokens
+# --------------------------------------------------------------------------------------------
+
+
+def _matmul_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of the vocabulary matmul: the weight's, or autocast's where autocast is on for its
+    device and would cast an ``nn.Linear`` (every float dtype but float64)."""
+    device = weight.device.type
+    if weight.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None) -> Tensor:
     """Final logits of the rows ``h`` ``[C, H]``: ``softcap(scale * (h @ W.T + b))``, float32+.
 
-    The matmul runs in the weight's dtype (as ``nn.Linear`` would; the weight is never copied),
-    everything after it in :func:`_float_dtype`.
+    The matmul runs in the weight's dtype (as ``nn.Linear`` would), everything after it in
+    :func:`_float_dtype`.
     """
     fdt = _float_dtype(weight.dtype)
     z = (h.to(weight.dtype) @ weight.t()).to(fdt)
@@ -92,11 +151,16 @@ def _chunk_logits(
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """``log_softmax(softcap(scale * (hidden @ W.T + b)))[target]`` row by row, chunked both ways."""
+    """``log_softmax(softcap(scale * (hidden @ W.T + b)))[target]`` row by row, chunked both ways.
+
+    The matmuls run in ``mm_dtype`` (the weight's dtype, or autocast's), the softmax in float32
+    (float64 for float64 weights); autocast is off inside, so these dtypes hold in both passes.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, want_logsumsq):
-        fdt = _float_dtype(weight.dtype)
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, want_logsumsq, mm_dtype):
+        w = weight.to(mm_dtype)
+        fdt = _float_dtype(w.dtype)
         m = hidden.shape[0]
         logp = torch.empty(m, dtype=fdt, device=hidden.device)
         lse = torch.empty(m, dtype=fdt, device=hidden.device)
@@ -104,7 +168,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for s in range(0, m, chunk_size):
                 e = min(s + chunk_size, m)
-                z = _chunk_logits(hidden[s:e], weight, bias, scale, softcap)
+                z = _chunk_logits(hidden[s:e], w, bias, scale, softcap)
                 lse_c = torch.logsumexp(z, dim=-1)
                 lse[s:e] = lse_c
                 logp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse_c
@@ -112,7 +176,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                     # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
                     lss[s:e] = torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse_c
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        ctx.chunk_size, ctx.scale, ctx.softcap, ctx.mm_dtype = chunk_size, scale, softcap, mm_dtype
         ctx.mark_non_differentiable(lss)
         return logp, lss
 
@@ -122,7 +186,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk_size, scale, softcap = ctx.chunk_size, ctx.scale, ctx.softcap
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        fdt = _float_dtype(weight.dtype)
+        w = weight.to(ctx.mm_dtype)
+        fdt = _float_dtype(w.dtype)
         m = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
         # Accumulate the weight's gradient in float32 (float64 for float64 weights) across chunks.
@@ -133,7 +198,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 e = min(s + chunk_size, m)
                 h = hidden[s:e]
                 g = grad_logp[s:e].to(fdt)
-                z = _chunk_logits(h, weight, bias, scale, softcap)
+                z = _chunk_logits(h, w, bias, scale, softcap)
                 # d logp / d z = onehot(target) - softmax(z); times the incoming gradient.
                 dz = torch.exp(z - lse[s:e, None])
                 dz.mul_(-g[:, None])
@@ -145,17 +210,20 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                     dz.mul_(scale)
                 del z
                 # dz is now d/d(h @ W.T + b) for this chunk.
-                if need_h:
-                    grad_h[s:e] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
-                if need_w:
-                    grad_w.addmm_(dz.t(), h.to(fdt))
                 if need_b:
                     grad_b.add_(dz.sum(0))
+                dz = dz.to(w.dtype)
+                if need_h:
+                    grad_h[s:e] = (dz @ w).to(hidden.dtype)
+                if need_w and w.dtype == fdt:
+                    grad_w.addmm_(dz.t(), h.to(fdt))
+                elif need_w:  # a low-precision matmul (as nn.Linear's backward), accumulated in float32
+                    grad_w.add_(dz.t() @ h.to(w.dtype))
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def chunked_token_logps(
@@ -164,7 +232,8 @@ def chunked_token_logps(
     targets: Tensor,
     bias: Tensor | None = None,
     *,
-    chunk_size: int = 4096,
+    chunk_size: int | str = "auto",
+    memory_mb: float = DEFAULT_MEMORY_MB,
     logit_scale: float = 1.0,
     softcap: float | None = None,
     return_logsumsq: bool = False,
@@ -177,12 +246,17 @@ def chunked_token_logps(
     chunk's logits and accumulates the gradients of ``hidden``, ``weight`` and ``bias`` chunk by
     chunk (so it is chunked too; the result is not twice differentiable).
 
+    The matmuls run in the weight's dtype, or, inside an autocast region for the weight's device,
+    in autocast's dtype (as ``nn.Linear`` would; forward and backward alike). The log-softmax always
+    runs in float32 (float64 for a float64 weight).
+
     Args:
         hidden: ``[M, H]`` hidden states (any float dtype).
-        weight: ``[V, H]`` output-embedding weight; the matmul runs in its dtype.
+        weight: ``[V, H]`` output-embedding weight.
         targets: ``[M]`` long token ids in ``[0, V)``.
         bias: optional ``[V]`` output bias.
-        chunk_size: rows per chunk (>= 1).
+        chunk_size: rows per chunk (>= 1), or ``"auto"``: :func:`auto_chunk_size` of ``V`` and ``memory_mb``.
+        memory_mb: with ``chunk_size="auto"``, the budget for one chunk's ``[rows, V]`` float tensors.
         logit_scale: multiplies the logits before soft-capping.
         softcap: soft-capping value (> 0) or None.
         return_logsumsq: also return ``log sum_v softmax(z)_v^2`` per row (detached).
@@ -198,7 +272,7 @@ def chunked_token_logps(
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden size mismatch: hidden is {tuple(hidden.shape)}, weight is {tuple(weight.shape)} "
-            "(a sharded or partitioned weight, e.g. DeepSpeed ZeRO-3, is not supported)"
+            "(a weight read while sharded or partitioned, e.g. outside an FSDP / ZeRO-3 forward?)"
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be [M] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
@@ -206,8 +280,7 @@ def chunked_token_logps(
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    rows = _chunk_rows(chunk_size, memory_mb, weight.shape[0], weight.dtype)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive or None, got {softcap!r}")
     if not math.isfinite(logit_scale) or logit_scale == 0:
@@ -221,16 +294,17 @@ def chunked_token_logps(
         weight,
         bias,
         targets.long(),
-        chunk_size,
+        rows,
         float(logit_scale),
         None if softcap is None else float(softcap),
         bool(return_logsumsq),
+        _matmul_dtype(weight),
     )
     return (logp, lss) if return_logsumsq else logp
 
 
 # --------------------------------------------------------------------------------------------
-# Finding the decoder, the output embedding and the logit transforms of a model
+# Finding the causal LM under its wrappers, its output embedding and its logit transforms
 # --------------------------------------------------------------------------------------------
 
 # Config fields that transform the logits in ways this engine does not reproduce.
@@ -249,7 +323,8 @@ _TRANSFORM_FIELDS = (
     "logits_scaling",
     *_UNSUPPORTED_FIELDS,
 )
-# ``logits_scaling`` means different things in different architectures: model_type -> factor(value).
+# ``logits_scaling`` means different things in different architectures: model_type -> the factor
+# the forward applies to the LM head's output, as a function of the value.
 _LOGITS_SCALING = {
     "granite": lambda s: 1.0 / s,  # logits / s
     "granite_swa": lambda s: 1.0 / s,
@@ -257,53 +332,47 @@ _LOGITS_SCALING = {
     "granitemoe_swa": lambda s: 1.0 / s,
     "granitemoehybrid": lambda s: 1.0 / s,
     "granitemoeshared": lambda s: 1.0 / s,
-    "minicpm3": lambda s: 1.0 / s,  # hidden / s before a bias-free head == logits / s
+    "minicpm3": lambda s: 1.0,  # divides the hidden states before the head: the head receives them divided
     "hyperclovax": lambda s: s,  # logits * s
 }
 
 
 @dataclass
 class _Head:
-    """How to get from token ids to final logits for one model."""
+    """The output embedding of a causal LM and the transform its forward applies to the head's output."""
 
-    decoder: nn.Module
-    weight: Tensor
-    bias: Tensor | None
+    module: nn.Linear
     scale: float
     softcap: float | None
 
 
-def _wrapper_error(model: nn.Module) -> str | None:
-    """A reason why ``model`` cannot be scored by calling its decoder directly, or None."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return (
-            f"{type(model).__name__}-wrapped models are not supported: the engine calls the decoder and the "
-            "output embedding directly, which bypasses the wrapper's forward (and with it DDP's gradient "
-            "synchronisation). Pass the unwrapped model only where no gradients need synchronising "
-            "(e.g. a frozen reference model)."
-        )
-    if any(c.__module__.startswith("deepspeed") for c in type(model).__mro__):
-        return (
-            f"{type(model).__name__} (DeepSpeed engine) is not supported: the engine calls the decoder and the "
-            "output embedding directly, bypassing the engine's forward and its parameter gathering."
-        )
-    if torch.distributed.is_available():
-        fsdp_types: tuple[type, ...] = ()
-        try:
-            from torch.distributed.fsdp import FullyShardedDataParallel
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("deepspeed") for c in type(model).__mro__) and hasattr(model, "module")
 
-            fsdp_types += (FullyShardedDataParallel,)
-            from torch.distributed.fsdp import FSDPModule
 
-            fsdp_types += (FSDPModule,)
-        except ImportError:
-            pass
-        if fsdp_types and any(isinstance(m, fsdp_types) for m in model.modules()):
-            return (
-                "FSDP-sharded models are not supported: the engine reads the output-embedding weight outside "
-                "the root module's forward, where FSDP keeps it sharded."
+def _is_fsdp_wrapper(model: nn.Module) -> bool:
+    """A ``FullyShardedDataParallel`` (FSDP1) wrapper; FSDP2's ``fully_shard`` wraps nothing."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP / FSDP / DeepSpeed wrappers (whose forward the engine calls)."""
+    while True:
+        if isinstance(model, nn.DataParallel):
+            raise NotImplementedError(
+                "DataParallel-wrapped models are not supported: its replicas would call the replaced LM head of the "
+                "original module. Use DistributedDataParallel (e.g. through accelerate)."
             )
-    return None
+        if isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model):
+            model = model.module
+        elif _is_fsdp_wrapper(model):
+            model = model.module
+        else:
+            return model
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -317,16 +386,25 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     cfg = model.active_peft_config
     if cfg.is_prompt_learning:
         raise NotImplementedError(
-            f"PEFT {cfg.peft_type} (prompt learning) is not supported: its virtual tokens are added in "
-            "PeftModel.forward, which the engine does not call. Use an adapter method such as LoRA."
+            f"PEFT {cfg.peft_type} (prompt learning) is not supported: it prepends virtual tokens to the "
+            "sequence, so positions no longer match input_ids. Use an adapter method such as LoRA."
         )
     if str(cfg.peft_type).split(".")[-1] == "POLY":
         raise NotImplementedError(
-            "PEFT POLY is not supported: it needs task_ids passed through PeftModel.forward."
+            "PEFT POLY is not supported: it needs task_ids, which completion_logps does not pass."
         )
-    if getattr(cfg, "alora_invocation_tokens", None) is not None:
-        raise NotImplementedError("PEFT aLoRA is not supported: its offsets are set up in PeftModel.forward.")
     return model.get_base_model()
+
+
+def _module_class(module: nn.Module) -> type:
+    """``module``'s class, seen through the subclass FSDP2's ``fully_shard`` gives it."""
+    cls = type(module)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if cls.__bases__[:1] == (FSDPModule,) and len(cls.__bases__) == 2:
+            return cls.__bases__[1]
+    return cls
 
 
 def _output_module(lm: nn.Module) -> nn.Linear:
@@ -343,35 +421,27 @@ def _output_module(lm: nn.Module) -> nn.Linear:
         ModulesToSaveWrapper = ()
     if ModulesToSaveWrapper and isinstance(head, ModulesToSaveWrapper):
         # Mirrors ModulesToSaveWrapper.forward: the first active adapter's copy, or the original.
-        if (
-            head.disable_adapters
-            or not head.active_adapters
-            or head.active_adapters[0] not in head.modules_to_save
-        ):
+        if head.disable_adapters or not head.active_adapters or head.active_adapters[0] not in head.modules_to_save:
             head = head.original_module
         else:
             head = head.modules_to_save[head.active_adapters[0]]
-    if type(head) is not nn.Linear:
+    if _module_class(head) is not nn.Linear:
         raise NotImplementedError(
             f"the output embedding is a {type(head).__module__}.{type(head).__name__}, not a plain torch.nn.Linear "
-            "(e.g. a LoRA adapter or a quantized layer on lm_head); the engine reads its .weight directly and "
-            "would ignore whatever else its forward does"
+            "(e.g. a LoRA adapter or a quantized layer on lm_head); the engine replaces its forward with a "
+            "projection by its .weight and would ignore whatever else its forward does"
         )
-    if hasattr(head.weight, "ds_id"):
-        raise NotImplementedError("DeepSpeed ZeRO-3 partitioned output embeddings are not supported")
     return head
 
 
 def _logit_transform(lm: nn.Module) -> tuple[float, float | None]:
-    """``(scale, softcap)`` applied to the LM head's output by ``lm``'s forward, from its config."""
+    """``(scale, softcap)`` that ``lm``'s forward applies to the LM head's output, from its config."""
     config = lm.config
     found = {f: getattr(config, f, None) for f in _TRANSFORM_FIELDS}
     found = {f: v for f, v in found.items() if v is not None}
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text_config is not config:
-        nested = [
-            f for f in _TRANSFORM_FIELDS if getattr(text_config, f, None) is not None and f not in found
-        ]
+        nested = [f for f in _TRANSFORM_FIELDS if getattr(text_config, f, None) is not None and f not in found]
         if nested:
             raise NotImplementedError(
                 f"{type(lm).__name__}: its text config sets {nested}, and whether the wrapper's forward "
@@ -379,9 +449,7 @@ def _logit_transform(lm: nn.Module) -> tuple[float, float | None]:
             )
     for field, what in _UNSUPPORTED_FIELDS.items():
         if field in found:
-            raise NotImplementedError(
-                f"config.{field} = {found[field]!r} {what}; not supported by completion_logps"
-            )
+            raise NotImplementedError(f"config.{field} = {found[field]!r} {what}; not supported by completion_logps")
     scale = 1.0
     if "logit_scale" in found:
         # The Cohere family copies config.logit_scale onto the module and multiplies by the copy.
@@ -406,45 +474,69 @@ def _logit_transform(lm: nn.Module) -> tuple[float, float | None]:
     return scale, softcap
 
 
-def _resolve_head(model: nn.Module) -> _Head:
-    """Decoder, output weight/bias and logit transform of ``model`` (a causal LM, maybe PEFT-wrapped)."""
-    reason = _wrapper_error(model)
-    if reason:
-        raise NotImplementedError(reason)
-    lm = _unwrap_peft(model)
-    if not hasattr(lm, "get_decoder") or not hasattr(lm, "config"):
-        raise NotImplementedError(
-            f"{type(lm).__name__} is not a transformers causal LM (no get_decoder/config); completion_logps "
-            "needs one"
-        )
-    head = _output_module(lm)
-    decoder = lm.get_decoder()
-    if decoder is lm or decoder is None:
-        raise NotImplementedError(
-            f"{type(lm).__name__}.get_decoder() does not return a separate backbone, so the engine cannot run "
-            "the model up to its final hidden states without the LM head"
-        )
-    scale, softcap = _logit_transform(lm)
-    if head.bias is not None and getattr(lm.config, "model_type", None) == "minicpm3" and scale != 1.0:
-        raise NotImplementedError("minicpm3 scales the hidden states before a biased LM head; not supported")
-    return _Head(decoder, head.weight, head.bias, scale, softcap)
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM under ``model``'s DDP / FSDP / DeepSpeed and PEFT wrappers."""
+    lm = _unwrap_peft(_unwrap(model))
+    if not hasattr(lm, "config"):
+        raise NotImplementedError(f"{type(lm).__name__} is not a transformers causal LM (no config)")
+    return lm
 
 
-def _final_hidden(
-    decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+def _resolve_head(lm: nn.Module) -> _Head:
+    """Output embedding and logit transform of the causal LM ``lm``."""
+    return _Head(_output_module(lm), *_logit_transform(lm))
+
+
+@contextlib.contextmanager
+def _head_replaced(module: nn.Module, forward: Callable[[Tensor], Tensor]):
+    """``module(x)`` calls ``forward(x)`` inside the block (module hooks still run); restored after."""
+    saved = vars(module).get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def _through_forward(
+    model: nn.Module, head: _Head, inputs: dict[str, Tensor], on_hidden: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """The decoder's last hidden states ``[N, T, H]`` (``attention_mask`` 2-D, or 4-D with ``position_ids``)."""
-    extra = {} if position_ids is None else {"position_ids": position_ids}
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        raise NotImplementedError(f"{type(decoder).__name__} returned no last_hidden_state")
-    if hidden.shape[:2] != input_ids.shape:
+    """``model(**inputs, use_cache=False).logits`` with the LM head replaced by ``on_hidden``.
+
+    ``on_hidden`` gets the head's input, the final hidden states ``[N, T, H]``, inside the model's
+    forward (and so inside any wrapper's forward); what it returns comes out as ``.logits`` after the
+    forward's own logit transform.
+    """
+    shape = tuple(inputs["input_ids"].shape)
+    calls = []
+
+    def forward(hidden: Tensor) -> Tensor:
+        if tuple(hidden.shape[:2]) != shape:
+            raise NotImplementedError(
+                f"{type(model).__name__}'s LM head received hidden states of shape {tuple(hidden.shape)} for "
+                f"input_ids of shape {shape}; the engine needs one hidden state per input position"
+            )
+        calls.append(1)
+        return on_hidden(hidden)
+
+    with _head_replaced(head.module, forward):
+        out = model(**inputs, use_cache=False)
+    if len(calls) != 1:
         raise NotImplementedError(
-            f"{type(decoder).__name__} returned hidden states of shape {tuple(hidden.shape)} for input_ids of "
-            f"shape {tuple(input_ids.shape)}; the engine needs one hidden state per input position"
+            f"{type(model).__name__}'s forward called its LM head {len(calls)} times; the engine needs exactly one call"
         )
-    return hidden
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise NotImplementedError(f"{type(model).__name__}'s forward returned no .logits")
+    return logits
+
+
+def _head_logits(head: _Head, hidden: Tensor) -> Tensor:
+    """The final logits ``[C, V]`` of hidden states ``[C, H]`` (the head's weight as read now)."""
+    return _chunk_logits(hidden, head.module.weight, head.module.bias, head.scale, head.softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,47 +568,51 @@ def _max_tv(logits_a: Tensor, logits_b: Tensor) -> float:
     return 0.5 * (torch.softmax(logits_a, dim=-1) - torch.softmax(logits_b, dim=-1)).abs().sum(-1).max().item()
 
 
-def _verify_against_forward(model: nn.Module, head: _Head, input_ids: Tensor, attention_mask: Tensor) -> None:
-    """Once per model (and head), compare the engine's next-token distributions with ``model(...)``.
-
-    Runs both on up to 16 real tokens of the first non-empty row, in eval mode (so dropout does not
-    differ between the two) and without gradients, then restores every module's training flag.
-    Raises ``NotImplementedError`` if the distributions differ by more than numerical noise, i.e.
-    the model's forward does something between the decoder and the logits that the engine does not.
-    """
-    key = (id(head.weight), id(head.bias), head.scale, head.softcap)
+def _first_check(model: nn.Module, head: _Head, what: str) -> tuple[set, tuple] | None:
+    """``(done, key)`` if check ``what`` has not yet run for ``model`` and this head, else None."""
+    key = (what, id(head.module), head.scale, head.softcap)
     done = _verified.setdefault(model, set())
-    if key in done:
+    return None if key in done else (done, key)
+
+
+def _verify_against_forward(model: nn.Module, head: _Head, input_ids: Tensor) -> None:
+    """Once per model (and head), compare the engine's next-token distributions with ``model(...)``'s.
+
+    Runs the model's forward on the first 16 tokens of the first row (whatever the masks say: any
+    tokens do, and every process of a distributed run makes the same calls) in eval mode, without
+    gradients, and compares its logits with the engine's transform of the hidden states the LM head
+    received. Raises ``NotImplementedError`` if the distributions differ by more than numerical
+    noise, i.e. the forward does something to the logits after the head that the engine does not.
+    """
+    first = _first_check(model, head, "forward")
+    if first is None or input_ids.numel() == 0:
         return
-    probe = None
-    for row, mask in zip(input_ids, attention_mask):
-        real = row[mask.bool()][:_PROBE_TOKENS]
-        if real.numel():
-            probe = real[None]
-            break
-    if probe is None:
-        return  # nothing to compare on; check at the next call
-    ones = torch.ones_like(probe)
+    probe = input_ids[:1, :_PROBE_TOKENS]
+    ours = []
+    # The head's own forward: an instance attribute (e.g. an accelerate hook) or its class's.
+    own_forward = vars(head.module).get("forward") or type(head.module).forward.__get__(head.module)
+
+    def on_hidden(hidden: Tensor) -> Tensor:
+        ours.append(_head_logits(head, hidden[0]))
+        return own_forward(hidden)
+
     with _eval_no_grad(model):
-        out = model(input_ids=probe, attention_mask=ones, use_cache=False)
-        ref = getattr(out, "logits", None)
-        hidden = _final_hidden(head.decoder, probe, ones)[0]
-        ours = _chunk_logits(hidden, head.weight, head.bias, head.scale, head.softcap)
+        ref = _through_forward(model, head, {"input_ids": probe, "attention_mask": torch.ones_like(probe)}, on_hidden)
     name = type(model).__name__
-    if ref is None or ref.shape != (1, *ours.shape):
+    if ref.shape != (1, *ours[0].shape):
         raise NotImplementedError(
-            f"{name}'s forward returned logits of shape {None if ref is None else tuple(ref.shape)} for a "
-            f"probe of {probe.shape[1]} tokens; the engine expects [1, {probe.shape[1]}, {ours.shape[1]}]"
+            f"{name}'s forward returned logits of shape {tuple(ref.shape)} for a probe of {probe.shape[1]} "
+            f"tokens; the engine expects [1, {probe.shape[1]}, {ours[0].shape[1]}]"
         )
-    tv = _max_tv(ref[0].to(ours.dtype), ours)
-    tol = _PROBE_TOL.get(head.weight.dtype, _PROBE_TOL_LOW_PRECISION)
+    tv = _max_tv(ref[0].to(ours[0].dtype), ours[0])
+    tol = _PROBE_TOL.get(head.module.weight.dtype, _PROBE_TOL_LOW_PRECISION)
     if not tv <= tol:
         raise NotImplementedError(
             f"completion_logps does not reproduce {name}'s forward: next-token distributions differ by "
             f"total-variation distance {tv:.3g} (> {tol:g}) on a probe. The model transforms the hidden states "
             "or logits in a way the engine does not know about (e.g. an unlisted logit scale or soft-cap)."
         )
-    done.add(key)
+    first[0].add(first[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,13 +626,9 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Te
         raise ValueError(f"input_ids must be [N, T], got {tuple(input_ids.shape)}")
     for name, t in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
         if t.shape != input_ids.shape:
-            raise ValueError(
-                f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
     if input_ids.shape[1] and bool(completion_mask[:, 0].any()):
-        raise ValueError(
-            "completion_mask[:, 0] must be 0: the first position has no context to predict it from"
-        )
+        raise ValueError("completion_mask[:, 0] must be 0: the first position has no context to predict it from")
     if bool((completion_mask.bool() & ~attention_mask.bool()).any()):
         raise ValueError("completion_mask marks positions where attention_mask is 0")
 
@@ -547,7 +639,8 @@ def completion_logps(
     attention_mask: Tensor,
     completion_mask: Tensor,
     *,
-    chunk_size: int = 4096,
+    chunk_size: int | str = "auto",
+    memory_mb: float = DEFAULT_MEMORY_MB,
     per_token: bool = False,
     logsumsq: bool = False,
 ) -> LogpOutput:
@@ -556,75 +649,101 @@ def completion_logps(
     For each row ``i`` and each position ``t`` with ``completion_mask[i, t] == 1``, computes
     ``log p(input_ids[i, t] | input_ids[i, :t])`` under ``model``, exactly as
     ``log_softmax(model(input_ids, attention_mask).logits)`` would give it, but without the
-    ``[N, T, V]`` logits: the decoder runs to its final hidden states, the ``M`` rows that predict
-    completion tokens are gathered, and :func:`chunked_token_logps` scores them ``chunk_size`` rows
-    at a time (forward and backward). Gradients flow to every parameter that influences the result.
+    ``[N, T, V]`` logits: ``model``'s own forward runs with its LM head replaced, for this call, by
+    one that gathers the ``M`` hidden states predicting completion tokens and scores them with
+    :func:`chunked_token_logps` ``chunk_size`` rows at a time (forward and backward). Gradients flow
+    to every parameter that influences the result, through the forward's output.
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``), optionally PEFT-wrapped (LoRA and other
-            adapter methods; not prompt learning, not LoRA on the LM head). Tied embeddings work.
-            DDP / FSDP / DeepSpeed wrappers are rejected (see ``docs/logps.md``).
+            adapter methods; not prompt learning, not LoRA on the LM head), optionally wrapped in
+            DistributedDataParallel, FSDP or a DeepSpeed engine (whose forward is called, so gradient
+            synchronisation and parameter gathering work). Tied embeddings work.
         input_ids: ``[N, T]`` token ids (padding anywhere; padded positions are ignored).
         attention_mask: ``[N, T]``, 1 on real tokens.
         completion_mask: ``[N, T]``, 1 on the tokens to score; must be 0 at ``t = 0`` and wherever
             ``attention_mask`` is 0.
-        chunk_size: rows of the vocabulary projection computed at once; peak extra memory is about
-            ``chunk_size * V`` floats (times a small constant) in forward and in backward.
+        chunk_size: rows of the vocabulary projection computed at once, or ``"auto"``: as many as fit
+            ``memory_mb`` (:func:`auto_chunk_size`). Results do not depend on it beyond float rounding.
+        memory_mb: with ``chunk_size="auto"``, the memory budget of one chunk's ``[rows, V]`` tensors.
         per_token: also return the ``[N, T]`` per-token log-probs.
         logsumsq: also return the ``[N, T]`` detached ``log sum_v p(v | prefix)^2``.
 
     Returns:
         A :class:`LogpOutput` (float32, or float64 for a float64 model).
 
-    The first call for each model also runs the model's own forward on a probe of at most 16 tokens
-    and raises ``NotImplementedError`` if it disagrees with the engine (see the module docstring).
+    The first call for each model also runs the model's forward on a probe of at most 16 tokens
+    and raises ``NotImplementedError`` if its logits disagree with the engine's (see the module docstring).
     """
     _check_inputs(input_ids, attention_mask, completion_mask)
-    head = _resolve_head(model)
-    _verify_against_forward(model, head, input_ids, attention_mask)
-
-    hidden = _final_hidden(head.decoder, input_ids, attention_mask)
+    head = _resolve_head(_causal_lm(model))
+    _verify_against_forward(model, head, input_ids)
     # hidden[:, t - 1] predicts input_ids[:, t]; keep only the rows predicting a completion token.
     select = completion_mask[:, 1:].bool()
     rows, cols = select.nonzero(as_tuple=True)
     return _score(
+        model,
         head,
-        hidden[:, :-1][select],
+        {"input_ids": input_ids, "attention_mask": attention_mask},
+        lambda hidden: hidden[:, :-1][select],
         input_ids[:, 1:][select],
         rows,
         cols + 1,
-        input_ids.shape,
+        tuple(input_ids.shape),
         chunk_size=chunk_size,
+        memory_mb=memory_mb,
         per_token=per_token,
         logsumsq=logsumsq,
     )
 
 
 def _score(
+    model: nn.Module,
     head: _Head,
-    hidden: Tensor,
+    inputs: dict[str, Any],
+    pick: Callable[[Tensor], Tensor],
     targets: Tensor,
     rows: Tensor,
     cols: Tensor,
     shape: tuple[int, int],
     *,
-    chunk_size: int,
+    chunk_size: int | str,
+    memory_mb: float,
     per_token: bool,
     logsumsq: bool,
 ) -> LogpOutput:
-    """Score ``targets`` ``[M]`` from the ``hidden`` ``[M, H]`` that predict them; token ``m`` is
-    position ``(rows[m], cols[m])`` of the ``shape = (N, T)`` layout the output is given in."""
-    result = chunked_token_logps(
-        hidden,
-        head.weight,
-        targets,
-        head.bias,
-        chunk_size=chunk_size,
-        logit_scale=head.scale,
-        softcap=head.softcap,
-        return_logsumsq=logsumsq,
-    )
-    logp, lss = result if logsumsq else (result, None)
+    """Run ``model`` on ``inputs`` and score ``targets`` ``[M]`` from the hidden states ``pick(hidden)``
+    ``[M, H]`` that predict them; token ``m`` is position ``(rows[m], cols[m])`` of the ``shape = (N, T)``
+    layout the output is given in."""
+    found: dict[str, Tensor] = {}
+    # The slope at 0 of what the forward does to the head's output: scale, times 1 for a soft-cap.
+    slope = head.scale
+
+    def on_hidden(hidden: Tensor) -> Tensor:
+        result = chunked_token_logps(
+            pick(hidden),
+            head.module.weight,
+            targets,
+            head.module.bias,
+            chunk_size=chunk_size,
+            memory_mb=memory_mb,
+            logit_scale=head.scale,
+            softcap=head.softcap,
+            return_logsumsq=logsumsq,
+        )
+        logp, found["lss"] = result if logsumsq else (result, None)
+        found["logp"] = logp.detach()
+        # Zeros carrying logp's gradient: the forward's transform T maps them to T(0) = 0 with slope T'(0).
+        # (The division comes after the reshape so that the output is no view: FSDP2 warns about views.)
+        return (logp - found["logp"])[None, :, None] / slope
+
+    carrier = _through_forward(model, head, inputs, on_hidden)
+    if carrier.numel() != targets.numel():
+        raise NotImplementedError(
+            f"{type(model).__name__}'s forward changed the shape of its LM head's output "
+            f"({targets.numel()} values in, {tuple(carrier.shape)} out)"
+        )
+    logp = carrier.reshape(-1).to(found["logp"].dtype) + found["logp"]
     n, t = shape
     # Accumulate the per-row sums in float64 (M numbers, negligible cost): sums of hundreds of
     # float32 log-probs would otherwise carry a few ulps of summation-order error.
@@ -634,7 +753,7 @@ def _score(
     if per_token:
         out.per_token = logp.new_zeros(n, t).index_put((rows, cols), logp)
     if logsumsq:
-        out.logsumsq = lss.new_zeros(n, t).index_put((rows, cols), lss).detach()
+        out.logsumsq = found["lss"].new_zeros(n, t).index_put((rows, cols), found["lss"]).detach()
     return out
 
 
@@ -721,25 +840,25 @@ def _segment_starts(segment_ids: Tensor) -> Tensor:
     return torch.where(change, idx, 0).cummax(1).values
 
 
-def _mask_dtype(decoder: nn.Module) -> torch.dtype:
+def _mask_dtype(lm: nn.Module) -> torch.dtype:
     """Boolean for sdpa (a quarter of a float32 mask's memory), the model's float dtype for eager."""
-    if decoder.config._attn_implementation == "sdpa":
+    if lm.config._attn_implementation == "sdpa":
         return torch.bool
-    return decoder.get_input_embeddings().weight.dtype
+    return lm.get_input_embeddings().weight.dtype
 
 
-def _check_shared_model(decoder: nn.Module, position_ids: Tensor, segment_ids: Tensor) -> None:
-    """Raise unless ``decoder`` applies a custom 4-D mask and ``position_ids`` exactly."""
-    config = decoder.config
+def _check_shared_model(lm: nn.Module, position_ids: Tensor, segment_ids: Tensor) -> None:
+    """Raise unless ``lm`` applies a custom 4-D mask and ``position_ids`` exactly."""
+    config = lm.config
     impl = getattr(config, "_attn_implementation", None)
     if impl not in _MASKED_ATTENTION:
         raise NotImplementedError(
             f"share_prompt needs attention that takes a custom 4-D mask ({' or '.join(_MASKED_ATTENTION)}); the model "
             f"uses {impl!r}. Set share_prompt to false, or load the model with attn_implementation='sdpa'."
         )
-    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+    if "position_ids" not in inspect.signature(lm.forward).parameters:
         raise NotImplementedError(
-            f"share_prompt needs position_ids, which {type(decoder).__name__}.forward does not take; "
+            f"share_prompt needs position_ids, which {type(lm).__name__}.forward does not take; "
             "set share_prompt to false"
         )
     window = getattr(config, "sliding_window", None)
@@ -751,35 +870,51 @@ def _check_shared_model(decoder: nn.Module, position_ids: Tensor, segment_ids: T
         )
 
 
-def _verify_sharing(model: nn.Module, head: _Head, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor):
+def _probe_logits(model: nn.Module, head: _Head, inputs: dict[str, Tensor], positions: Tensor) -> Tensor:
+    """The engine's final logits ``[P, V]`` at ``positions`` of the one row of ``inputs``."""
+    found = []
+
+    def on_hidden(hidden: Tensor) -> Tensor:
+        found.append(_head_logits(head, hidden[0, positions]))
+        return hidden[..., :1]
+
+    _through_forward(model, head, inputs, on_hidden)
+    return found[0]
+
+
+def _verify_sharing(
+    model: nn.Module, head: _Head, lm: nn.Module, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor, k: int
+) -> None:
     """Once per model (and head), compare packed rows with unshared ones on the batch's first example.
 
-    Runs the first packed row and each of its prompt + completion rows (eval mode, no gradients)
-    and compares the next-token distributions at the first 16 tokens of every completion. Raises
-    ``NotImplementedError`` naming ``share_prompt`` if they differ by more than numerical noise
-    (a model that ignores ``position_ids`` or the 4-D mask, or changes attention in another way).
+    Runs the first packed row and each of its ``k`` prompt + completion rows (eval mode, no
+    gradients; the same number of forwards whatever the data, as every process of a distributed
+    run must) and compares the next-token distributions at the first 16 tokens of every completion.
+    Raises ``NotImplementedError`` naming ``share_prompt`` if they differ by more than numerical
+    noise (a model that ignores ``position_ids`` or the 4-D mask, or changes attention in another way).
     """
-    key = ("share_prompt", id(head.weight), id(head.bias), head.scale, head.softcap)
-    done = _verified.setdefault(model, set())
-    if key in done:
-        return
+    first = _first_check(model, head, "share_prompt")
     real = segment_ids[0] >= 0
-    ids, pos, seg = input_ids[0, real][None], position_ids[0, real][None], segment_ids[0, real][None]
-    if not bool((seg > 0).any()):
-        return  # nothing to compare on; check at the next call
+    if first is None or not bool(real.any()):
+        return
+    ids, pos, seg = input_ids[0, real][None], position_ids[0, real][None], segment_ids[0, real]
+    n_prompt = int((seg == 0).sum())
+    spans = [(seg == j).nonzero()[:_PROBE_TOKENS, 0] for j in range(1, k + 1)]
+    packed_inputs = {
+        "input_ids": ids,
+        "attention_mask": shared_prefix_mask(seg[None], _mask_dtype(lm)),
+        "position_ids": pos,
+    }
     tv = 0.0
     with _eval_no_grad(model):
-        packed = _final_hidden(head.decoder, ids, shared_prefix_mask(seg, _mask_dtype(head.decoder)), pos)[0]
-        n_prompt = int(_prompt_lengths(seg))
-        for k in seg.unique().tolist():
-            if k == 0:
-                continue
-            row = ids[(seg == 0) | (seg == k)][None]
-            alone = _final_hidden(head.decoder, row, torch.ones_like(row))[0, n_prompt : n_prompt + _PROBE_TOKENS]
-            shared = packed[seg[0] == k][:_PROBE_TOKENS]
-            logits = [_chunk_logits(h, head.weight, head.bias, head.scale, head.softcap) for h in (alone, shared)]
-            tv = max(tv, _max_tv(*logits))
-    tol = _PROBE_TOL.get(head.weight.dtype, _PROBE_TOL_LOW_PRECISION)
+        packed = _probe_logits(model, head, packed_inputs, torch.cat(spans)).split([len(s) for s in spans])
+        for j, shared in enumerate(packed, start=1):
+            row = ids[:, (seg == 0) | (seg == j)]
+            at = torch.arange(n_prompt, n_prompt + len(shared), device=ids.device)
+            alone = _probe_logits(model, head, {"input_ids": row, "attention_mask": torch.ones_like(row)}, at)
+            if len(shared):
+                tv = max(tv, _max_tv(alone, shared))
+    tol = _PROBE_TOL.get(head.module.weight.dtype, _PROBE_TOL_LOW_PRECISION)
     if not tv <= tol:
         raise NotImplementedError(
             f"share_prompt: {type(model).__name__} gives different next-token distributions for a completion "
@@ -787,7 +922,7 @@ def _verify_sharing(model: nn.Module, head: _Head, input_ids: Tensor, position_i
             f"{tv:.3g} > {tol:g}); the model does not apply position_ids or the 4-D attention mask as the packing "
             "needs. Set share_prompt to false."
         )
-    done.add(key)
+    first[0].add(first[1])
 
 
 def shared_prefix_logps(
@@ -798,7 +933,8 @@ def shared_prefix_logps(
     completion_rows: Tensor,
     completion_mask: Tensor,
     *,
-    chunk_size: int = 4096,
+    chunk_size: int | str = "auto",
+    memory_mb: float = DEFAULT_MEMORY_MB,
     per_token: bool = False,
     logsumsq: bool = False,
 ) -> LogpOutput:
@@ -808,20 +944,20 @@ def shared_prefix_logps(
     (`prefkit.data.collators.pack_shared_rows`): ``position_ids`` restart at the prompt's length on
     every completion and a block attention mask (`shared_prefix_mask`) lets each completion see the
     prompt and itself, causally, but not the other completions, so every completion token gets the
-    hidden state it would get in its own row. The decoder runs once over the ``[B, L]`` packed rows;
-    a completion's first token is predicted from the hidden state of the prompt's last token, which
-    all ``K`` completions share (it is gathered once per completion, so its gradient sums them); every
-    other token from the token before it.
+    hidden state it would get in its own row. The model runs once over the ``[B, L]`` packed rows
+    (through its own forward, as in `completion_logps`); a completion's first token is predicted from
+    the hidden state of the prompt's last token, which all ``K`` completions share (it is gathered
+    once per completion, so its gradient sums them); every other token from the token before it.
 
     Args:
-        model: a transformers causal LM with eager or sdpa attention (see `completion_logps`).
+        model: a transformers causal LM with eager or sdpa attention, maybe wrapped (see `completion_logps`).
         input_ids, position_ids: ``[B, L]`` packed rows, right-padded.
         segment_ids: ``[B, L]``: 0 on the prompt, ``k`` on completion ``k`` (1-based), -1 on padding.
         completion_rows: ``[B, K]``: the output row of example ``b``'s completion ``k`` (``k + 1`` in
             ``segment_ids``).
         completion_mask: ``[N, T]``: the completion mask of the unshared rows (completion ``k`` of
             example ``b`` is 1 in row ``completion_rows[b, k]`` at columns ``P_b .. P_b + C_bk - 1``).
-        chunk_size, per_token, logsumsq: as in `completion_logps`.
+        chunk_size, memory_mb, per_token, logsumsq: as in `completion_logps`.
 
     Returns:
         The `LogpOutput` `completion_logps` gives for the unshared ``[N, T]`` rows: ``sum`` and
@@ -833,13 +969,12 @@ def shared_prefix_logps(
     probe (as `completion_logps` checks its forward).
     """
     _check_shared_inputs(input_ids, position_ids, segment_ids, completion_rows, completion_mask)
-    head = _resolve_head(model)
-    _check_shared_model(head.decoder, position_ids, segment_ids)
-    _verify_against_forward(model, head, input_ids, (segment_ids >= 0).long())
-    _verify_sharing(model, head, input_ids, position_ids, segment_ids)
+    lm = _causal_lm(model)
+    head = _resolve_head(lm)
+    _check_shared_model(lm, position_ids, segment_ids)
+    _verify_against_forward(model, head, input_ids)
+    _verify_sharing(model, head, lm, input_ids, position_ids, segment_ids, completion_rows.shape[1])
 
-    mask = shared_prefix_mask(segment_ids, _mask_dtype(head.decoder))
-    hidden = _final_hidden(head.decoder, input_ids, mask, position_ids)
     b_idx, t_idx = (segment_ids > 0).nonzero(as_tuple=True)
     seg = segment_ids[b_idx, t_idx]
     # The predictor of a completion token: the token before it, or the prompt's last token for the first.
@@ -849,14 +984,22 @@ def shared_prefix_logps(
     width = completion_mask.shape[1]
     if bool((cols >= width).any()) or not bool(completion_mask[rows, cols.clamp(max=width - 1)].all()):
         raise ValueError("completion_mask does not mark the completion tokens of segment_ids at their positions")
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": shared_prefix_mask(segment_ids, _mask_dtype(lm)),
+        "position_ids": position_ids,
+    }
     return _score(
+        model,
         head,
-        hidden[b_idx, source],
+        inputs,
+        lambda hidden: hidden[b_idx, source],
         input_ids[b_idx, t_idx],
         rows,
         cols,
         tuple(completion_mask.shape),
         chunk_size=chunk_size,
+        memory_mb=memory_mb,
         per_token=per_token,
         logsumsq=logsumsq,
     )

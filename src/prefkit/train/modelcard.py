@@ -33,6 +33,7 @@ CARD_ARGS = (
     "max_length",
     "max_prompt_length",
     "logps_chunk_size",
+    "logps_memory_mb",
 )
 
 

@@ -191,11 +191,7 @@ class PreferenceTrainer(Trainer):
         self.run_info = dict(run_info or {})
 
         # -- tokenizer and policy ---------------------------------------------------------------
-        model_name = (
-            model
-            if isinstance(model, str)
-            else getattr(getattr(model, "config", None), "_name_or_path", None)
-        )
+        model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         if processing_class is None:
             if not isinstance(model, str):
                 raise ValueError("processing_class (the tokenizer) is required when model is a module")
@@ -230,9 +226,7 @@ class PreferenceTrainer(Trainer):
         elif ref_model is not None:
             if isinstance(ref_model, str):
                 reference = f"`{ref_model}` (frozen)"
-                ref_model = load_policy(
-                    ref_model, vocab_size=len(processing_class) if ref_model == "tiny" else None
-                )
+                ref_model = load_policy(ref_model, vocab_size=len(processing_class) if ref_model == "tiny" else None)
             else:
                 ref_name = getattr(getattr(ref_model, "config", None), "_name_or_path", "")
                 reference = f"`{ref_name or type(ref_model).__name__}` (frozen)"
@@ -257,8 +251,7 @@ class PreferenceTrainer(Trainer):
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
-                k: self._prepare_dataset(v, processing_class, args, f"eval_{k}")
-                for k, v in eval_dataset.items()
+                k: self._prepare_dataset(v, processing_class, args, f"eval_{k}") for k, v in eval_dataset.items()
             }
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
@@ -296,12 +289,6 @@ class PreferenceTrainer(Trainer):
         # compute_loss returns a per-batch mean: transformers divides it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
 
-        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "PreferenceTrainer runs in a single process for now: prefkit.train.logps.completion_logps "
-                "calls the decoder directly and rejects DDP/FSDP/DeepSpeed-wrapped models (their gradient "
-                "synchronisation would be bypassed). Use one device."
-            )
         if args.precompute_ref_logps:
             self._precompute_reference()
         if self.ref_model is not None:
@@ -389,8 +376,7 @@ class PreferenceTrainer(Trainer):
                 dataset = dataset.add_column(ID_COLUMN, [_str_or_none(records[i].id) for i in kept])
             return dataset
         raise TypeError(
-            f"{name} dataset must be a list of records or a tokenized datasets.Dataset, "
-            f"got {type(data).__name__}"
+            f"{name} dataset must be a list of records or a tokenized datasets.Dataset, got {type(data).__name__}"
         )
 
     # ------------------------------------------------------------------------------------------
@@ -521,9 +507,11 @@ class PreferenceTrainer(Trainer):
         tokens: bool,
         logsumsq: bool = False,
     ):
-        return completion_logps(
-            model, ids, attn, comp, chunk_size=self.args.logps_chunk_size, per_token=tokens, logsumsq=logsumsq
-        )
+        return completion_logps(model, ids, attn, comp, per_token=tokens, logsumsq=logsumsq, **self._chunking())
+
+    def _chunking(self) -> dict[str, Any]:
+        """The engine's chunking options from the config."""
+        return {"chunk_size": self.args.logps_chunk_size, "memory_mb": self.args.logps_memory_mb}
 
     def _pair_logps(self, model: nn.Module, inputs: dict[str, Any], *, tokens: bool, logsumsq: bool = False):
         """Log-probs of a pairwise batch's ``2B`` rows; with ``share_prompt``, one pass per prompt."""
@@ -536,9 +524,7 @@ class PreferenceTrainer(Trainer):
                 f"share_prompt is on but the batch lacks {missing}; use PairwiseCollator(pad_id, share_prompt=True)"
             )
         packed = {k: inputs[k] for k in SHARED_PREFIX_KEYS}
-        return shared_prefix_logps(
-            model, **packed, chunk_size=self.args.logps_chunk_size, per_token=tokens, logsumsq=logsumsq
-        )
+        return shared_prefix_logps(model, **packed, per_token=tokens, logsumsq=logsumsq, **self._chunking())
 
     @contextlib.contextmanager
     def _reference(self, model: nn.Module):
@@ -685,9 +671,7 @@ class PreferenceTrainer(Trainer):
         if ids is not None:
             parts.append(f" Example ids: {ids}.")
         bad_components = [
-            k[len("loss/") :]
-            for k, v in metrics.items()
-            if k.startswith("loss/") and not torch.isfinite(v).all()
+            k[len("loss/") :] for k, v in metrics.items() if k.startswith("loss/") and not torch.isfinite(v).all()
         ]
         if bad_components:
             parts.append(f" Non-finite loss component(s): {', '.join(bad_components)}.")
@@ -806,9 +790,9 @@ class PreferenceTrainer(Trainer):
             return
         with open(os.path.join(staged, STATE_FILE), "w", encoding="utf-8") as fh:
             json.dump(self.prefkit_state(), fh)
-        if self.state.best_model_checkpoint and os.path.abspath(
-            self.state.best_model_checkpoint
-        ) == os.path.abspath(staged):
+        if self.state.best_model_checkpoint and os.path.abspath(self.state.best_model_checkpoint) == os.path.abspath(
+            staged
+        ):
             self.state.best_model_checkpoint = final
             self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
         _fsync_tree(staged)
@@ -910,11 +894,7 @@ class PreferenceTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call=_internal_call)
         target = os.path.abspath(output_dir or self.args.output_dir)
-        if (
-            not _internal_call
-            and target == os.path.abspath(self.args.output_dir)
-            and self.state.global_step > 0
-        ):
+        if not _internal_call and target == os.path.abspath(self.args.output_dir) and self.state.global_step > 0:
             self.create_model_card()  # PEFT's save_pretrained writes its own README.md there
 
     def create_model_card(self, *args, **kwargs):
