@@ -97,7 +97,7 @@ def reward_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
             f"input_ids and attention_mask must both be [N, T]; got {tuple(input_ids.shape)} and "
             f"{tuple(attention_mask.shape)}"
         )
-    pad_id = model.config.get_text_config().pad_token_id
+    pad_id = _config(model).get_text_config().pad_token_id
     padded = bool((attention_mask == 0).any())
     if pad_id is None:
         if padded:
@@ -108,6 +108,14 @@ def reward_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
         rows = [_logits(model, input_ids[i : i + 1], attention_mask[i : i + 1]) for i in range(input_ids.shape[0])]
         return torch.cat(rows)
     return _logits(model, input_ids.masked_fill(attention_mask == 0, pad_id), attention_mask)
+
+
+def _config(model: nn.Module):
+    """``model.config``; for a DDP / FSDP / DeepSpeed wrapper (which has none), its inner module's.
+    The wrapper itself is what runs the forward, so its gradient synchronisation is kept."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model.config
 
 
 def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

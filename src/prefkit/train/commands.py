@@ -216,8 +216,12 @@ def _build_judge(config: RunConfig, load_kwargs: dict[str, Any]):
 
 def train_from_config(config: RunConfig, resume: str | bool | None = None, callbacks=None) -> TrainingRun:
     """Run a whole training job from a `RunConfig` (what `prefkit train` does)."""
-    out = _prepare_output_dir(config, resume)
-    write_config(config, out / "config.yaml")
+    args = config.train
+    # Under a multi-process launch (accelerate) the saving process prepares output_dir; the others wait.
+    with args.main_process_first(local=args.save_on_each_node, desc="preparing output_dir"):
+        if args.should_save:
+            write_config(config, _prepare_output_dir(config, resume) / "config.yaml")
+    out = Path(args.output_dir)
     train_records, eval_records, description = load_run_data(config)
     trainer = build_trainer(config, train_records, eval_records, data_description=description, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -270,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"prefkit train: stopped: {err}", file=sys.stderr)
         return 1
+    if not run_.trainer.is_world_process_zero():
+        return 0
     out = run_.output_dir
     acc = run_.eval_metrics.get("eval_rewards/accuracies")
     what = "reward-model" if run_.trainer.loss_kind in REWARD_KINDS else "implicit-reward"

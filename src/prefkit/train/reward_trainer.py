@@ -42,11 +42,33 @@ def model_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, co
     """``[N]`` rewards: ``model.score(...)`` for a prefkit reward model, else the classifier's logit.
 
     (A Hugging Face classifier's ``score`` attribute is its linear head, a module, not a method.)
+    Under a DDP / FSDP / DeepSpeed wrapper the classifier runs through the wrapper's forward.
     """
-    method = getattr(model, "score", None)
+    method = getattr(_inner_module(model), "score", None)
     if callable(method) and not isinstance(method, nn.Module):
+        _refuse_wrapped(model, "score")
         return method(input_ids, attention_mask, completion_mask)
     return reward_scores(model, input_ids, attention_mask)
+
+
+def _inner_module(model: nn.Module) -> nn.Module:
+    """The model a DDP / FSDP / DeepSpeed wrapper holds (``model`` itself when it is not wrapped)."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module
+    return model
+
+
+def _refuse_wrapped(model: nn.Module, method: str) -> None:
+    """Calling a wrapped model's own ``method`` would bypass the wrapper's forward, and with it the
+    gradient synchronisation of multi-process training: refuse instead."""
+    inner = _inner_module(model)
+    if inner is not model:
+        raise NotImplementedError(
+            f"{type(inner).__name__} is scored by its own {method}() method, which bypasses the "
+            f"{type(model).__name__} wrapper's forward (and its gradient synchronisation). Multi-process "
+            "RewardTrainer runs train one-label ...ForSequenceClassification models (build_reward_model; "
+            "losses bt, ranknet, listmle); train this model in one process (see docs/distributed.md)"
+        )
 
 
 class RewardTrainer(PreferenceTrainer):
@@ -116,8 +138,9 @@ class RewardTrainer(PreferenceTrainer):
     @staticmethod
     def _judge_logits(model: nn.Module, ids: Tensor, attn: Tensor, comp: Tensor, b: int) -> Tensor:
         """``[B]`` logits that chosen (rows ``:B``) beats rejected (rows ``B:``)."""
-        compare = getattr(model, "compare", None)
+        compare = getattr(_inner_module(model), "compare", None)
         if callable(compare):
+            _refuse_wrapped(model, "compare")
             return compare(ids[:b], attn[:b], ids[b:], attn[b:], comp[:b], comp[b:])
         scores = model_scores(model, ids, attn, comp)
         return scores[:b] - scores[b:]
