@@ -40,6 +40,7 @@ WORKER = Path(__file__).resolve().parent / "scripts" / "ddp_worker.py"
 DDP_CPU = ROOT / "examples" / "accelerate" / "ddp_cpu.yaml"
 TOL = 1e-5
 CASES = ("reward", "dpo", "dpo-shared")
+UNPAIRED = ("kto", "bco")
 
 
 def _worker_module():
@@ -67,10 +68,47 @@ def two_process_results(tmp_path_factory):
     return {case: torch.load(out / f"{case}.pt") for case in CASES}
 
 
+@pytest.fixture(scope="module")
+def two_process_unpaired(tmp_path_factory):
+    """KTO and BCO in one 2-process launch: per-device batch 4, no accumulation (global batch 8)."""
+    out = tmp_path_factory.mktemp("ddp_unpaired")
+    accelerate_launch([str(WORKER), "--batch", "4", "--out-dir", str(out), *UNPAIRED], cwd=ROOT)
+    return {case: torch.load(out / f"{case}.pt") for case in UNPAIRED}
+
+
 def single_process(case: str, out: Path) -> dict:
     """The reference run, in this process: per-device batch 8, no accumulation."""
     _worker_module().run(case, batch=8, grad_accum=1, steps=2, out=str(out))
     return torch.load(out)
+
+
+def assert_same_updates(one: dict, two: dict) -> None:
+    assert one["before"].keys() == two["before"].keys() == one["after"].keys() == two["after"].keys()
+    for name in one["before"]:
+        update_one = one["after"][name] - one["before"][name]
+        update_two = two["after"][name] - two["before"][name]
+        torch.testing.assert_close(update_two, update_one, atol=TOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_bco_shares_one_reward_shift_across_processes(two_process_unpaired, tmp_path):
+    """BCO's running reward shift takes the rewards of every process's batch, so with the same global
+    batch (and no accumulation, which would update the shift between micro-batches) the two runs
+    agree: losses, the logged shift and the updates."""
+    one, two = single_process("bco", tmp_path / "one.pt"), two_process_unpaired["bco"]
+    assert two["num_processes"] == 2
+    torch.testing.assert_close(two["losses"], one["losses"], atol=TOL, rtol=0)
+    torch.testing.assert_close(two["metrics"]["rewards/chosen"], one["metrics"]["rewards/chosen"], atol=1e-4, rtol=0)
+    assert_same_updates(one, two)
+
+
+def test_kto_averages_its_reference_point_over_processes(two_process_unpaired):
+    """KTO's z0 is each process's batch mean of the mismatched KL rows, averaged over the processes
+    (TRL's rule) and clamped; the KL rows pair completions within each process's batch, so the run is
+    not equal to one process with batch 8, but it trains and logs finite values."""
+    two = two_process_unpaired["kto"]
+    assert two["num_processes"] == 2
+    assert torch.isfinite(two["losses"]).all()
+    assert any((two["after"][n] - two["before"][n]).abs().max() > 1e-3 for n in two["before"])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -80,6 +118,10 @@ def test_two_processes_match_one(case, two_process_results, tmp_path):
     assert one["losses"].shape == two["losses"].shape == (2,)
     torch.testing.assert_close(two["losses"], one["losses"], atol=TOL, rtol=0)
     assert abs(one["losses"][1] - one["losses"][0]) > 1e-3  # the second loss comes after the first update
+    # prefkit's own metrics are averaged over every process's examples, not the main process's only
+    assert one["metrics"].keys() == two["metrics"].keys() and one["metrics"]
+    for key in one["metrics"]:
+        torch.testing.assert_close(two["metrics"][key], one["metrics"][key], atol=1e-4, rtol=1e-5, msg=key)
     assert one["before"].keys() == two["before"].keys() == one["after"].keys() == two["after"].keys()
     largest = 0.0
     for name in one["before"]:

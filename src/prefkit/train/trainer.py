@@ -598,6 +598,16 @@ class PreferenceTrainer(Trainer):
         metrics["logps/rejected"] = pol.sum[b:].detach()
         return per_example.mean(), metrics, per_example.detach()
 
+    def _from_every_process(self, values: Tensor) -> Tensor:
+        """``values`` ``[n]`` of every process concatenated (sizes may differ); ``values`` itself in a
+        single process. Every process must call it at the same point (it is a collective)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        sizes = self.accelerator.gather(torch.tensor([values.shape[0]], device=values.device))
+        padded = self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=0))
+        width = padded.shape[0] // self.accelerator.num_processes
+        return torch.cat([padded[i * width : i * width + int(n)] for i, n in enumerate(sizes)])
+
     def _unpaired_loss(self, model, inputs, train: bool):
         ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
         weight, label = inputs["weight"], inputs["label"].bool()
@@ -618,14 +628,18 @@ class PreferenceTrainer(Trainer):
             with torch.no_grad():
                 pol_kl = self._logps(model, kl_ids, kl_attn, kl_comp, tokens=False)
             ref_kl = self._ref_logps(model, kl_ids, kl_attn, kl_comp, tokens=False)
-            ref_point = kto_kl_estimate(pol_kl.sum, ref_kl.sum)
+            # every process's batch mean, averaged over the processes, then clamped (as TRL does)
+            means = self._from_every_process((pol_kl.sum - ref_kl.sum).detach().mean().reshape(1))
+            ref_point = kto_kl_estimate(means, torch.zeros_like(means))
             metrics["kl"] = ref_point.reshape(1)
         elif self.ref_point_kind == "reward_shift":
             beta = float(self.loss_params["bco"]["beta"])
             if train:
-                rewards = (beta * (pol.sum - ref)).detach()
+                # the rewards of every process's batch, so all processes keep one running shift
+                rewards = self._from_every_process((beta * (pol.sum - ref)).detach())
+                labels = self._from_every_process(label.long()).bool()
                 self.bco_reward_shift, self.bco_count = bco_update_reward_shift(
-                    self.bco_reward_shift, self.bco_count, rewards[label], rewards[~label]
+                    self.bco_reward_shift, self.bco_count, rewards[labels], rewards[~labels]
                 )
             ref_point = torch.as_tensor(self.bco_reward_shift, device=pol.sum.device)
             metrics["reward_shift"] = ref_point.detach().reshape(1)
@@ -704,12 +718,28 @@ class PreferenceTrainer(Trainer):
 
     def _pop_metrics(self, split: str) -> dict[str, float]:
         sums, counts = self._metric_sums[split], self._metric_counts[split]
-        out = {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
+        total_sums, total_counts = self._gathered(sums, counts)
+        out = {k: total_sums[k] / total_counts[k] for k in total_sums if total_counts[k] > 0}
         if self.loss_kind == "unpaired" and "rewards/chosen" in out and "rewards/rejected" in out:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         sums.clear()
         counts.clear()
         return out
+
+    def _gathered(self, sums: dict[str, float], counts: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:
+        """The metric sums and counts of every process added up (every process logs at the same steps,
+        so this collective is reached by all); a process's own under a single-process run."""
+        if self.accelerator.num_processes == 1:
+            return sums, counts
+        parts = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(parts, (dict(sums), dict(counts)))
+        total_sums: dict[str, float] = defaultdict(float)
+        total_counts: dict[str, int] = defaultdict(int)
+        for part_sums, part_counts in parts:
+            for key, value in part_sums.items():
+                total_sums[key] += value
+                total_counts[key] += part_counts[key]
+        return total_sums, total_counts
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):

@@ -6,12 +6,15 @@
 
 Builds everything from seeds (tiny Llama, byte tokenizer, 16 fixed preference pairs; nothing is
 downloaded) and, for each case (``reward``: `RewardTrainer` with ``bt``; ``dpo``: `PreferenceTrainer`
-with ``dpo`` and a frozen-copy reference; ``dpo-shared``: the same with ``share_prompt``), trains
+with ``dpo`` and a frozen-copy reference; ``dpo-shared``: the same with ``share_prompt``; ``kto`` and
+``bco``: `PreferenceTrainer` on sixteen thumbs-up/down completions), trains
 ``--steps`` optimizer steps with plain SGD and a constant learning rate, and writes from the main
 process ``OUT_DIR/CASE.pt`` (``torch.save``) with
 
 - ``losses``: the training loss of every step as transformers logs it (gathered over the processes
   and averaged), a float64 tensor;
+- ``metrics``: prefkit's logged metrics of every step (``loss/*``, ``rewards/*``, ``logps/*``), whose
+  sums and counts the trainer adds up over the processes;
 - ``before`` / ``after``: every trained parameter (unwrapped names) before and after training;
 - ``num_processes``: how many processes trained.
 
@@ -28,7 +31,7 @@ import tempfile
 
 import torch
 
-from prefkit.data.records import PairwiseRecord
+from prefkit.data.records import PairwiseRecord, UnpairedRecord
 from prefkit.models.loading import TinySpec
 from prefkit.models.reward import build_reward_model
 from prefkit.models.tiny import build_byte_tokenizer, build_tiny_llama
@@ -55,14 +58,26 @@ def pairs() -> list[PairwiseRecord]:
     ]
 
 
-CASES = ("reward", "dpo", "dpo-shared")
+def thumbs() -> list[UnpairedRecord]:
+    """Sixteen thumbs-up/down completions (half desirable) of varied lengths."""
+    return [
+        UnpairedRecord(
+            prompt=f"Q{i}: say{' please' * (i % 3)}",
+            completion=(CHOSEN if i % 2 == 0 else REJECTED)[(i // 2) % 4],
+            label=i % 2 == 0,
+        )
+        for i in range(N_PAIRS)
+    ]
+
+
+CASES = ("reward", "dpo", "dpo-shared", "kto", "bco")
 
 
 def build_trainer(case: str, batch: int, grad_accum: int, steps: int, output_dir: str):
     tokenizer = build_byte_tokenizer()
     args = PreferenceConfig(
         output_dir=output_dir,
-        loss="bt" if case == "reward" else "dpo",
+        loss={"reward": "bt", "kto": "kto", "bco": "bco"}.get(case, "dpo"),
         max_steps=steps,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=grad_accum,
@@ -92,7 +107,8 @@ def build_trainer(case: str, batch: int, grad_accum: int, steps: int, output_dir
         intermediate_size=TINY.intermediate_size,
         seed=TINY.seed,
     )
-    return PreferenceTrainer(model, args, train_dataset=pairs(), processing_class=tokenizer)
+    data = thumbs() if case in ("kto", "bco") else pairs()
+    return PreferenceTrainer(model, args, train_dataset=data, processing_class=tokenizer)
 
 
 def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -106,10 +122,12 @@ def run(case: str, batch: int, grad_accum: int, steps: int, out: str) -> None:
         before = trained_parameters(trainer.model)
         trainer.train()
         after = trained_parameters(trainer.accelerator.unwrap_model(trainer.model))
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         if trainer.is_world_process_zero():
+            metric_keys = sorted(k for k in logged[0] if k.startswith(("loss/", "rewards/", "logps/")))
             result = {
-                "losses": torch.tensor(losses, dtype=torch.float64),
+                "losses": torch.tensor([entry["loss"] for entry in logged], dtype=torch.float64),
+                "metrics": {k: torch.tensor([entry[k] for entry in logged], dtype=torch.float64) for k in metric_keys},
                 "before": before,
                 "after": after,
                 "num_processes": trainer.accelerator.num_processes,
