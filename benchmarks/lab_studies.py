@@ -1,7 +1,7 @@
-"""Run the three lab studies with their default settings (`prefkit.lab.studies`).
+"""Run the lab studies with their default settings (`prefkit.lab.studies`).
 
-    python benchmarks/lab_studies.py                    # all three
-    python benchmarks/lab_studies.py --only noise       # one of losses, noise, overopt
+    python benchmarks/lab_studies.py                    # all of them
+    python benchmarks/lab_studies.py --only noise       # one of losses, noise, overopt, pluralism
 
 Each study writes results.md, results.json and PNG plots into benchmarks/results/lab_<study>/ (the same
 as `prefkit lab study <study> --output-dir benchmarks/results/lab_<study>`). The reference policy is
@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 import transformers
 
-from prefkit.lab import studies
+from prefkit.lab import pluralism, studies
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STUDIES = {
     "losses": studies.loss_comparison,
     "noise": studies.noise_study,
     "overopt": studies.overoptimization,
+    "pluralism": pluralism.pluralism_study,
 }
 
 

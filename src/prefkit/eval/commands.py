@@ -73,6 +73,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--batch-size", type=int, default=8, help="responses per batch (default 8)")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--output", default="eval-rm", help="output folder (default: eval-rm)")
+    from prefkit.eval import personalized  # --- personalized heads: prefkit.eval.personalized ---
+
+    personalized.add_arguments(parser)
 
 
 def parse_data_argument(value: str) -> tuple[str | None, str]:
@@ -186,6 +189,10 @@ def evaluate_from_args(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print where the report is; 2 on bad input (message on stderr)."""
+    from prefkit.eval import personalized  # --- personalized heads: prefkit.eval.personalized ---
+
+    if personalized.is_personalized_model(args.model) or personalized.options_given(args):
+        return personalized.run(args)
     try:
         report = evaluate_from_args(args)
     except (ValueError, OSError) as err:  # DataError, OverlongPromptError, ChatTemplateError are ValueErrors

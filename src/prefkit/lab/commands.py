@@ -1,4 +1,4 @@
-"""``prefkit lab study losses|noise|overopt``: the lab's studies (`prefkit.lab.studies`) from the command line.
+"""``prefkit lab study losses|noise|overopt|pluralism``: the lab studies (`prefkit.lab.studies`, `.pluralism`).
 
 Each study trains and measures in a lab world with a known true reward and writes ``results.md``,
 ``results.json`` and PNG plots into ``--output-dir`` (default ``runs/lab/<study>``).
@@ -24,6 +24,8 @@ STUDIES = {
     "noise": "labels flipped at set rates: dpo against the noise-aware losses (cdpo, robust_dpo), mean ± SE over seeds",
     "overopt": "best-of-N against a proxy reward model learned from few pairs: true and proxy reward against "
     "KL = log N - (N-1)/N (Gao et al. 2023)",
+    "pluralism": "user groups of unequal shares: pooled BT against MixtureBT, PAL, VPL, MiCRo per group, for seen "
+    "and unseen users; PAL on planted ideal points, a pets task, GPM against BT on cyclic preferences",
 }
 
 
@@ -136,6 +138,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
     overopt.add_argument(
         "--heldout-pairs", type=int, default=500, help="fresh pairs to measure the proxy on (default: 500)"
     )
+    _pluralism(studies.add_parser("pluralism", help=STUDIES["pluralism"], description=STUDIES["pluralism"]))
+
+
+def _pluralism(parser: argparse.ArgumentParser) -> None:
+    from prefkit.lab.pluralism import SECTIONS
+
+    _common(parser, "pluralism")
+    parser.set_defaults(world="groups")
+    parser.add_argument(
+        "--shares",
+        type=_floats,
+        default=[0.8, 0.2],
+        help="the world's group shares, in its group order; an empty string keeps the preset's (default: 0.8,0.2)",
+    )
+    parser.add_argument(
+        "--sections",
+        type=_names,
+        default=list(SECTIONS),
+        help=f"comma-separated sections (default: {','.join(SECTIONS)})",
+    )
+    parser.add_argument("--users", type=int, default=50, help="users of the groups section, all groups (default: 50)")
+    parser.add_argument("--train-pairs", type=int, default=100, help="training pairs per user (default: 100)")
+    parser.add_argument("--test-pairs", type=int, default=50, help="held-out pairs per user (default: 50)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.5, help="Bradley-Terry temperature of the annotators (default: 0.5)"
+    )
+    parser.add_argument(
+        "--backbone-layers",
+        type=int,
+        default=0,
+        help="transformer layers of the reference kept for the embeddings (default: 0, the token embeddings)",
+    )
 
 
 def _problem(args: argparse.Namespace) -> str | None:
@@ -158,6 +192,9 @@ def _problem(args: argparse.Namespace) -> str | None:
         "proxy_steps",
         "pool",
         "n_max",
+        "users",
+        "train_pairs",
+        "test_pairs",
     ):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -184,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"prefkit lab study {args.study}: error: {problem}", file=sys.stderr)
         return 2
     common = dict(seed=args.seed, output_dir=args.output_dir, cache_dir=args.cache_dir, progress=not args.quiet)
+    if args.study == "pluralism":
+        return _run_pluralism(args, common)
     if args.study == "overopt":
         studies.overoptimization(
             args.world,
@@ -209,4 +248,25 @@ def run(args: argparse.Namespace) -> int:
         studies.noise_study(
             args.world, args.rates, args.losses, args.seeds, annotator=args.annotator, **training, **common
         )
+    return 0
+
+
+def _run_pluralism(args: argparse.Namespace, common: dict) -> int:
+    from prefkit.lab.pluralism import pluralism_study
+
+    try:
+        pluralism_study(
+            args.world,
+            shares=args.shares or None,
+            sections=args.sections,
+            users=args.users,
+            train_pairs=args.train_pairs,
+            test_pairs=args.test_pairs,
+            temperature=args.temperature,
+            backbone_layers=args.backbone_layers,
+            **common,
+        )
+    except ValueError as err:
+        print(f"prefkit lab study pluralism: error: {err}", file=sys.stderr)
+        return 2
     return 0

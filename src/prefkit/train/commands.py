@@ -263,6 +263,12 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
         overrides.append(resume)
         resume = True
+    # --- personalized heads on embeddings (a `personalized:` section): prefkit.train.personalized ---
+    from prefkit.train.personalized import is_personalized_config, run_personalized
+
+    if is_personalized_config(args.config):
+        return run_personalized(args.config, overrides, resume)
+    # --- end personalized ---
     from prefkit.train.trainer import NonFiniteLossError
 
     try:
