@@ -24,7 +24,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "stats"), "prefkit.data.commands_stats", "counts and token-length percentiles of a file"),
     (("data", "convert"), "prefkit.data.commands_convert", "convert between feedback kinds and formats"),
     (("eval", "rm"), "prefkit.eval.commands", "evaluate a reward model: accuracy, best-of-N, calibration, length bias"),
-    (("lab", "study"), "prefkit.lab.commands", "lab studies with a known true reward: losses, noise, overopt, pluralism"),
+    (
+        ("lab", "study"),
+        "prefkit.lab.commands",
+        "lab studies against a known true reward: losses, noise, overopt, pluralism",
+    ),
     (("lab", "draw"), "prefkit.lab.commands_draw", "save a dataset drawn from a lab world by simulated annotators"),
 ]
 

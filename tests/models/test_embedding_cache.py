@@ -99,3 +99,30 @@ def test_bad_input_is_refused(backbone, tokenizer):
         embed_pairs(records(), backbone, tokenizer, pooling="max", progress=False)
     with pytest.raises(ValueError, match="no records"):
         embed_pairs([], backbone, tokenizer, progress=False)
+
+
+def test_sum_pooling_is_the_mean_times_the_response_length(backbone, tokenizer):
+    recs = records()
+    mean = embed_pairs(recs, backbone, tokenizer, pooling="mean", progress=False)
+    total = embed_pairs(recs, backbone, tokenizer, pooling="sum", progress=False)
+    for i, record in enumerate(recs):
+        n = len(tokenize_pairwise(record, tokenizer)["chosen_input_ids"])  # response tokens, EOS included
+        torch.testing.assert_close(total.chosen[i], n * mean.chosen[i], atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_backbone_keeps_the_first_layers(tokenizer):
+    model = build_tiny_llama(vocab_size=len(tokenizer), hidden_size=16, num_layers=2, num_heads=2, seed=0)
+    assert embeddings.truncated_backbone(model, None) is model
+    zero = embeddings.truncated_backbone(model, 0)
+    assert len(model.model.layers) == 2 and len(zero.model.layers) == 0  # a copy; the model is unchanged
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        # no decoder layer: the final norm of the token embeddings
+        expected = model.model.norm(model.model.embed_tokens(ids))
+        torch.testing.assert_close(zero.model(input_ids=ids).last_hidden_state, expected)
+        one = embeddings.truncated_backbone(model, 1)
+        full = model.model(input_ids=ids, output_hidden_states=True).hidden_states
+        # hidden_states[1] is after layer 1, before the final norm
+        torch.testing.assert_close(one.model(input_ids=ids).last_hidden_state, model.model.norm(full[1]))
+    with pytest.raises(ValueError, match=r"backbone_layers must be in \[0, 2\]"):
+        embeddings.truncated_backbone(model, 3)

@@ -32,7 +32,6 @@ numbers) and PNG plots into the output folder; returns the results as a dict. Se
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import itertools
@@ -50,7 +49,7 @@ from torch import Tensor
 
 from prefkit.lab.annotators import Annotator, BradleyTerry
 from prefkit.lab.world import STYLES, World, response_style
-from prefkit.models.embeddings import EmbeddedPairs
+from prefkit.models.embeddings import EmbeddedPairs, truncated_backbone
 
 __all__ = ["SECTIONS", "cyclic_gpm", "groups_section", "pal_ideal_points", "pets_task", "pluralism_study"]
 
@@ -147,16 +146,6 @@ def _draw_users(world: World, counts, pairs_per_user: int, temperature: float, s
             records += [dataclasses.replace(r, id=f"{user}/{i}") for i, r in enumerate(drawn)]
             users[user] = (group, u < seen)
     return records, users
-
-
-def embedding_backbone(model, layers: int):
-    """A copy of the causal LM ``model`` with only its first ``layers`` decoder layers (the final norm kept)."""
-    if not 0 <= layers <= model.config.num_hidden_layers:
-        raise ValueError(f"backbone_layers must be in [0, {model.config.num_hidden_layers}], got {layers}")
-    backbone = copy.deepcopy(model)
-    backbone.model.layers = torch.nn.ModuleList(list(backbone.model.layers)[:layers])
-    backbone.config.num_hidden_layers = layers
-    return backbone
 
 
 def _embed(records, backbone, tokenizer, cache_root: Path | None, progress: bool) -> EmbeddedPairs:
@@ -403,7 +392,7 @@ def groups_section(
     counts = users_per_group(world, users, unseen_fraction)
     records, who = _draw_users(world, counts, train_pairs + test_pairs, temperature, seed)
     start = time.perf_counter()
-    backbone = embedding_backbone(reference.model, backbone_layers)
+    backbone = truncated_backbone(reference.model, backbone_layers)
     pairs = _embed(records, backbone, reference.tokenizer, cache_root, progress=False)
     pairs.group = torch.tensor([groups.index(who[r.user_id][0]) for r in records])
     say(f"  groups: {len(records)} pairs of {len(who)} users embedded ({time.perf_counter() - start:.1f} s)")
@@ -764,7 +753,7 @@ def cyclic_gpm(
     train = draw_dataset(world, "pairwise", train_pairs, BradleyTerry(1.0), seed=seed + 21)
     test = draw_dataset(world, "pairwise", test_pairs, BradleyTerry(1.0), seed=seed + 22)
     probe = _style_probes(world, probes, rng)
-    backbone = embedding_backbone(reference.model, backbone_layers)
+    backbone = truncated_backbone(reference.model, backbone_layers)
     emb = _embed(train + test + probe, backbone, reference.tokenizer, cache_root, progress=False)
     parts = np.cumsum([0, train_pairs, test_pairs, probes])
     sets = {name: emb.subset(range(parts[i], parts[i + 1])) for i, name in enumerate(("train", "test", "probe"))}

@@ -15,6 +15,7 @@ preferred to ``rejected[i]`` by user ``users[user_index[i]]``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -45,7 +46,7 @@ __all__ = [
     "pool_hidden_states",
 ]
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "sum")
 CACHE_FILE = "embedded_pairs.safetensors"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "prefkit_embedding_cache"
@@ -137,14 +138,38 @@ def pool_hidden_states(hidden: Tensor, attention_mask: Tensor, span_mask: Tensor
     """``[N, H]`` one vector per row of final hidden states ``[N, T, H]``.
 
     ``"last"``: the state at the row's last real token (``attention_mask``); ``"mean"``: the mean of
-    the states where ``span_mask`` is 1 (the response tokens, or the whole prompt).
+    the states where ``span_mask`` is 1 (the response tokens, or the whole prompt); ``"sum"``: their
+    sum (keeps the length: a reward that adds up per-token terms is linear in it).
     """
     if pooling == "last":
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    if pooling == "mean":
+    if pooling in ("mean", "sum"):
         weights = span_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+        total = (hidden * weights).sum(dim=1)
+        return total if pooling == "sum" else total / weights.sum(dim=1).clamp_min(1)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def truncated_backbone(model: nn.Module, layers: int | None) -> nn.Module:
+    """``model`` with only its first ``layers`` decoder layers (a copy; the final norm is kept), so its
+    "final" hidden states are those after layer ``layers``; ``None``: ``model`` itself.
+
+    Intermediate layers are often better features than the last one: the last layers of a language
+    model serve next-token prediction. ``layers=0`` leaves the token embeddings and the final norm.
+    Needs a decoder with a ``layers`` list (Llama-style ``model.model.layers``)."""
+    if layers is None:
+        return model
+    base = getattr(model, "model", model)
+    total = len(getattr(base, "layers", ()))
+    if not hasattr(base, "layers") or not 0 <= layers <= total:
+        raise ValueError(f"backbone_layers must be in [0, {total}] for {type(model).__name__}, got {layers}")
+    backbone = copy.deepcopy(model)
+    inner = getattr(backbone, "model", backbone)
+    inner.layers = nn.ModuleList(list(inner.layers)[:layers])
+    backbone.config.num_hidden_layers = layers
+    if hasattr(backbone.config, "layer_types") and backbone.config.layer_types is not None:
+        backbone.config.layer_types = backbone.config.layer_types[:layers]
+    return backbone
 
 
 def embed_pairs(

@@ -175,7 +175,17 @@ class PersonalizedConfig:
     tiny_hidden_size: int = field(default=64, metadata={"help": "model: tiny - hidden size."})
     tiny_num_layers: int = field(default=2, metadata={"help": "model: tiny - decoder layers."})
     tiny_seed: int = field(default=0, metadata={"help": "model: tiny - seed of the random weights."})
-    pooling: str = field(default="last", metadata={"help": "last (EOS token's state) or mean (over the response)."})
+    pooling: str = field(
+        default="last",
+        metadata={"help": "last (EOS token's state), mean or sum (over the response's tokens)."},
+    )
+    backbone_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Embed with the backbone's first N decoder layers only (0: token embeddings + final norm); "
+            "None: all of them."
+        },
+    )
     max_length: int | None = field(default=None, metadata={"help": "Cut prompt + response to this many tokens."})
     max_prompt_length: int | None = field(default=None, metadata={"help": "Cut prompts to this many tokens."})
     embed_batch_size: int = field(default=16, metadata={"help": "Sequences per backbone forward pass."})
@@ -344,6 +354,7 @@ def config_to_dict(config: PersonalizedConfig) -> dict[str, Any]:
 
 def load_backbone(config: PersonalizedConfig):
     """``(model, tokenizer)`` of ``config.model``: 'lab:WORLD[:SEED]', 'tiny', a folder or a Hub id."""
+    from prefkit.models.embeddings import truncated_backbone
     from prefkit.models.loading import TinySpec, ensure_pad_token, load_policy, load_tokenizer
 
     if config.model.startswith("lab:"):
@@ -355,7 +366,9 @@ def load_backbone(config: PersonalizedConfig):
             reference = reference_policy(make_world(world, int(seed or 0)), int(seed or 0), progress=config.progress)
         except ValueError as err:
             raise ConfigError(f"model {config.model!r}: expected lab:WORLD or lab:WORLD:SEED ({err})") from err
-        return reference.model, ensure_pad_token(reference.tokenizer, config.model)
+        return truncated_backbone(reference.model, config.backbone_layers), ensure_pad_token(
+            reference.tokenizer, config.model
+        )
     tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
     spec = TinySpec(hidden_size=config.tiny_hidden_size, num_layers=config.tiny_num_layers, seed=config.tiny_seed)
     model = load_policy(
@@ -365,7 +378,7 @@ def load_backbone(config: PersonalizedConfig):
         tiny=spec,
         vocab_size=len(tokenizer) if config.model == "tiny" else None,
     )
-    return model.eval(), tokenizer
+    return truncated_backbone(model, config.backbone_layers).eval(), tokenizer
 
 
 def embed_records(records, backbone, config: PersonalizedConfig, data_name: str, cache_root: Path | None = None):
@@ -379,6 +392,7 @@ def embed_records(records, backbone, config: PersonalizedConfig, data_name: str,
     key = json.dumps(
         [str(Path(data_name).resolve()) if Path(data_name).exists() else data_name]
         + [config.model, config.tokenizer, config.pooling, config.max_length, config.max_prompt_length]
+        + ([] if config.backbone_layers is None else [f"layers={config.backbone_layers}"])
         + ([config.tiny_hidden_size, config.tiny_num_layers, config.tiny_seed] if config.model == "tiny" else [])
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
