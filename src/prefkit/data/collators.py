@@ -9,6 +9,8 @@ the completion tokens (the ones scored).
 With ``share_prompt=True``, `PairwiseCollator` and `ListCollator` pack each example into **one**
 row, ``[prompt][completion 1]...[completion K]`` (`pack_shared_rows`), for
 `prefkit.train.logps.shared_prefix_logps`, which runs the prompt once for all its completions.
+With ``packing=True``, `PairwiseCollator` packs several such units (or, without ``share_prompt``,
+prompt + chosen and prompt + rejected units) into each row, so a batch holds (almost) no padding.
 """
 
 from __future__ import annotations
@@ -23,20 +25,17 @@ logger = logging.getLogger("prefkit.data")
 
 __all__ = ["SHARED_PREFIX_KEYS", "ListCollator", "PairwiseCollator", "UnpairedCollator", "pack_shared_rows"]
 
-# The keys of a packed (share_prompt) batch that `prefkit.train.logps.shared_prefix_logps` reads.
+# The keys of a packed (share_prompt / packing) batch that `prefkit.train.logps.shared_prefix_logps` reads.
 SHARED_PREFIX_KEYS = ("input_ids", "position_ids", "segment_ids", "completion_rows", "completion_mask")
 
 
 def _check_pad(pad_token_id: Any, pad_to_multiple_of: Any) -> None:
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
         raise TypeError(
-            f"pad_token_id must be an int, got {pad_token_id!r} (set tokenizer.pad_token before building "
-            "the collator)"
+            f"pad_token_id must be an int, got {pad_token_id!r} (set tokenizer.pad_token before building the collator)"
         )
     if pad_to_multiple_of is not None and (
-        isinstance(pad_to_multiple_of, bool)
-        or not isinstance(pad_to_multiple_of, int)
-        or pad_to_multiple_of < 1
+        isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
     ):
         raise ValueError(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
 
@@ -79,58 +78,87 @@ def pack_shared_rows(
     rows: Sequence[Sequence[int]],
     pad_token_id: int,
     pad_to_multiple_of: int | None,
+    *,
+    packing: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pack example ``b`` into one row ``[prompt][completion 1]...[completion K]`` (prefix sharing).
+    """Pack units ``[prompt][completion 1]...[completion K]`` into rows (prefix sharing, packing).
 
-    ``completions[b]`` are example ``b``'s ``K`` completions (the same ``K`` for every example) and
-    ``rows[b][k]`` is the row that prompt ``b`` + completion ``k`` has in the unshared layout
-    (`pad_rows` over all ``N = B * K`` rows). Returns, right-padded to the longest packed row ``L``
-    (rounded up to ``pad_to_multiple_of``):
+    Unit ``u`` is ``prompts[u]`` and its ``K`` completions ``completions[u]`` (the same ``K`` for
+    every unit); ``rows[u][k]`` is the row that prompt ``u`` + completion ``k`` has in the unpacked
+    layout (`pad_rows` over all ``N = U * K`` rows). Without ``packing`` each unit is one row (prefix
+    sharing); with ``packing`` the units are packed into as few rows of at most ``max_tokens`` tokens
+    as first-fit by decreasing length finds (a unit longer than ``max_tokens`` gets a row of its own;
+    ``max_tokens=None``: the longest unit's length, so no row is wider than the widest unit).
+    Returns, right-padded to the longest row ``L`` (rounded up to ``pad_to_multiple_of``):
 
-    - ``input_ids`` ``[B, L]``: the packed tokens, then ``pad_token_id``;
-    - ``position_ids`` ``[B, L]``: ``0..P-1`` over the prompt and ``P..P+C_k-1`` over completion
-      ``k`` (every completion restarts where the prompt ends: its positions in its unshared row);
-      0 on padding;
-    - ``segment_ids`` ``[B, L]``: 0 on the prompt, ``k + 1`` on completion ``k``, -1 on padding;
-    - ``completion_rows`` ``[B, K]``: ``rows`` as a tensor;
-    - ``completion_mask`` ``[N, T]``: the unshared layout's completion mask (row ``rows[b][k]`` is 1
+    - ``input_ids`` ``[R, L]``: the packed tokens, then ``pad_token_id``;
+    - ``position_ids`` ``[R, L]``: ``0..P-1`` over each unit's prompt and ``P..P+C_k-1`` over its
+      completion ``k`` (every completion restarts where its prompt ends: its positions in its
+      unpacked row); 0 on padding;
+    - ``segment_ids`` ``[R, L]``: 0 on each prompt, ``k + 1`` on completion ``k``, -1 on padding;
+    - ``completion_rows`` ``[U, K]``: ``rows``, in the order in which the units appear, row by row;
+    - ``completion_mask`` ``[N, T]``: the unpacked layout's completion mask (row ``rows[u][k]`` is 1
       at columns ``P..P+C_k-1``), in which the log-probs come back.
+
+    Every unit needs a prompt token and a completion token (a unit begins where a prompt does).
     """
     k = len(completions[0])
-    flat_rows = sorted(r for example_rows in rows for r in example_rows)
+    flat_rows = sorted(r for unit_rows in rows for r in unit_rows)
     if any(len(c) != k for c in completions) or any(len(r) != k for r in rows):
-        raise ValueError(f"every example must have the same number of completions and rows ({k})")
+        raise ValueError(f"every unit must have the same number of completions and rows ({k})")
     if flat_rows != list(range(len(flat_rows))):
-        raise ValueError(f"rows must number the B*K = {len(flat_rows)} unshared rows 0..{len(flat_rows) - 1} once each")
-    packed = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions)]
-    unshared = [len(p) + len(c) for p, cs in zip(prompts, completions) for c in cs]
-    width = _round_up(max(packed), pad_to_multiple_of)
-    unshared_width = _round_up(max(unshared), pad_to_multiple_of)
-    b = len(prompts)
-    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((b, width), dtype=torch.long)
-    segment_ids = torch.full((b, width), -1, dtype=torch.long)
-    completion_mask = torch.zeros((len(flat_rows), unshared_width), dtype=torch.long)
-    for i, (prompt, example_completions) in enumerate(zip(prompts, completions)):
-        n_prompt = len(prompt)
-        input_ids[i, :n_prompt] = torch.tensor(prompt, dtype=torch.long)
-        position_ids[i, :n_prompt] = torch.arange(n_prompt)
-        segment_ids[i, :n_prompt] = 0
-        start = n_prompt
-        for j, completion in enumerate(example_completions):
-            end = start + len(completion)
-            input_ids[i, start:end] = torch.tensor(completion, dtype=torch.long)
-            position_ids[i, start:end] = torch.arange(n_prompt, n_prompt + len(completion))
-            segment_ids[i, start:end] = j + 1
-            completion_mask[rows[i][j], n_prompt : n_prompt + len(completion)] = 1
-            start = end
+        raise ValueError(f"rows must number the U*K = {len(flat_rows)} unpacked rows 0..{len(flat_rows) - 1} once each")
+    for u, (prompt, unit_completions) in enumerate(zip(prompts, completions)):
+        if not prompt or not any(unit_completions):
+            raise ValueError(f"unit {u} (unpacked rows {list(rows[u])}) needs a prompt token and a completion token")
+    lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions)]
+    bins = _first_fit(lengths, max_tokens or max(lengths)) if packing else [[u] for u in range(len(lengths))]
+    unpacked = [len(p) + len(c) for p, cs in zip(prompts, completions) for c in cs]
+    width = _round_up(max(sum(lengths[u] for u in units) for units in bins), pad_to_multiple_of)
+    unpacked_width = _round_up(max(unpacked), pad_to_multiple_of)
+    input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    segment_ids = torch.full((len(bins), width), -1, dtype=torch.long)
+    completion_mask = torch.zeros((len(flat_rows), unpacked_width), dtype=torch.long)
+    for i, units in enumerate(bins):
+        start = 0
+        for u in units:
+            n_prompt = len(prompts[u])
+            input_ids[i, start : start + n_prompt] = torch.tensor(prompts[u], dtype=torch.long)
+            position_ids[i, start : start + n_prompt] = torch.arange(n_prompt)
+            segment_ids[i, start : start + n_prompt] = 0
+            start += n_prompt
+            for j, completion in enumerate(completions[u]):
+                end = start + len(completion)
+                input_ids[i, start:end] = torch.tensor(completion, dtype=torch.long)
+                position_ids[i, start:end] = torch.arange(n_prompt, n_prompt + len(completion))
+                segment_ids[i, start:end] = j + 1
+                completion_mask[rows[u][j], n_prompt : n_prompt + len(completion)] = 1
+                start = end
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
-        "completion_rows": torch.tensor(rows, dtype=torch.long),
+        "completion_rows": torch.tensor([rows[u] for units in bins for u in units], dtype=torch.long),
         "completion_mask": completion_mask,
     }
+
+
+def _first_fit(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` in bins of at most ``max_tokens`` in total, first-fit by decreasing
+    length (ties in index order); an item longer than ``max_tokens`` gets a bin of its own."""
+    bins: list[list[int]] = []
+    totals: list[int] = []
+    for u in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((b for b, total in enumerate(totals) if total + lengths[u] <= max_tokens), None)
+        if fits is None:
+            bins.append([u])
+            totals.append(lengths[u])
+        else:
+            bins[fits].append(u)
+            totals[fits] += lengths[u]
+    return bins
 
 
 def _round_up(width: int, multiple: int | None) -> int:
@@ -195,13 +223,34 @@ class PairwiseCollator:
     the examples carry them: ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` float64, and
     ``ref_chosen_token_logps`` / ``ref_rejected_token_logps`` ``[B, T]`` float64 in the layout of
     the chosen / rejected half of ``completion_mask``.
+
+    With ``packing=True`` (padding-free packing) the batch has the keys and layout of
+    ``share_prompt`` above, but the units — ``[prompt][chosen][rejected]`` with ``share_prompt``,
+    else ``[prompt][chosen]`` and ``[prompt][rejected]`` — are packed into ``R`` rows of at most
+    ``packing_max_tokens`` tokens (None: the longest unit's length; `pack_shared_rows`), and
+    ``completion_rows`` is ``[U, K]``: ``[B, 2]`` or ``[2B, 1]``, one row per unit in order of appearance.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, share_prompt: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        share_prompt: bool = False,
+        packing: bool = False,
+        packing_max_tokens: int | None = None,
+    ):
         _check_pad(pad_token_id, pad_to_multiple_of)
+        if packing_max_tokens is not None and (
+            isinstance(packing_max_tokens, bool) or not isinstance(packing_max_tokens, int) or packing_max_tokens < 1
+        ):
+            raise ValueError(f"packing_max_tokens must be None or a positive int, got {packing_max_tokens!r}")
+        if packing_max_tokens is not None and not packing:
+            raise ValueError("packing_max_tokens is set but packing is off; set packing=True or drop it")
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.share_prompt = share_prompt
+        self.packing = packing
+        self.packing_max_tokens = packing_max_tokens
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if len(examples) == 0:
@@ -209,11 +258,27 @@ class PairwiseCollator:
         prompts = [_ids(ex, "prompt_input_ids", i) for i, ex in enumerate(examples)]
         chosen = [_ids(ex, "chosen_input_ids", i) for i, ex in enumerate(examples)]
         rejected = [_ids(ex, "rejected_input_ids", i) for i, ex in enumerate(examples)]
-        if self.share_prompt:
-            size = len(examples)
-            rows = [[i, size + i] for i in range(size)]  # chosen rows, then rejected rows
-            pairs = [[c, r] for c, r in zip(chosen, rejected)]
-            batch: dict[str, Any] = pack_shared_rows(prompts, pairs, rows, self.pad_token_id, self.pad_to_multiple_of)
+        size = len(examples)
+        if self.share_prompt:  # units [prompt][chosen][rejected]
+            batch: dict[str, Any] = pack_shared_rows(
+                prompts,
+                [[c, r] for c, r in zip(chosen, rejected)],
+                [[i, size + i] for i in range(size)],  # chosen rows, then rejected rows
+                self.pad_token_id,
+                self.pad_to_multiple_of,
+                packing=self.packing,
+                max_tokens=self.packing_max_tokens,
+            )
+        elif self.packing:  # units [prompt][chosen] and [prompt][rejected]
+            batch = pack_shared_rows(
+                prompts + prompts,
+                [[c] for c in chosen + rejected],
+                [[i] for i in range(2 * size)],
+                self.pad_token_id,
+                self.pad_to_multiple_of,
+                packing=True,
+                max_tokens=self.packing_max_tokens,
+            )
         else:
             batch = pad_rows(prompts + prompts, chosen + rejected, self.pad_token_id, self.pad_to_multiple_of)
         batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)

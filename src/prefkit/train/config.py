@@ -280,6 +280,23 @@ class PreferenceConfig(TrainingArguments):
             "gradients up to float rounding. Needs eager or sdpa attention."
         },
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pairwise losses: padding-free packing. Each batch's prompt + chosen and prompt + rejected "
+            "sequences ([prompt][chosen][rejected] with share_prompt) go one after another into rows of at most "
+            "packing_max_tokens tokens, position_ids restarting at 0 on each; same log-probs and gradients up to "
+            "float rounding. Needs eager or sdpa attention, or flash-attention without share_prompt (docs/training.md)."
+        },
+    )
+    packing_max_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "packing: the most tokens per packed row (a longer sequence gets a row of its own). None: the "
+            "batch's longest sequence, so no row is wider than in the padded batch. Larger values remove more "
+            "padding but, with eager and sdpa, cost L^2 attention per row of L tokens (docs/training.md)."
+        },
+    )
     precompute_ref_logps: bool = field(
         default=False,
         metadata={
@@ -359,6 +376,14 @@ class PreferenceConfig(TrainingArguments):
             isinstance(self.logps_memory_mb, (int, float)) and 0 < self.logps_memory_mb < float("inf")
         ):
             raise ConfigError(f"logps_memory_mb must be a positive number, got {self.logps_memory_mb!r}")
+        if self.packing_max_tokens is not None and (
+            isinstance(self.packing_max_tokens, bool)
+            or not isinstance(self.packing_max_tokens, int)
+            or self.packing_max_tokens < 1
+        ):
+            raise ConfigError(f"packing_max_tokens must be a positive integer or null, got {self.packing_max_tokens!r}")
+        if self.packing_max_tokens is not None and not self.packing:
+            raise ConfigError("packing_max_tokens is set but packing is false; set packing: true or drop it")
         # Validate loss names / params now, so a typo fails before any model is loaded.
         from prefkit.losses.combine import resolve_loss_params
 
@@ -367,6 +392,11 @@ class PreferenceConfig(TrainingArguments):
         except (KeyError, ValueError, TypeError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise ConfigError(message) from err
+        if self.packing and self.loss_kind != "pairwise":
+            raise ConfigError(
+                f"packing packs the chosen and rejected sequences of pairwise losses; {self.loss} are of kind "
+                f"{self.loss_kind!r}. Set packing to false."
+            )
         super().__post_init__()
 
     # -- derived ----------------------------------------------------------------------------
@@ -438,6 +468,8 @@ PREFKIT_TRAIN_FIELDS = (
     "logps_chunk_size",
     "logps_memory_mb",
     "share_prompt",
+    "packing",
+    "packing_max_tokens",
     "precompute_ref_logps",
     "reference_cache_dir",
     "overwrite_output_dir",

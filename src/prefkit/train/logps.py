@@ -30,10 +30,13 @@ against transforms this module does not know about, the first call for each mode
 engine with the model's own logits on a short probe (at most 16 tokens of the batch) and raises
 ``NotImplementedError`` if the two disagree.
 
-Prefix sharing (:func:`shared_prefix_logps`): the ``K`` completions of one prompt are packed into one
-row ``[prompt][completion 1]...[completion K]`` with ``position_ids`` restarting after the prompt and
-a block attention mask, so the prompt runs once; the result has the layout and values (up to float
-rounding) of :func:`completion_logps` on the ``K`` unshared rows.
+Packed rows (:func:`shared_prefix_logps`): prefix sharing puts the ``K`` completions of one prompt
+into one unit ``[prompt][completion 1]...[completion K]`` with ``position_ids`` restarting after the
+prompt and a block attention mask, so the prompt runs once; padding-free packing puts several units
+(each prompt + completion alone, or shared units) into one row, ``position_ids`` restarting at 0 on
+each unit, the mask keeping units apart (flash-attention: no mask, varlen boundaries from
+``position_ids``). The result has the layout and values (up to float rounding) of
+:func:`completion_logps` on the unpacked rows.
 """
 
 from __future__ import annotations
@@ -758,27 +761,47 @@ def _score(
 
 
 # --------------------------------------------------------------------------------------------
-# Prefix sharing: one pass over each prompt for all of its completions
+# Packed rows: prefix sharing (one pass over each prompt) and padding-free packing
 # --------------------------------------------------------------------------------------------
 
 # Attention implementations that apply a custom 4-D additive mask exactly as given.
 _MASKED_ATTENTION = ("eager", "sdpa")
+_OPTIONS = "share_prompt / packing"
+
+
+def _is_flash(impl: Any) -> bool:
+    """A flash-attention implementation (transformers' own test: ``"flash"`` in the name). Given no
+    attention mask, it reads the boundaries of packed sequences from ``position_ids`` (varlen)."""
+    return isinstance(impl, str) and "flash" in impl
+
+
+def _units(segment_ids: Tensor) -> Tensor:
+    """``[B, L]``: the unit of each position, numbered ``0..U-1`` over the batch in row-major order;
+    -1 on padding. A unit is a run of prompt tokens (segment 0) and the completion tokens after it."""
+    before = torch.nn.functional.pad(segment_ids[:, :-1], (1, 0), value=-1)
+    starts = (segment_ids == 0) & (before != 0)
+    units = starts.flatten().cumsum(0).view_as(segment_ids) - 1
+    return torch.where(segment_ids >= 0, units, -1)
 
 
 def shared_prefix_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """The ``[B, 1, L, L]`` attention mask of packed rows ``[prompt][completion 1]...``.
+    """The ``[B, 1, L, L]`` attention mask of packed rows of units ``[prompt][completion 1]...``.
 
-    Position ``q`` sees position ``k <= q`` when ``k`` is a prompt token (segment 0) or in ``q``'s
-    own segment, so each completion attends to the one prompt copy and to itself, causally, and
-    never to another completion. A padding position (segment -1) sees only itself, so no softmax
-    row is empty (an empty one would give NaN and poison the gradients). With ``dtype=torch.bool``:
-    True where visible (what transformers gives sdpa); with a float dtype: additive, 0 where visible
-    and ``finfo(dtype).min`` elsewhere (what transformers gives eager attention).
+    A row holds one unit (prefix sharing) or several (packing); a unit starts at each run of prompt
+    tokens (segment 0). Position ``q`` sees position ``k <= q`` of its own unit when ``k`` is a
+    prompt token or in ``q``'s own segment, so each completion attends to its unit's one prompt
+    copy and to itself, causally, and never to another completion or another unit. A padding
+    position (segment -1) sees only itself, so no softmax row is empty (an empty one would give NaN
+    and poison the gradients). With ``dtype=torch.bool``: True where visible (what transformers
+    gives sdpa); with a float dtype: additive, 0 where visible and ``finfo(dtype).min`` elsewhere
+    (what transformers gives eager attention).
     """
     q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    units = _units(segment_ids)
     idx = torch.arange(segment_ids.shape[1], device=segment_ids.device)
     causal = idx[:, None] >= idx[None, :]
-    visible = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    same_unit = units[:, :, None] == units[:, None, :]
+    visible = causal & same_unit & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
     visible |= (q < 0) & (idx[:, None] == idx[None, :])
     if dtype == torch.bool:
         return visible[:, None]
@@ -786,8 +809,27 @@ def shared_prefix_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
-def _prompt_lengths(segment_ids: Tensor) -> Tensor:
-    return (segment_ids == 0).sum(1)
+def _segment_starts(segment_ids: Tensor) -> Tensor:
+    """``[B, L]``: the index where each position's segment (a prompt, or one completion) begins."""
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    change = torch.ones_like(segment_ids, dtype=torch.bool)
+    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.where(change, idx, 0).cummax(1).values
+
+
+def _last_prompt_token(segment_ids: Tensor) -> Tensor:
+    """``[B, L]``: for each position, the index of the last prompt token at or before it (its unit's
+    last prompt token, on a completion); -1 before the row's first prompt token."""
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    return torch.where(segment_ids == 0, idx, -1).cummax(1).values
+
+
+def _expected_positions(segment_ids: Tensor) -> Tensor:
+    """``[B, L]``: ``0..P-1`` over each unit's prompt and ``P..P+C-1`` over each of its completions."""
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    in_segment = idx - _segment_starts(segment_ids)
+    prompt_length = in_segment.gather(1, _last_prompt_token(segment_ids).clamp(min=0)) + 1
+    return torch.where(segment_ids > 0, prompt_length + in_segment, in_segment)
 
 
 def _check_shared_inputs(
@@ -799,45 +841,39 @@ def _check_shared_inputs(
     for name, t in (("position_ids", position_ids), ("segment_ids", segment_ids)):
         if t.shape != input_ids.shape:
             raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-    b, length = input_ids.shape
-    if completion_rows.dim() != 2 or completion_rows.shape[0] != b:
-        raise ValueError(f"completion_rows must be [B, K] with B = {b}, got {tuple(completion_rows.shape)}")
+    k = completion_rows.shape[1] if completion_rows.dim() == 2 else 0
+    if segment_ids.numel() and (int(segment_ids.min()) < -1 or int(segment_ids.max()) > k):
+        raise ValueError(f"segment_ids must lie in [-1, K = {k}]")
+    real = segment_ids >= 0
+    idx = torch.arange(input_ids.shape[1], device=segment_ids.device)
+    if not torch.equal(real, idx < real.sum(1, keepdim=True)):
+        raise ValueError("padding (segment -1) must come after every real token of its row")
+    if input_ids.shape[1] and bool((segment_ids[:, 0] > 0).any()):
+        raise ValueError("each packed row must start with a prompt (segment 0): a completion has no context there")
+    units = _units(segment_ids)
+    same_unit = (units[:, 1:] == units[:, :-1]) & real[:, 1:]
+    if bool((segment_ids[:, 1:] < segment_ids[:, :-1])[same_unit].any()):
+        raise ValueError("each unit must be its prompt (segment 0), then its completions in increasing segment order")
+    n_units = int(units.max()) + 1 if segment_ids.numel() else 0
+    if not bool(torch.bincount(units[segment_ids > 0], minlength=n_units).all()):
+        raise ValueError("every unit (a run of prompt tokens and what follows) must have a completion token")
+    if completion_rows.dim() != 2 or completion_rows.shape[0] != n_units:
+        raise ValueError(
+            f"completion_rows must be [U, K] with one row per unit (U = {n_units}), got {tuple(completion_rows.shape)}"
+        )
     if completion_mask.dim() != 2 or completion_mask.shape[0] != completion_rows.numel():
         raise ValueError(
-            f"completion_mask must be [B*K, T] with B*K = {completion_rows.numel()}, got {tuple(completion_mask.shape)}"
+            f"completion_mask must be [U*K, T] with U*K = {completion_rows.numel()}, got {tuple(completion_mask.shape)}"
         )
-    if segment_ids.numel() and (int(segment_ids.min()) < -1 or int(segment_ids.max()) > completion_rows.shape[1]):
-        raise ValueError(f"segment_ids must lie in [-1, K = {completion_rows.shape[1]}]")
-    idx = torch.arange(length, device=segment_ids.device)
-    real, prompt = segment_ids >= 0, segment_ids == 0
-    if not torch.equal(real, idx < real.sum(1, keepdim=True)) or not torch.equal(
-        prompt, idx < _prompt_lengths(segment_ids)[:, None]
-    ):
-        raise ValueError("each packed row must be its prompt (segment 0), then its completions, then padding (-1)")
-    if bool((segment_ids[:, 1:] < segment_ids[:, :-1])[real[:, 1:]].any()):
-        raise ValueError("each completion's segment must be one run of positions, in increasing segment order")
-    if bool(((segment_ids > 0).any(1) & (_prompt_lengths(segment_ids) == 0)).any()):
-        raise ValueError("a packed row has completion tokens but no prompt token to predict the first one from")
-    expected = torch.where(
-        segment_ids > 0, _prompt_lengths(segment_ids)[:, None] + idx - _segment_starts(segment_ids), idx
-    )
-    if not torch.equal(position_ids[real], expected[real]):
+    if not torch.equal(position_ids[real], _expected_positions(segment_ids)[real]):
         raise ValueError(
-            "position_ids must count 0.. over the prompt and restart at the prompt's length on every completion"
+            "position_ids must count 0.. over each unit's prompt and restart at the prompt's length on every completion"
         )
     if int((segment_ids > 0).sum()) != int(completion_mask.sum()):
         raise ValueError(
             f"segment_ids mark {int((segment_ids > 0).sum())} completion tokens, completion_mask "
             f"{int(completion_mask.sum())}"
         )
-
-
-def _segment_starts(segment_ids: Tensor) -> Tensor:
-    """``[B, L]``: the index where each position's segment begins."""
-    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-    change = torch.ones_like(segment_ids, dtype=torch.bool)
-    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return torch.where(change, idx, 0).cummax(1).values
 
 
 def _mask_dtype(lm: nn.Module) -> torch.dtype:
@@ -847,27 +883,55 @@ def _mask_dtype(lm: nn.Module) -> torch.dtype:
     return lm.get_input_embeddings().weight.dtype
 
 
-def _check_shared_model(lm: nn.Module, position_ids: Tensor, segment_ids: Tensor) -> None:
-    """Raise unless ``lm`` applies a custom 4-D mask and ``position_ids`` exactly."""
+def _check_shared_model(lm: nn.Module, position_ids: Tensor, segment_ids: Tensor, k: int) -> None:
+    """Raise unless ``lm`` takes ``position_ids`` and attention that can express the packed rows:
+    a custom 4-D mask, or (units of one completion each) flash-attention's varlen from position_ids."""
     config = lm.config
     impl = getattr(config, "_attn_implementation", None)
-    if impl not in _MASKED_ATTENTION:
+    if _is_flash(impl) and k > 1:
         raise NotImplementedError(
-            f"share_prompt needs attention that takes a custom 4-D mask ({' or '.join(_MASKED_ATTENTION)}); the model "
-            f"uses {impl!r}. Set share_prompt to false, or load the model with attn_implementation='sdpa'."
+            f"share_prompt needs attention that takes a custom 4-D mask ({' or '.join(_MASKED_ATTENTION)}); the "
+            f"model uses {impl!r}, which reads packed sequences from position_ids alone and cannot let two "
+            "completions share one prompt. Set share_prompt to false (packing alone works with flash-attention), "
+            "or load the model with attn_implementation='sdpa'."
+        )
+    if impl not in _MASKED_ATTENTION and not _is_flash(impl):
+        raise NotImplementedError(
+            f"{_OPTIONS} need attention that takes a custom 4-D mask ({' or '.join(_MASKED_ATTENTION)}), or for "
+            f"packing without share_prompt flash-attention; the model uses {impl!r}. Set share_prompt and packing "
+            "to false, or load the model with attn_implementation='sdpa'."
         )
     if "position_ids" not in inspect.signature(lm.forward).parameters:
         raise NotImplementedError(
-            f"share_prompt needs position_ids, which {type(lm).__name__}.forward does not take; "
-            "set share_prompt to false"
+            f"{_OPTIONS} need position_ids, which {type(lm).__name__}.forward does not take; set share_prompt and "
+            "packing to false"
         )
     window = getattr(config, "sliding_window", None)
     longest = int(position_ids[segment_ids >= 0].max()) + 1 if bool((segment_ids >= 0).any()) else 0
     if isinstance(window, int) and longest > window:
         raise NotImplementedError(
-            f"share_prompt: a prompt + completion of {longest} tokens exceeds the model's sliding window "
-            f"({window}), which the packed mask does not reproduce; set share_prompt to false"
+            f"{_OPTIONS}: a prompt + completion of {longest} tokens exceeds the model's sliding window "
+            f"({window}), which the packed mask does not reproduce; set share_prompt and packing to false"
         )
+
+
+def _packed_inputs(lm: nn.Module, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor) -> dict[str, Tensor]:
+    """The forward's inputs for packed rows: the block mask for eager / sdpa; for flash-attention
+    only ``position_ids`` (transformers starts a new sequence wherever they restart at 0)."""
+    if _is_flash(lm.config._attn_implementation):
+        return {"input_ids": input_ids, "position_ids": position_ids}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": shared_prefix_mask(segment_ids, _mask_dtype(lm)),
+        "position_ids": position_ids,
+    }
+
+
+def _one_row(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The packed rows' real tokens (segment >= 0, the last tensor) concatenated into one row ``[1, n]``:
+    flash-attention's varlen path reads sequence boundaries from ``position_ids`` in one row only."""
+    real = tensors[-1] >= 0
+    return tuple(t[real][None] for t in tensors)
 
 
 def _probe_logits(model: nn.Module, head: _Head, inputs: dict[str, Tensor], positions: Tensor) -> Tensor:
@@ -882,34 +946,35 @@ def _probe_logits(model: nn.Module, head: _Head, inputs: dict[str, Tensor], posi
     return found[0]
 
 
-def _verify_sharing(
+def _verify_packing(
     model: nn.Module, head: _Head, lm: nn.Module, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor, k: int
 ) -> None:
-    """Once per model (and head), compare packed rows with unshared ones on the batch's first example.
+    """Once per model (and head), compare packed rows with unpacked ones on the batch's first row.
 
-    Runs the first packed row and each of its ``k`` prompt + completion rows (eval mode, no
-    gradients; the same number of forwards whatever the data, as every process of a distributed
-    run must) and compares the next-token distributions at the first 16 tokens of every completion.
-    Raises ``NotImplementedError`` naming ``share_prompt`` if they differ by more than numerical
-    noise (a model that ignores ``position_ids`` or the 4-D mask, or changes attention in another way).
+    Runs the first packed row, as the engine does, and each of the ``k`` prompt + completion rows
+    of its **last** unit alone (eval mode, no gradients; the same number of forwards whatever the
+    data, as every process of a distributed run must), and compares the next-token distributions at
+    the first 16 tokens of each of those completions. The last unit comes after every other unit
+    of its row, so a mask that lets units or completions see each other, or position_ids that do
+    not restart, show up there. Raises ``NotImplementedError`` if they differ by more than
+    numerical noise (a model that ignores ``position_ids`` or the 4-D mask, or changes attention in
+    another way).
     """
-    first = _first_check(model, head, "share_prompt")
+    first = _first_check(model, head, "packed rows")
     real = segment_ids[0] >= 0
     if first is None or not bool(real.any()):
         return
-    ids, pos, seg = input_ids[0, real][None], position_ids[0, real][None], segment_ids[0, real]
-    n_prompt = int((seg == 0).sum())
-    spans = [(seg == j).nonzero()[:_PROBE_TOKENS, 0] for j in range(1, k + 1)]
-    packed_inputs = {
-        "input_ids": ids,
-        "attention_mask": shared_prefix_mask(seg[None], _mask_dtype(lm)),
-        "position_ids": pos,
-    }
+    ids, pos, seg = input_ids[0, real][None], position_ids[0, real][None], segment_ids[0, real][None]
+    unit = _units(seg)[0]
+    last = unit == unit.max()
+    n_prompt = int((last & (seg[0] == 0)).sum())
+    spans = [(last & (seg[0] == j)).nonzero()[:_PROBE_TOKENS, 0] for j in range(1, k + 1)]
     tv = 0.0
     with _eval_no_grad(model):
+        packed_inputs = _packed_inputs(lm, ids, pos, seg)
         packed = _probe_logits(model, head, packed_inputs, torch.cat(spans)).split([len(s) for s in spans])
         for j, shared in enumerate(packed, start=1):
-            row = ids[:, (seg == 0) | (seg == j)]
+            row = ids[:, last & ((seg[0] == 0) | (seg[0] == j))]
             at = torch.arange(n_prompt, n_prompt + len(shared), device=ids.device)
             alone = _probe_logits(model, head, {"input_ids": row, "attention_mask": torch.ones_like(row)}, at)
             if len(shared):
@@ -917,10 +982,10 @@ def _verify_sharing(
     tol = _PROBE_TOL.get(head.module.weight.dtype, _PROBE_TOL_LOW_PRECISION)
     if not tv <= tol:
         raise NotImplementedError(
-            f"share_prompt: {type(model).__name__} gives different next-token distributions for a completion "
-            "packed after its prompt and for the plain prompt + completion row (total-variation distance "
-            f"{tv:.3g} > {tol:g}); the model does not apply position_ids or the 4-D attention mask as the packing "
-            "needs. Set share_prompt to false."
+            f"{_OPTIONS}: {type(model).__name__} gives different next-token distributions for a completion in a "
+            "packed row and for the plain prompt + completion row (total-variation distance "
+            f"{tv:.3g} > {tol:g}); the model does not apply position_ids or the attention mask as the packing "
+            "needs. Set share_prompt and packing to false."
         )
     first[0].add(first[1])
 
@@ -938,61 +1003,70 @@ def shared_prefix_logps(
     per_token: bool = False,
     logsumsq: bool = False,
 ) -> LogpOutput:
-    """`completion_logps` of ``N = B * K`` prompt + completion rows, each prompt run only once.
+    """`completion_logps` of ``N = U * K`` prompt + completion rows, from packed rows of ``U`` units.
 
-    Example ``b`` is one packed row ``[prompt][completion 1]...[completion K]``
-    (`prefkit.data.collators.pack_shared_rows`): ``position_ids`` restart at the prompt's length on
-    every completion and a block attention mask (`shared_prefix_mask`) lets each completion see the
-    prompt and itself, causally, but not the other completions, so every completion token gets the
-    hidden state it would get in its own row. The model runs once over the ``[B, L]`` packed rows
-    (through its own forward, as in `completion_logps`); a completion's first token is predicted from
-    the hidden state of the prompt's last token, which all ``K`` completions share (it is gathered
-    once per completion, so its gradient sums them); every other token from the token before it.
+    A unit is one prompt and ``K`` completions, ``[prompt][completion 1]...[completion K]``; a
+    packed row holds one unit (prefix sharing: each prompt runs once for all its completions) or
+    several (padding-free packing: ``[prompt + chosen][prompt + rejected][...]`` with ``K = 1``, or
+    shared units ``[prompt][chosen][rejected]`` one after another), laid out by
+    `prefkit.data.collators.pack_shared_rows`. ``position_ids`` restart at 0 on every unit's prompt
+    and at the prompt's length on every completion, and a block attention mask
+    (`shared_prefix_mask`) lets each completion see its unit's prompt and itself, causally, but no
+    other completion or unit, so every completion token gets the hidden state it would get in its
+    own row. The model runs once over the ``[B, L]`` packed rows (through its own forward, as in
+    `completion_logps`); a completion's first token is predicted from the hidden state of its
+    prompt's last token, which all ``K`` completions share (gathered once per completion, so its
+    gradient sums them); every other token from the token before it.
+
+    With flash-attention (``"flash"`` in the model's attention implementation) and ``K = 1`` no mask
+    is passed: the real tokens of all rows are concatenated into one row and transformers' varlen
+    path reads the units' boundaries from ``position_ids`` (every unit is one causal sequence
+    restarting at 0). ``K > 1`` needs the mask and is refused there.
 
     Args:
-        model: a transformers causal LM with eager or sdpa attention, maybe wrapped (see `completion_logps`).
+        model: a transformers causal LM with eager or sdpa attention (flash-attention for ``K = 1``),
+            maybe wrapped (see `completion_logps`).
         input_ids, position_ids: ``[B, L]`` packed rows, right-padded.
-        segment_ids: ``[B, L]``: 0 on the prompt, ``k`` on completion ``k`` (1-based), -1 on padding.
-        completion_rows: ``[B, K]``: the output row of example ``b``'s completion ``k`` (``k + 1`` in
-            ``segment_ids``).
-        completion_mask: ``[N, T]``: the completion mask of the unshared rows (completion ``k`` of
-            example ``b`` is 1 in row ``completion_rows[b, k]`` at columns ``P_b .. P_b + C_bk - 1``).
+        segment_ids: ``[B, L]``: 0 on each unit's prompt, ``k`` on its completion ``k`` (1-based), -1 on
+            padding. A unit starts at each run of 0s, so every unit needs a completion token.
+        completion_rows: ``[U, K]``: the output row of completion ``k`` of unit ``u`` (``k + 1`` in
+            ``segment_ids``), units numbered in order of appearance, row by row.
+        completion_mask: ``[N, T]``: the completion mask of the unpacked rows (completion ``k`` of unit
+            ``u`` is 1 in row ``completion_rows[u, k]`` at columns ``P_u .. P_u + C_uk - 1``).
         chunk_size, memory_mb, per_token, logsumsq: as in `completion_logps`.
 
     Returns:
-        The `LogpOutput` `completion_logps` gives for the unshared ``[N, T]`` rows: ``sum`` and
+        The `LogpOutput` `completion_logps` gives for the unpacked ``[N, T]`` rows: ``sum`` and
         ``n_tokens`` ``[N]``, ``per_token`` / ``logsumsq`` ``[N, T]`` in the layout of ``completion_mask``.
 
-    Raises ``NotImplementedError`` (naming ``share_prompt``) for an attention implementation that
-    does not take a custom 4-D mask (e.g. flash-attention-2), a prompt + completion longer than a
-    sliding window, or a model whose packed rows disagree with unshared ones on the first call's
-    probe (as `completion_logps` checks its forward).
+    Raises ``NotImplementedError`` (naming ``share_prompt`` / ``packing``) for an attention
+    implementation that cannot express the packed rows, a model whose forward takes no
+    ``position_ids``, a prompt + completion longer than a sliding window, or a model whose packed rows
+    disagree with unpacked ones on the first call's probe (as `completion_logps` checks its forward).
     """
     _check_shared_inputs(input_ids, position_ids, segment_ids, completion_rows, completion_mask)
     lm = _causal_lm(model)
     head = _resolve_head(lm)
-    _check_shared_model(lm, position_ids, segment_ids)
+    k = completion_rows.shape[1]
+    _check_shared_model(lm, position_ids, segment_ids, k)
+    if _is_flash(lm.config._attn_implementation):
+        input_ids, position_ids, segment_ids = _one_row(input_ids, position_ids, segment_ids)
     _verify_against_forward(model, head, input_ids)
-    _verify_sharing(model, head, lm, input_ids, position_ids, segment_ids, completion_rows.shape[1])
+    _verify_packing(model, head, lm, input_ids, position_ids, segment_ids, k)
 
     b_idx, t_idx = (segment_ids > 0).nonzero(as_tuple=True)
     seg = segment_ids[b_idx, t_idx]
-    # The predictor of a completion token: the token before it, or the prompt's last token for the first.
+    # The predictor of a completion token: the token before it, or its prompt's last token for the first.
     first = t_idx == _segment_starts(segment_ids)[b_idx, t_idx]
-    source = torch.where(first, _prompt_lengths(segment_ids)[b_idx] - 1, t_idx - 1)
-    rows, cols = completion_rows[b_idx, seg - 1], position_ids[b_idx, t_idx]
+    source = torch.where(first, _last_prompt_token(segment_ids)[b_idx, t_idx], t_idx - 1)
+    rows, cols = completion_rows[_units(segment_ids)[b_idx, t_idx], seg - 1], position_ids[b_idx, t_idx]
     width = completion_mask.shape[1]
     if bool((cols >= width).any()) or not bool(completion_mask[rows, cols.clamp(max=width - 1)].all()):
         raise ValueError("completion_mask does not mark the completion tokens of segment_ids at their positions")
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": shared_prefix_mask(segment_ids, _mask_dtype(lm)),
-        "position_ids": position_ids,
-    }
     return _score(
         model,
         head,
-        inputs,
+        _packed_inputs(lm, input_ids, position_ids, segment_ids),
         lambda hidden: hidden[b_idx, source],
         input_ids[b_idx, t_idx],
         rows,

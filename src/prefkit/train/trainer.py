@@ -3,9 +3,10 @@
 Per batch (docs/architecture.md §3-§6):
 
 1. the collator gives one concatenated batch (pairwise: ``2B`` rows, chosen then rejected; with
-   ``share_prompt``, ``B`` packed rows ``[prompt][chosen][rejected]``);
-2. the policy scores it with `prefkit.train.logps.completion_logps` (with ``share_prompt``,
-   `prefkit.train.logps.shared_prefix_logps`) in **one** forward pass;
+   ``share_prompt``, ``B`` packed rows ``[prompt][chosen][rejected]``; with ``packing``, the
+   sequences packed one after another into a few rows, without padding);
+2. the policy scores it with `prefkit.train.logps.completion_logps` (with ``share_prompt`` or
+   ``packing``, `prefkit.train.logps.shared_prefix_logps`) in **one** forward pass;
 3. the reference scores it under ``torch.no_grad()`` — a separate frozen model, or the PEFT
    policy with its adapters disabled; nothing at all when every selected loss is reference-free;
 4. the log-probs become a `PairLogps` / `UnpairedLogps` (per-token tensors only when a selected
@@ -303,8 +304,15 @@ class PreferenceTrainer(Trainer):
 
     def _default_collator(self, pad_id: int, args: PreferenceConfig):
         if self.loss_kind == "pairwise":
-            return PairwiseCollator(pad_id, share_prompt=args.share_prompt)
+            return self._pair_collator(pad_id, args)
         return UnpairedCollator(pad_id, max_length=args.max_length, kl_rows=self.ref_point_kind == "kl")
+
+    @staticmethod
+    def _pair_collator(pad_id: int, args: PreferenceConfig) -> PairwiseCollator:
+        """Pairwise batches as `_pair_logps` reads them (plain, shared-prompt and / or packed rows)."""
+        return PairwiseCollator(
+            pad_id, share_prompt=args.share_prompt, packing=args.packing, packing_max_tokens=args.packing_max_tokens
+        )
 
     def _prepare_dataset(self, data, tokenizer, args: PreferenceConfig, name: str):
         dataset = self._tokenized_dataset(data, tokenizer, args, name)
@@ -442,7 +450,7 @@ class PreferenceTrainer(Trainer):
     def _with_reference_logps(self, dataset, split: str, ref: nn.Module, key: dict[str, str]):
         per_token = self.needs_tokens and self.loss_kind == "pairwise"
         collate = (
-            PairwiseCollator(self.processing_class.pad_token_id, share_prompt=self.args.share_prompt)
+            self._pair_collator(self.processing_class.pad_token_id, self.args)
             if self.loss_kind == "pairwise"
             else UnpairedCollator(self.processing_class.pad_token_id, kl_rows=False)
         )
@@ -514,14 +522,16 @@ class PreferenceTrainer(Trainer):
         return {"chunk_size": self.args.logps_chunk_size, "memory_mb": self.args.logps_memory_mb}
 
     def _pair_logps(self, model: nn.Module, inputs: dict[str, Any], *, tokens: bool, logsumsq: bool = False):
-        """Log-probs of a pairwise batch's ``2B`` rows; with ``share_prompt``, one pass per prompt."""
-        if not self.args.share_prompt:
+        """Log-probs of a pairwise batch's ``2B`` rows; with ``share_prompt``, one pass per prompt; with
+        ``packing``, from padding-free packed rows (both: `shared_prefix_logps`)."""
+        if not (self.args.share_prompt or self.args.packing):
             ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
             return self._logps(model, ids, attn, comp, tokens=tokens, logsumsq=logsumsq)
         missing = [k for k in SHARED_PREFIX_KEYS if k not in inputs]
         if missing:
             raise KeyError(
-                f"share_prompt is on but the batch lacks {missing}; use PairwiseCollator(pad_id, share_prompt=True)"
+                f"share_prompt / packing is on but the batch lacks {missing}; use "
+                "PairwiseCollator(pad_id, share_prompt=..., packing=...) with the same settings"
             )
         packed = {k: inputs[k] for k in SHARED_PREFIX_KEYS}
         return shared_prefix_logps(model, **packed, per_token=tokens, logsumsq=logsumsq, **self._chunking())
