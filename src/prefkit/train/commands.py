@@ -256,6 +256,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _end_process_group() -> None:
+    """Under a multi-process launch, close the process group once training is done: a gloo group
+    left to the interpreter's exit can abort the process ("terminate called without an active
+    exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     resume = args.resume
@@ -280,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"prefkit train: stopped: {err}", file=sys.stderr)
         return 1
+    _end_process_group()
     if not run_.trainer.is_world_process_zero():
         return 0
     out = run_.output_dir

@@ -147,6 +147,8 @@ def main() -> None:
     os.makedirs(opts.out_dir, exist_ok=True)
     for case in opts.cases:
         run(case, opts.batch, opts.grad_accum, opts.steps, os.path.join(opts.out_dir, f"{case}.pt"))
+    if torch.distributed.is_initialized():  # a gloo group left to the interpreter's exit can abort it
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
