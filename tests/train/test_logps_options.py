@@ -19,10 +19,11 @@ from prefkit.train.logps import auto_chunk_size, chunked_token_logps, completion
 
 
 def test_auto_chunk_size_follows_the_formula():
-    # rows = max(1, floor(memory_mb * 2^20 / (V * bytes * 4)))
-    assert auto_chunk_size(32000) == 524  # 268435456 / (32000 * 4 * 4) = 524.3
+    # rows = clamp(floor(memory_mb * 2^20 / (V * bytes * 4)), 1, 128)
+    assert auto_chunk_size(32000) == 128  # 268435456 / (32000 * 4 * 4) = 524.3, capped at 128
     assert auto_chunk_size(151936) == 110  # 268435456 / 2430976 = 110.4
-    assert auto_chunk_size(32000, memory_mb=1024) == 2097  # 4x the budget: 2097.2
+    assert auto_chunk_size(256000) == 65  # 268435456 / 4096000 = 65.5
+    assert auto_chunk_size(32000, memory_mb=16) == 32  # 16777216 / 512000 = 32.8
     assert auto_chunk_size(1000, torch.float64, memory_mb=1) == 32  # 1048576 / (1000 * 8 * 4) = 32.8
     assert auto_chunk_size(1000, torch.bfloat16, memory_mb=1) == 65  # softmax in float32: 1048576 / 16000
     assert auto_chunk_size(10**9, memory_mb=1) == 1  # never below one row

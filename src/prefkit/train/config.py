@@ -261,7 +261,7 @@ class PreferenceConfig(TrainingArguments):
         default="auto",
         metadata={
             "help": "Completion tokens per chunk of the log-softmax over the vocabulary (memory vs speed), or auto: "
-            "as many as fit logps_memory_mb, max(1, logps_memory_mb * 2^20 // (vocab_size * 4 bytes * 4 copies)). "
+            "as many as fit logps_memory_mb, clamp(logps_memory_mb * 2^20 // (vocab * 4 bytes * 4 copies), 1, 128). "
             "Results do not depend on it beyond float rounding (docs/logps.md)."
         },
     )
@@ -269,7 +269,7 @@ class PreferenceConfig(TrainingArguments):
         default=256,
         metadata={
             "help": "With logps_chunk_size: auto, the memory budget in MiB of one chunk's [tokens, vocab] float32 "
-            "tensors (e.g. 524 tokens per chunk for a 32k vocabulary, 110 for 152k)."
+            "tensors (e.g. 110 tokens per chunk for a 152k vocabulary; 128 at most, which fits 256 MiB up to 131k)."
         },
     )
     share_prompt: bool = field(
