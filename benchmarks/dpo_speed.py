@@ -3,7 +3,8 @@
     python benchmarks/dpo_speed.py                          # configuration "small", both frameworks
     python benchmarks/dpo_speed.py --config both --output results.json --results-md benchmarks/RESULTS.md
     python benchmarks/dpo_speed.py --sweep --only prefkit   # peak memory against response length / vocabulary
-    python benchmarks/dpo_speed.py --smoke                  # tiny sizes, 2 steps, both frameworks (< 60 s)
+    python benchmarks/dpo_speed.py --smoke                  # tiny sizes, 2 steps, every framework (< 90 s)
+    python benchmarks/dpo_speed.py --only prefkit --prefkit logps_chunk_size=64 --prefkit precompute_ref_logps=true
     python benchmarks/dpo_speed.py --config qwen05b --device cuda --dtype bf16
 
 Configurations (random weights, sigmoid DPO with beta 0.1, a frozen copy of the initial policy as the
@@ -16,6 +17,10 @@ reference, AdamW, constant learning rate, no dropout, no gradient accumulation, 
   MLP 4,864, tied embeddings), rows of 1,024 tokens (prompt 256 + response 768), 4 pairs per step;
   meant for ``--device cuda``. On CUDA, TRL also runs with ``use_liger_kernel=True`` when
   ``liger_kernel`` is importable.
+
+Runs: ``prefkit`` (its defaults), ``prefkit+shared`` (the same with ``share_prompt=true``: each
+prompt runs once for its chosen and rejected response; same log-probs within 1e-5) and ``trl``; ``--prefkit
+KEY=VALUE`` sets any other prefkit training option for both prefkit runs (printed in the header).
 
 How it is made fair. The parent process writes one model checkpoint, one tokenizer and one record file
 to a temporary folder; each framework then trains in **its own subprocess** (so each peak memory is its
@@ -54,7 +59,9 @@ with ``T = prompt + response`` tokens each costs
                          = 16 * N * T
 
 (attention score FLOPs are not counted, as in the usual ``6 N`` rule; every token counts, including prompt
-tokens that an implementation may skip projecting to the vocabulary). MFU is the achieved model FLOP/s over
+tokens that an implementation may skip projecting to the vocabulary). The count is the same for every run,
+so ``prefkit+shared``, which runs each prompt once instead of twice, does fewer FLOPs than counted: its MFU
+is an effective rate (the useful work per second), not the hardware's utilisation. MFU is the achieved model FLOP/s over
 the peak of a large square ``torch.matmul`` measured in the same run on the same device and thread count,
 in float32 and in bfloat16.
 
@@ -85,7 +92,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FRAMEWORKS = ("prefkit", "trl")
+import yaml
+
+FRAMEWORKS = ("prefkit", "prefkit+shared", "trl")
 BETA = 0.1
 LOSS_RTOL = {1: 1e-4, 2: 1e-3}  # step -> relative tolerance of the loss gate
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3
@@ -350,7 +359,8 @@ def prefkit_trainer(model, tokenizer, records, spec, callback):
         loss_params={"beta": BETA},
         max_length=None,
         max_prompt_length=None,
-        **({"logps_chunk_size": spec["logps_chunk_size"]} if spec["logps_chunk_size"] else {}),
+        **({"share_prompt": True} if spec["framework"] == "prefkit+shared" else {}),
+        **spec["prefkit_options"],
     )
     data = [PairwiseRecord(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in records]
     trainer = recording(PreferenceTrainer)(
@@ -398,7 +408,7 @@ def run_child(spec_path: Path) -> None:
     with open(spec["records"], encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh]
     timer = step_timer_callback(probe)
-    make = prefkit_trainer if spec["framework"] == "prefkit" else trl_trainer
+    make = prefkit_trainer if spec["framework"].startswith("prefkit") else trl_trainer
     trainer, first_ids = make(model, tokenizer, records, spec, timer)
     trainer.recorded_losses = []
     if spec["profile"]:
@@ -492,7 +502,7 @@ def launch(framework: str, setup: Setup, folder: Path, opts: argparse.Namespace)
         "lr": opts.lr,
         "seed": opts.seed,
         "profile": opts.profile,
-        "logps_chunk_size": opts.logps_chunk_size,
+        "prefkit_options": opts.prefkit_options,
     }
     spec_path = folder / f"spec-{tag}.json"
     spec_path.write_text(json.dumps(spec))
@@ -597,16 +607,18 @@ def _fmt(fmt: str, value) -> str:
 
 
 def comparison_table(results: dict[str, dict], markdown: bool) -> str:
-    """Rows: metric; columns: each framework, then prefkit/other ratios."""
+    """Rows: metric; columns: each framework, then each prefkit run over each other framework."""
     names = list(results)
-    others = [n for n in names if n != "prefkit"] if "prefkit" in results else []
-    header = ["metric", *names, *[f"prefkit/{o}" for o in others]]
+    ours = [n for n in names if n.startswith("prefkit")]
+    others = [n for n in names if not n.startswith("prefkit")]
+    pairs = [(a, b) for a in ours for b in others]
+    header = ["metric", *names, *[f"{a}/{b}" for a, b in pairs]]
     rows = []
     for label, key, fmt in ROWS:
         cells = [label, *[_fmt(fmt, results[n][key]) for n in names]]
-        for o in others:
-            a, b = results["prefkit"][key], results[o][key]
-            cells.append("" if key in NO_RATIO or not a or not b else f"{a / b:.2f}x")
+        for a, b in pairs:
+            x, y = results[a][key], results[b][key]
+            cells.append("" if key in NO_RATIO or not x or not y else f"{x / y:.2f}x")
         rows.append(cells)
     return render_table(header, rows, markdown)
 
@@ -659,6 +671,7 @@ def describe_setup(setup: Setup, model_info: dict[str, Any], opts: argparse.Name
         f"FLOPs); {setup.batch} pairs/step, prompt {setup.prompt} + responses {setup.response} tokens; "
         f"{opts.dtype} on {opts.device}, {opts.threads} threads; lr {opts.lr:g} constant, AdamW; "
         f"{opts.warmup} warm-up + {opts.steps} timed steps; "
+        f"prefkit options: {', '.join(f'{k}={v}' for k, v in opts.prefkit_options.items()) or 'defaults'}; "
         f"{model_info['flops_per_pair'] / 1e9:.1f} model GFLOP per pair"
     )
 
@@ -825,7 +838,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed optimizer steps (default 16; --sweep/--smoke: 2)")
     p.add_argument("--warmup", type=int, help="untimed optimizer steps first (default 2; --sweep/--smoke: 1)")
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's default here)")
-    p.add_argument("--only", choices=FRAMEWORKS, help="run one framework (default: both)")
+    p.add_argument("--only", choices=FRAMEWORKS, help="run one framework (default: all of them)")
     p.add_argument("--batch", type=int, help="pairs per step, instead of the configuration's")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate for both (default 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data and the trainers")
@@ -845,16 +858,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="peak memory against response length and vocabulary instead (both frameworks unless --only)",
     )
-    p.add_argument("--smoke", action="store_true", help="tiny model, 1+2 steps, both frameworks (< 60 s)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 1+2 steps, every framework (< 90 s)")
     p.add_argument(
         "--profile",
         action="store_true",
         help="also print torch.profiler's top operators of each child (slows the timed steps)",
     )
     p.add_argument(
-        "--logps-chunk-size",
-        type=int,
-        help="prefkit's logps_chunk_size (tokens per log-softmax chunk; default its own)",
+        "--prefkit",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a prefkit training option (YAML value), e.g. share_prompt=true or logps_chunk_size=64; repeatable",
     )
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -865,6 +880,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.warmup = opts.warmup if opts.warmup is not None else (1 if short else 2)
     if opts.steps < 1 or opts.warmup < 1:
         p.error("--steps and --warmup must be >= 1 (the step-2 loss check needs two steps)")
+    opts.prefkit_options = {}
+    for item in opts.prefkit:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--prefkit takes KEY=VALUE, got {item!r}")
+        opts.prefkit_options[key.strip()] = yaml.safe_load(value)
     return opts
 
 
