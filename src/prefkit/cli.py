@@ -23,6 +23,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "validate"), "prefkit.data.commands_validate", "report every bad row of a feedback file"),
     (("data", "stats"), "prefkit.data.commands_stats", "counts and token-length percentiles of a file"),
     (("data", "convert"), "prefkit.data.commands_convert", "convert between feedback kinds and formats"),
+    (("data", "recipe"), "prefkit.data.commands_recipe", "build a set from public data by a recipe (hh-two-groups)"),
     (("eval", "rm"), "prefkit.eval.commands", "evaluate a reward model: accuracy, best-of-N, calibration, length bias"),
     (
         ("lab", "study"),

@@ -19,7 +19,7 @@ from prefkit.models.tiny import build_byte_tokenizer
 @pytest.fixture
 def cli(monkeypatch):
     data_commands = [c for c in prefkit.cli.COMMANDS if c[0][0] == "data"]
-    assert {c[0][1] for c in data_commands} == {"validate", "stats", "convert"}
+    assert {c[0][1] for c in data_commands} == {"validate", "stats", "convert", "recipe"}
     monkeypatch.setattr(prefkit.cli, "COMMANDS", data_commands)
     return prefkit.cli.main
 
