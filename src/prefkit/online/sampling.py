@@ -78,9 +78,12 @@ def sample_completions(
     max_prompt_length: int | None = None,
     progress: bool = True,
     desc: str = "sampling",
+    prompt_ids: Sequence[list[int]] | None = None,
 ) -> list[Completion]:
     """``n`` completions of each prompt (text or chat messages), prompt-major: the completions of
-    ``prompts[i]`` are items ``i*n .. i*n + n - 1``. Sampling is ancestral at ``temperature`` (> 0)."""
+    ``prompts[i]`` are items ``i*n .. i*n + n - 1``. Sampling is ancestral at ``temperature`` (> 0).
+    ``prompt_ids``: the prompts' token ids, used instead of tokenizing ``prompts`` (e.g. with a user's
+    soft-prompt tokens in front, `prefkit.train.user_conditioning.sample_for_user`)."""
     _check_positive("n", n)
     _check_positive("max_new_tokens", max_new_tokens)
     _check_positive("batch_size", batch_size)
@@ -90,7 +93,10 @@ def sample_completions(
     if eos_id is None:
         raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no eos_token_id; sampling needs one")
     pad_id = eos_id if pad_id is None else pad_id
-    prompt_ids = [tokenize_prompt(p, tokenizer, max_prompt_length=max_prompt_length) for p in prompts]
+    if prompt_ids is None:
+        prompt_ids = [tokenize_prompt(p, tokenizer, max_prompt_length=max_prompt_length) for p in prompts]
+    elif len(prompt_ids) != len(prompts):
+        raise ValueError(f"prompt_ids has {len(prompt_ids)} rows for {len(prompts)} prompts")
     items = [(i, prompt_ids[i]) for i in range(len(prompts)) for _ in range(n)]
     device = module_device(model)
     was_training = model.training

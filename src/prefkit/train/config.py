@@ -314,6 +314,52 @@ class PreferenceConfig(TrainingArguments):
             "not match is refused, never reused. None: OUTPUT_DIR/ref_logps."
         },
     )
+    user_conditioning: bool = field(
+        default=False,
+        metadata={
+            "help": "Train one policy for many users: each training user_id gets user_prefix_tokens new "
+            "special tokens (<|user:ID|>) whose embedding rows start at the mean of the existing rows (in "
+            "the policy and the reference, so the reference is the same for every user), put in front of "
+            "every prompt; the policy learns them with the loss. Writes users.json with the model "
+            "(docs/personalized.md, User-conditioned policies)."
+        },
+    )
+    user_prefix_tokens: int = field(
+        default=1,
+        metadata={"help": "user_conditioning: soft-prompt tokens per user (their rows are the user's embedding)."},
+    )
+    user_id_missing: str = field(
+        default="error",
+        metadata={
+            "help": "user_conditioning: a record without user_id is an error (error), or gets the shared "
+            "token of user 'none', <|user:none|> (shared)."
+        },
+    )
+    groups: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pairwise losses: each pair's user group, from its user_id: lab (lab user ids group:NAME/K) or a "
+            "YAML/JSON file mapping user_id -> group name. Logs each group's loss and reward accuracy "
+            "(group/NAME/loss, group/NAME/accuracy, worst_group/...); group_robust needs it."
+        },
+    )
+    group_robust: bool = field(
+        default=False,
+        metadata={
+            "help": "Pairwise losses: train for the worst group (MaxMin; group-robust DPO, Ramesh et al. 2024). The "
+            "batch loss is sum_g alpha_g L_g (L_g: group g's mean loss) instead of the mean, and alpha moves "
+            "toward the groups with the higher loss: alpha_g <- alpha_g exp(group_robust_step_size L_g) / Z "
+            "every step. alpha is logged (group_robust/alpha/NAME) and saved with checkpoints. Needs groups "
+            "(docs/training.md, MaxMin policies)."
+        },
+    )
+    group_robust_step_size: float = field(
+        default=0.01,
+        metadata={
+            "help": "group_robust: step size eta of alpha's exponentiated-gradient update (the authors' default "
+            "0.01; 0 keeps alpha uniform: the mean of the group means)."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -392,12 +438,58 @@ class PreferenceConfig(TrainingArguments):
         except (KeyError, ValueError, TypeError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise ConfigError(message) from err
+        self._check_user_conditioning()
+        self._check_groups()
         if self.packing and self.loss_kind != "pairwise":
             raise ConfigError(
                 f"packing packs the chosen and rejected sequences of pairwise losses; {self.loss} are of kind "
                 f"{self.loss_kind!r}. Set packing to false."
             )
         super().__post_init__()
+
+    def _check_user_conditioning(self) -> None:
+        n = self.user_prefix_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"user_prefix_tokens must be a positive integer, got {n!r}")
+        if self.user_id_missing not in ("error", "shared"):
+            raise ConfigError(f"user_id_missing must be error or shared, got {self.user_id_missing!r}")
+        if not self.user_conditioning:
+            changed = [k for k, d in (("user_prefix_tokens", 1), ("user_id_missing", "error")) if getattr(self, k) != d]
+            if changed:
+                raise ConfigError(
+                    f"{', '.join(changed)} is set but user_conditioning is false; set user_conditioning: true"
+                )
+        elif self.loss_kind not in ("pairwise", "unpaired"):
+            raise ConfigError(
+                f"user_conditioning trains a policy on pairwise or unpaired losses; {self.loss} are of kind "
+                f"{self.loss_kind!r}. Set user_conditioning to false."
+            )
+
+    def _check_groups(self) -> None:
+        step = self.group_robust_step_size
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not (0 <= step < float("inf")):
+            raise ConfigError(f"group_robust_step_size must be a finite number >= 0, got {step!r}")
+        if self.groups is None:
+            if self.group_robust:
+                raise ConfigError(
+                    "group_robust needs each pair's group: set groups to lab (user ids group:NAME/K) or to a "
+                    "YAML/JSON file mapping user_id -> group"
+                )
+            return
+        if self.groups != "lab" and not Path(self.groups).is_file():
+            raise ConfigError(f"groups: {self.groups!r} is neither lab nor a file (a YAML/JSON user_id -> group map)")
+        if self.loss_kind != "pairwise":
+            raise ConfigError(
+                f"groups / group_robust apply to pairwise policy losses; {self.loss} are of kind {self.loss_kind!r}"
+            )
+        from prefkit.losses import get_loss
+
+        coupled = [n for n in self.loss if get_loss(n).batch_coupled]
+        if self.group_robust and coupled:
+            raise ConfigError(
+                f"group_robust averages each group's per-example losses, but loss {coupled} sorts over the batch "
+                "(its loss[i] is not example i's); use another loss"
+            )
 
     # -- derived ----------------------------------------------------------------------------
     @property
@@ -472,6 +564,12 @@ PREFKIT_TRAIN_FIELDS = (
     "packing_max_tokens",
     "precompute_ref_logps",
     "reference_cache_dir",
+    "user_conditioning",
+    "user_prefix_tokens",
+    "user_id_missing",
+    "groups",
+    "group_robust",
+    "group_robust_step_size",
     "overwrite_output_dir",
 )
 

@@ -19,6 +19,10 @@ Unpaired losses get their reference point from the trainer: KTO's z0 from the mi
 (`kto_kl_estimate`), BCO's running reward shift (`bco_update_reward_shift`), which is saved with
 every checkpoint and restored on resume.
 
+With ``groups`` (each pair's user group) the per-group losses and accuracies are logged; with
+``group_robust`` the batch loss is ``sum_g alpha_g L_g`` (`prefkit.losses.group_robust`), and alpha,
+updated every step and shared by all processes, is saved and restored the same way.
+
 With ``precompute_ref_logps`` step 3 happens once, at init: `prefkit.train.reference_cache` scores
 every train / eval row with the reference (or loads the values from its on-disk cache), the values
 become dataset columns that the collators batch, and the reference model is dropped.
@@ -54,6 +58,7 @@ from prefkit.data.collators import SHARED_PREFIX_KEYS, PairwiseCollator, Unpaire
 from prefkit.data.records import PairwiseRecord, RankedRecord, UnpairedRecord
 from prefkit.losses import PairLogps, UnpairedLogps, get_loss
 from prefkit.losses.combine import combine_losses, resolve_loss_params
+from prefkit.losses.group_robust import exponentiated_gradient_step, group_loss_sums, group_robust_objective
 from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
 from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
 from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
@@ -74,6 +79,7 @@ logger = logging.getLogger("prefkit.train")
 STATE_FILE = "prefkit_state.json"
 INDEX_COLUMN = "example_index"
 ID_COLUMN = "example_id"
+GROUP_COLUMN = "group_index"  # with `groups`: index into PreferenceTrainer.group_names
 
 _PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 # Tokenized columns and record type per loss kind (the reward kinds are RewardTrainer's).
@@ -111,6 +117,8 @@ class _TrackingCollator:
             batch[INDEX_COLUMN] = torch.tensor([int(ex[INDEX_COLUMN]) for ex in examples], dtype=torch.long)
         if any(ex.get(ID_COLUMN) is not None for ex in examples):
             batch[ID_COLUMN] = [ex.get(ID_COLUMN) for ex in examples]
+        if examples and all(GROUP_COLUMN in ex for ex in examples):
+            batch[GROUP_COLUMN] = torch.tensor([int(ex[GROUP_COLUMN]) for ex in examples], dtype=torch.long)
         return batch
 
 
@@ -201,6 +209,15 @@ class PreferenceTrainer(Trainer):
         if isinstance(model, str):
             model = self._load_model(model, processing_class)
         self.run_info.setdefault("model", model_name or type(model).__name__)
+        # -- user conditioning: user tokens in the tokenizer and the policy (prefkit.train.user_conditioning)
+        self.user_tokens = None
+        if args.user_conditioning:
+            from prefkit.train.user_conditioning import describe, setup_user_conditioning
+
+            self.user_tokens, peft_config = setup_user_conditioning(
+                model, processing_class, train_dataset, args, peft_config
+            )
+            self.run_info["data"] = {**self.run_info.get("data", {}), "user conditioning": describe(self.user_tokens)}
 
         is_peft_model = _is_peft_model(model)
         if peft_config is not None:
@@ -242,6 +259,10 @@ class PreferenceTrainer(Trainer):
         else:
             self.ref_model = frozen_copy(model)
             reference = "a frozen copy of the initial policy"
+        if self.user_tokens is not None and ref_model is not None:
+            from prefkit.train.user_conditioning import init_reference_rows
+
+            init_reference_rows(self.ref_model, self.user_tokens)
         if args.precompute_ref_logps:
             reference += " (log-probs precomputed before training)"
         self.reference_precomputed = False
@@ -249,6 +270,7 @@ class PreferenceTrainer(Trainer):
 
         # -- data -------------------------------------------------------------------------------
         self.tokenization_stats: dict[str, Any] = {}
+        self.group_names: list[str] | None = None  # with `groups`: set from the training data
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
@@ -270,6 +292,7 @@ class PreferenceTrainer(Trainer):
         }
         self.bco_reward_shift = torch.zeros((), dtype=torch.float32)
         self.bco_count = 0
+        self.group_robust_alpha = self._initial_group_weights(args)
         self._staging_root: str | None = None
         self._deferred_push: str | None = None
 
@@ -316,6 +339,9 @@ class PreferenceTrainer(Trainer):
 
     def _prepare_dataset(self, data, tokenizer, args: PreferenceConfig, name: str):
         dataset = self._tokenized_dataset(data, tokenizer, args, name)
+        if self.user_tokens is not None and dataset is not None:
+            dataset = self.user_tokens.prefix_dataset(dataset, name, tokenizer.bos_token_id, INDEX_COLUMN)
+        dataset = self._with_groups(dataset, args, name)
         grouped = args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
         if dataset is None or not grouped or args.length_column_name in dataset.column_names:
             return dataset
@@ -606,7 +632,7 @@ class PreferenceTrainer(Trainer):
         metrics = {k: v for k, v in out.metrics.items()}
         metrics["logps/chosen"] = pol.sum[:b].detach()
         metrics["logps/rejected"] = pol.sum[b:].detach()
-        return per_example.mean(), metrics, per_example.detach()
+        return self._batch_loss(per_example, inputs, metrics, model.training), metrics, per_example.detach()
 
     def _from_every_process(self, values: Tensor) -> Tensor:
         """``values`` ``[n]`` of every process concatenated (sizes may differ); ``values`` itself in a
@@ -715,6 +741,115 @@ class PreferenceTrainer(Trainer):
         return loss.detach(), None, None
 
     # ------------------------------------------------------------------------------------------
+    # User groups (`groups`) and the group-robust objective (`group_robust`)
+    # ------------------------------------------------------------------------------------------
+    def _with_groups(self, dataset, args: PreferenceConfig, name: str):
+        """``dataset`` with each example's group index (`GROUP_COLUMN`) when ``groups`` is set. The
+        groups are those of the first dataset prepared (the training data), in sorted order."""
+        if args.groups is None or dataset is None:
+            return dataset
+        from prefkit.eval.personalized import resolve_groups
+
+        users = _user_ids(dataset, name)
+        try:
+            group_of = resolve_groups(args.groups, sorted(set(users)))
+        except ValueError as err:
+            raise ValueError(f"groups={args.groups!r}, {name} data: {err}") from err
+        if self.group_names is None:
+            self.group_names = sorted(set(group_of.values()))
+        unknown = sorted(set(group_of.values()) - set(self.group_names))
+        if unknown:
+            raise ValueError(
+                f"{name} data has group(s) {unknown} that the training data lacks (groups {self.group_names}); "
+                "every group needs training pairs"
+            )
+        index = {g: i for i, g in enumerate(self.group_names)}
+        if GROUP_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(GROUP_COLUMN)
+        return dataset.add_column(GROUP_COLUMN, [index[group_of[u]] for u in users])
+
+    def _initial_group_weights(self, args: PreferenceConfig) -> Tensor | None:
+        """group_robust's alpha at step 0: uniform over the training groups (float64, CPU); None without it."""
+        if not args.group_robust:
+            return None
+        if not self.group_names:
+            raise ValueError("group_robust needs training data with groups (train_dataset is missing)")
+        n = len(self.group_names)
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+    def _batch_loss(self, per_example: Tensor, inputs: dict[str, Any], metrics: dict[str, Tensor], train: bool):
+        """The batch's loss: the mean of ``per_example``, or with ``group_robust`` sum_g alpha_g L_g (alpha
+        updated first when training). With ``groups``, each group's loss and accuracy go into ``metrics``."""
+        if self.args.groups is None:
+            return per_example.mean()
+        groups = inputs.get(GROUP_COLUMN)
+        if groups is None:
+            raise KeyError(
+                f"groups is set but the batch has no {GROUP_COLUMN!r} column; a custom data_collator must pass it "
+                "through (the default collator does)"
+            )
+        accuracy = metrics.get("rewards/accuracies")
+        for index, name in enumerate(self.group_names):
+            mask = groups == index
+            metrics[f"group/{name}/loss"] = per_example.detach()[mask]
+            if accuracy is not None:
+                metrics[f"group/{name}/accuracy"] = accuracy[mask]
+        if self.group_robust_alpha is None:
+            return per_example.mean()
+        return self._group_robust_loss(per_example, groups, train)
+
+    def _group_robust_loss(self, per_example: Tensor, groups: Tensor, train: bool) -> Tensor:
+        """sum_g alpha_g L_g over the groups in the batch.
+
+        Training: the group sums and counts of every process are added up first, so alpha's update
+        sees the global batch's group means and stays the same on every process; each process returns
+        ``P * sum_g alpha_g S_g(local) / n_g(global)``, whose gradient, averaged over the ``P``
+        processes by DDP, is that of sum_g alpha_g L_g over the global batch. Evaluation: this
+        process's batch, alpha unchanged.
+        """
+        n = len(self.group_names)
+        sums, counts = group_loss_sums(per_example, groups, n)
+        if not train:
+            return group_robust_objective(sums / counts.clamp(min=1), self.group_robust_alpha, counts > 0)
+        totals = self._from_every_process(torch.cat([sums.detach(), counts]))
+        total_sums, total_counts = totals.view(-1, 2, n).sum(0)
+        present = total_counts > 0
+        means = (total_sums / total_counts.clamp(min=1)).cpu()
+        if torch.isfinite(means[present.cpu()]).all():  # otherwise the step stops with NonFiniteLossError
+            self.group_robust_alpha = exponentiated_gradient_step(
+                self.group_robust_alpha, means, present.cpu(), float(self.args.group_robust_step_size)
+            )
+        scaled = sums * self.accelerator.num_processes / total_counts.clamp(min=1)
+        return group_robust_objective(scaled, self.group_robust_alpha, present)
+
+    def _group_weight_logs(self) -> dict[str, float]:
+        """``group_robust/alpha/NAME``: the current group weights (nothing without group_robust)."""
+        if self.group_robust_alpha is None:
+            return {}
+        return {f"group_robust/alpha/{g}": a for g, a in zip(self.group_names, self.group_robust_alpha.tolist())}
+
+    def _group_robust_state(self) -> dict[str, Any]:
+        if self.group_robust_alpha is None:
+            return {}
+        return {"group_robust": {"groups": list(self.group_names), "alpha": self.group_robust_alpha.tolist()}}
+
+    def _load_group_robust_state(self, state: dict[str, Any], path: str) -> None:
+        if self.group_robust_alpha is None:
+            return
+        saved = state.get("group_robust")
+        if saved is None:
+            raise ValueError(
+                f"{path} has no group_robust weights (the run was saved without group_robust), so resuming "
+                "with group_robust would not continue the same run"
+            )
+        if list(saved["groups"]) != self.group_names:
+            raise ValueError(
+                f"{path} holds group_robust weights for groups {saved['groups']}, but this run's training data "
+                f"has groups {self.group_names}"
+            )
+        self.group_robust_alpha = torch.tensor([float(a) for a in saved["alpha"]], dtype=torch.float64)
+
+    # ------------------------------------------------------------------------------------------
     # Metrics
     # ------------------------------------------------------------------------------------------
     def _store_metrics(self, metrics: dict[str, Tensor], split: str) -> None:
@@ -732,6 +867,7 @@ class PreferenceTrainer(Trainer):
         out = {k: total_sums[k] / total_counts[k] for k in total_sums if total_counts[k] > 0}
         if self.loss_kind == "unpaired" and "rewards/chosen" in out and "rewards/rejected" in out:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        out.update(_worst_group_metrics(out))
         sums.clear()
         counts.clear()
         return out
@@ -754,6 +890,7 @@ class PreferenceTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             logs.update(self._pop_metrics("train"))
+            logs.update(self._group_weight_logs())
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -786,12 +923,19 @@ class PreferenceTrainer(Trainer):
         super()._push_from_checkpoint(checkpoint_folder)
 
     def prefkit_state(self) -> dict[str, Any]:
-        """Trainer-held state that checkpoints must carry (BCO's running reward shift)."""
-        return {"bco_reward_shift": float(self.bco_reward_shift), "bco_count": int(self.bco_count)}
+        """Trainer-held state that checkpoints must carry (BCO's running reward shift, group_robust's alpha)."""
+        state = {"bco_reward_shift": float(self.bco_reward_shift), "bco_count": int(self.bco_count)}
+        state.update(self._group_robust_state())
+        return state
 
     def load_prefkit_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, STATE_FILE)
         if not os.path.isfile(path):
+            if self.group_robust_alpha is not None:
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {STATE_FILE}: group_robust's group weights alpha cannot be restored, so "
+                    "resuming would not continue the same run"
+                )
             if self.ref_point_kind == "reward_shift":
                 raise FileNotFoundError(
                     f"{checkpoint} has no {STATE_FILE}: BCO's running reward shift cannot be restored, so "
@@ -802,6 +946,7 @@ class PreferenceTrainer(Trainer):
             state = json.load(fh)
         self.bco_reward_shift = torch.tensor(float(state["bco_reward_shift"]), dtype=torch.float32)
         self.bco_count = int(state["bco_count"])
+        self._load_group_robust_state(state, path)
 
     def _save_checkpoint(self, model, trial) -> None:
         """transformers' checkpoint, written into a staging folder and renamed into place.
@@ -933,6 +1078,8 @@ class PreferenceTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call=_internal_call)
+        if self.user_tokens is not None and self.args.should_save:
+            self.user_tokens.save(output_dir or self.args.output_dir, self.processing_class)
         target = os.path.abspath(output_dir or self.args.output_dir)
         if not _internal_call and target == os.path.abspath(self.args.output_dir) and self.state.global_step > 0:
             self.create_model_card()  # PEFT's save_pretrained writes its own README.md there
@@ -957,6 +1104,34 @@ def _is_peft_model(model) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+def _user_ids(dataset, name: str) -> list[str]:
+    """Each example's ``user_id`` (the column `prefkit.data.tokenize.tokenize_records` writes when a record
+    has one, or a tokenized dataset's own); an example without one is an error."""
+    users = dataset["user_id"] if "user_id" in dataset.column_names else [None] * len(dataset)
+    missing = [i for i, u in enumerate(users) if u is None or u == ""]
+    if missing:
+        rows, ids = dataset[INDEX_COLUMN], dataset[ID_COLUMN] if ID_COLUMN in dataset.column_names else None
+        where = [f"{rows[i]} (id {ids[i]})" if ids and ids[i] is not None else f"{rows[i]}" for i in missing[:5]]
+        raise ValueError(
+            f"groups is set but {len(missing)} {name} record(s) have no user_id (0-based rows {', '.join(where)}); "
+            "every pair needs its user's id to find its group"
+        )
+    return [str(u) for u in users]
+
+
+def _worst_group_metrics(out: dict[str, float]) -> dict[str, float]:
+    """``worst_group/loss`` (highest) and ``worst_group/accuracy`` (lowest) over the ``group/NAME/...``
+    averages in ``out``."""
+    worst = {}
+    losses = [v for k, v in out.items() if k.startswith("group/") and k.endswith("/loss")]
+    accuracies = [v for k, v in out.items() if k.startswith("group/") and k.endswith("/accuracy")]
+    if losses:
+        worst["worst_group/loss"] = max(losses)
+    if accuracies:
+        worst["worst_group/accuracy"] = min(accuracies)
+    return worst
 
 
 def _str_or_none(value) -> str | None:
