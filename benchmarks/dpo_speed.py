@@ -800,7 +800,12 @@ def results_section(key: str, body: list[str], opts: argparse.Namespace, info: d
 
 
 def section_key(name: str, opts: argparse.Namespace) -> str:
-    return name if (opts.device, opts.dtype) == ("cpu", "fp32") else f"{name}-{opts.device}-{opts.dtype}"
+    """The RESULTS.md section of a run: the configuration, then the device and dtype unless cpu/fp32, then
+    any --prefkit options (so a run with options does not replace the defaults' section)."""
+    key = name if (opts.device, opts.dtype) == ("cpu", "fp32") else f"{name}-{opts.device}-{opts.dtype}"
+    for option, value in opts.prefkit_options.items():
+        key += f"+{option}={value}"
+    return key
 
 
 def write_markdown(path: Path, report: dict[str, Any], opts: argparse.Namespace) -> None:
