@@ -82,6 +82,34 @@ def test_resume_continues_exactly(tokenizer, pref_args, make_pairs, make_unpaire
             assert after[step][key] == pytest.approx(reference[step][key], abs=1e-6), (step, key)
 
 
+def test_resuming_a_finished_run_trains_nothing(tokenizer, pref_args, make_pairs, tmp_path):
+    """The last step (5) falls in the middle of an epoch (3 steps of 2 pairs per epoch): transformers
+    alone would take a 6th step on resume; the run must stay at step 5 with the same weights."""
+
+    def trainer():
+        args = pref_args(
+            output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=2, save_strategy="steps", save_steps=5
+        )
+        return PreferenceTrainer(
+            build_tiny_llama(vocab_size=len(tokenizer), seed=0),
+            args,
+            train_dataset=make_pairs(6),
+            processing_class=tokenizer,
+        )
+
+    first = trainer()
+    first.train()
+    weights = {k: v.clone() for k, v in first.model.state_dict().items()}
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 5
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5"]
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    steps = [r["step"] for r in _rows(tmp_path)[1] if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and max(steps) == 5
+
+
 def test_bco_resume_without_state_file_is_an_error(tokenizer, pref_args, make_unpaired):
     args = pref_args(loss="bco", max_steps=2, save_strategy="steps", save_steps=2)
     trainer = PreferenceTrainer(

@@ -294,6 +294,7 @@ class PreferenceTrainer(Trainer):
         self.bco_count = 0
         self.group_robust_alpha = self._initial_group_weights(args)
         self._staging_root: str | None = None
+        self._resumed_complete = False  # set by _init_training_state: resumed at the last step, nothing to train
         self._deferred_push: str | None = None
 
         super().__init__(
@@ -891,6 +892,8 @@ class PreferenceTrainer(Trainer):
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             logs.update(self._pop_metrics("train"))
             logs.update(self._group_weight_logs())
+        if self._resumed_complete and "train_runtime" in logs:
+            logs.pop("train_loss", None)  # no step was taken: transformers reports 0.0
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -997,6 +1000,27 @@ class PreferenceTrainer(Trainer):
         if self._deferred_push is not None:
             self._deferred_push = None
             super()._push_from_checkpoint(final)
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        """transformers' resume state, except that a run resumed at (or past) its last step trains nothing.
+
+        transformers checks ``max_steps`` only after a step, so a run whose last checkpoint is its final
+        step, in the middle of an epoch, would otherwise take one more optimizer step (and write
+        ``checkpoint-{N+1}``) on ``--resume``. Returning ``num_train_epochs`` as the epochs already trained
+        leaves its epoch loop empty; the run then only finishes (final save, metrics) as usual.
+        """
+        epochs, steps = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        self._resumed_complete = resume_from_checkpoint is not None and self.state.global_step >= max_steps
+        if self._resumed_complete:
+            logger.info(
+                "resumed at step %d of max_steps %d: training is already complete", self.state.global_step, max_steps
+            )
+            return num_train_epochs, 0
+        return epochs, steps
 
     def train(
         self,
