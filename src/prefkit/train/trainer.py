@@ -122,6 +122,30 @@ class _TrackingCollator:
         return batch
 
 
+def pair_logps_batch(pol: LogpOutput, ref: LogpOutput | None, mask: Tensor, margin: Tensor | None, *, tokens: bool):
+    """The `PairLogps` of a pairwise batch's ``2B`` rows (chosen rows, then rejected rows): policy and
+    reference (None for reference-free losses) sums and token counts; with ``tokens``, also the
+    per-token log-probs, completion masks and logsumsq that token-level losses read."""
+    b = pol.sum.shape[0] // 2
+    batch = PairLogps(
+        policy_chosen=pol.sum[:b],
+        policy_rejected=pol.sum[b:],
+        chosen_len=pol.n_tokens[:b],
+        rejected_len=pol.n_tokens[b:],
+        ref_chosen=None if ref is None else ref.sum[:b],
+        ref_rejected=None if ref is None else ref.sum[b:],
+        margin=margin,
+    )
+    if tokens:
+        mask = mask.to(pol.sum.dtype)
+        batch.policy_chosen_tokens, batch.policy_rejected_tokens = pol.per_token[:b], pol.per_token[b:]
+        batch.chosen_mask, batch.rejected_mask = mask[:b], mask[b:]
+        batch.chosen_logsumsq, batch.rejected_logsumsq = pol.logsumsq[:b], pol.logsumsq[b:]
+        if ref is not None:
+            batch.ref_chosen_tokens, batch.ref_rejected_tokens = ref.per_token[:b], ref.per_token[b:]
+    return batch
+
+
 class PreferenceTrainer(Trainer):
     """Train a causal LM on pairwise or unpaired feedback with any registered loss(es).
 
@@ -611,22 +635,7 @@ class PreferenceTrainer(Trainer):
         tokens = self.needs_tokens
         pol = self._pair_logps(model, inputs, tokens=tokens, logsumsq=tokens)
         ref = self._pair_reference(model, inputs, pol, tokens=tokens) if self.needs_reference else None
-        mask = inputs["completion_mask"].to(pol.sum.dtype)
-        batch = PairLogps(
-            policy_chosen=pol.sum[:b],
-            policy_rejected=pol.sum[b:],
-            chosen_len=pol.n_tokens[:b],
-            rejected_len=pol.n_tokens[b:],
-            ref_chosen=None if ref is None else ref.sum[:b],
-            ref_rejected=None if ref is None else ref.sum[b:],
-            margin=inputs.get("margin"),
-        )
-        if tokens:
-            batch.policy_chosen_tokens, batch.policy_rejected_tokens = pol.per_token[:b], pol.per_token[b:]
-            batch.chosen_mask, batch.rejected_mask = mask[:b], mask[b:]
-            batch.chosen_logsumsq, batch.rejected_logsumsq = pol.logsumsq[:b], pol.logsumsq[b:]
-            if ref is not None:
-                batch.ref_chosen_tokens, batch.ref_rejected_tokens = ref.per_token[:b], ref.per_token[b:]
+        batch = pair_logps_batch(pol, ref, inputs["completion_mask"], inputs.get("margin"), tokens=tokens)
         out = combine_losses(batch, self.loss_names, self.loss_weights, self.loss_params)
         self._check_batch_coupled_weights(weight)
         per_example = out.loss * weight.to(out.loss.dtype)

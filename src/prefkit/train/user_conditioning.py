@@ -374,30 +374,6 @@ def pair_margins(
     return torch.cat(out)
 
 
-def _loss_batch(pol, ref, mask: Tensor, margin: Tensor, *, tokens: bool):
-    """The `PairLogps` of a ``2B``-row batch (``ref`` None for a reference-free loss)."""
-    from prefkit.losses import PairLogps
-
-    b = pol.sum.shape[0] // 2
-    batch = PairLogps(
-        policy_chosen=pol.sum[:b],
-        policy_rejected=pol.sum[b:],
-        chosen_len=pol.n_tokens[:b],
-        rejected_len=pol.n_tokens[b:],
-        ref_chosen=None if ref is None else ref.sum[:b],
-        ref_rejected=None if ref is None else ref.sum[b:],
-        margin=margin,
-    )
-    if tokens:
-        mask = mask.to(pol.sum.dtype)
-        batch.policy_chosen_tokens, batch.policy_rejected_tokens = pol.per_token[:b], pol.per_token[b:]
-        batch.chosen_mask, batch.rejected_mask = mask[:b], mask[b:]
-        batch.chosen_logsumsq, batch.rejected_logsumsq = pol.logsumsq[:b], pol.logsumsq[b:]
-        if ref is not None:
-            batch.ref_chosen_tokens, batch.ref_rejected_tokens = ref.per_token[:b], ref.per_token[b:]
-    return batch
-
-
 def _add_user_row(model: nn.Module, tokens: UserTokens, new_ids: list[int], vocab_size: int) -> None:
     """Start the new user's k-th row at the mean of the seen users' k-th rows."""
     _ensure_rows(model, vocab_size)
@@ -479,6 +455,7 @@ def fit_user(
     they are before the first step. Returns the last loss."""
     from prefkit.data.collators import PairwiseCollator
     from prefkit.losses.combine import combine_losses
+    from prefkit.train.trainer import pair_logps_batch
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or not lr > 0:
         raise ValueError(f"steps must be an int >= 1 and lr > 0, got steps={steps!r}, lr={lr!r}")
@@ -495,7 +472,7 @@ def fit_user(
 
     def objective() -> Tensor:
         pol = _pair_logps(policy, batch, tokens=spec.needs_tokens)
-        loss_batch = _loss_batch(pol, ref, batch["completion_mask"], batch["margin"], tokens=spec.needs_tokens)
+        loss_batch = pair_logps_batch(pol, ref, batch["completion_mask"], batch["margin"], tokens=spec.needs_tokens)
         return combine_losses(loss_batch, [loss], [1.0], params).loss.mean()
 
     final = _optimise_rows(policy, ids, objective, steps=steps, lr=lr)
