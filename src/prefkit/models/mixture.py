@@ -161,6 +161,25 @@ class MixtureBT(EmbeddingHead):
         per_row = F.logsigmoid(self.pair_logits(pairs))
         return per_row.new_zeros(len(self.users), self.k).index_add(0, rows, per_row)
 
+    def marginal_nll(self, pairs: EmbeddedPairs, log_mixing: Tensor | None = None) -> Tensor:
+        """Scalar ``-(1/N) sum_u log sum_k pi_k prod_{i in u} sigma(r_k(c_i) - r_k(r_i))`` over the users
+        with rows in ``pairs`` (``N`` rows): minus the mixture's log-likelihood per pair, the quantity
+        `fit` maximises by EM. Differentiable in the heads, the embeddings and ``log_mixing`` (``[K]``
+        log-probabilities; default ``log(mixing_weights)``), for gradient training
+        (`prefkit.models.end_to_end`)."""
+        rows = user_rows(pairs, self.users)
+        present = torch.bincount(rows, minlength=len(self.users)) > 0
+        log_pi = self.mixing_weights.log() if log_mixing is None else log_mixing
+        joint = log_pi + self._user_loglik(pairs, rows)
+        return -torch.logsumexp(joint[present], -1).sum() / len(pairs)
+
+    def set_posterior(self, pairs: EmbeddedPairs, mixing_weights: Tensor) -> None:
+        """Set ``pi`` to ``mixing_weights`` ``[K]`` and the responsibilities to each user's posterior over
+        the groups given ``pairs`` (an E-step; users without rows keep ``pi``): after gradient training."""
+        self.mixing_weights = mixing_weights.detach().clone()
+        rows = user_rows(pairs, self.users)
+        self._e_step(pairs, rows, torch.bincount(rows, minlength=len(self.users)) > 0, 0.0)
+
     def _penalty(self, l2: float) -> Tensor:
         return 0.5 * l2 * sum(p.pow(2).sum() for p in self.heads.parameters())
 

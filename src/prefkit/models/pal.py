@@ -191,6 +191,13 @@ class PAL(EmbeddingHead):
         self.eval()
         return history
 
+    def objective(self, pairs: EmbeddedPairs) -> Tensor:
+        """Scalar mean Bradley-Terry loss of ``pairs``, each row with its own user's weights: the loss
+        `fit` minimises, differentiable in the head and in the embeddings (so a backbone can be trained
+        through it, `prefkit.models.end_to_end`)."""
+        weights = self.user_logits.softmax(-1)[user_rows(pairs, self.users)]
+        return self._bt_loss(pairs.chosen, pairs.rejected, weights).mean()
+
     def _bt_loss(self, chosen: Tensor, rejected: Tensor, weights: Tensor) -> Tensor:
         """Per-pair Bradley-Terry negative log-likelihood ``-log sigma(r_u(chosen) - r_u(rejected))`` (the
         registered ``bt`` loss; written out here because models do not import losses)."""

@@ -13,6 +13,11 @@ preference a pair is (mixture of Bradley-Terry by EM, PAL, VPL, MiCRo) on frozen
    re-run), ``metrics.jsonl`` (the fit's history), ``heldout.jsonl`` (the held-out pairs), ``README.md``
    (the model card) and ``eval/`` (`prefkit.eval.personalized` on the held-out pairs).
 
+With ``end_to_end: true`` in the ``personalized:`` section (PAL and mixture_bt; `EndToEndParams`), steps 3-4
+become one: the backbone is trained together with the head (`prefkit.models.end_to_end`), saved to
+``output_dir/backbone/``, and the written ``personalized.yaml`` points ``model`` at it, so that
+``prefkit eval rm`` embeds with the trained backbone.
+
 The config is one YAML mapping: the keys of `PersonalizedConfig` at the top, and the ``personalized:``
 mapping holding ``method`` and that method's hyper-parameters (`METHODS`). Overrides are ``key=value``
 and ``personalized.key=value``. Unknown keys are errors that name the closest valid key.
@@ -42,12 +47,14 @@ from prefkit.train.config import ConfigError, parse_overrides
 
 __all__ = [
     "METHODS",
+    "EndToEndParams",
     "MiCRoParams",
     "MixtureBTParams",
     "PALParams",
     "PersonalizedConfig",
     "VPLParams",
     "embed_records",
+    "fit_end_to_end",
     "is_personalized_config",
     "load_backbone",
     "load_personalized_config",
@@ -135,6 +142,22 @@ class MiCRoParams:
     adapt_lr: float = field(default=5e-2, metadata={"help": "Eval: learning rate of those steps."})
     log_every: int = field(default=50, metadata={"help": "Log every this many steps."})
 
+
+@dataclass
+class EndToEndParams:
+    """``end_to_end: true`` in the ``personalized:`` section: train the backbone together with the head
+    (`prefkit.models.end_to_end`; PAL and mixture_bt) instead of fitting the head on frozen embeddings.
+    ``lr``, ``batch_size`` and ``epochs`` are the method's own where it has them (PAL)."""
+
+    end_to_end: bool = field(default=False, metadata={"help": "Train backbone and head together (pal, mixture_bt)."})
+    backbone_lr: float | None = field(default=None, metadata={"help": "End to end: backbone learning rate (None: lr)."})
+    lr: float = field(default=1e-3, metadata={"help": "End to end: AdamW learning rate of the head."})
+    batch_size: int = field(default=8, metadata={"help": "End to end: pairs per step."})
+    epochs: int = field(default=1, metadata={"help": "End to end: passes over the training pairs."})
+
+
+END_TO_END_METHODS = ("pal", "mixture_bt")
+END_TO_END_SHARED = ("lr", "batch_size", "epochs")
 
 METHODS: dict[str, type] = {"mixture_bt": MixtureBTParams, "pal": PALParams, "vpl": VPLParams, "micro": MiCRoParams}
 PAPERS = {
@@ -234,6 +257,11 @@ class PersonalizedConfig:
         return self.personalized["method"]
 
     @property
+    def end_to_end(self) -> EndToEndParams:
+        """The end-to-end switch and its hyper-parameters (`EndToEndParams`)."""
+        return self.personalized.get("end_to_end") or EndToEndParams()
+
+    @property
     def params(self):
         """The method's hyper-parameters (a `METHODS` dataclass)."""
         return self.personalized["params"]
@@ -297,7 +325,23 @@ def _method_section(section: Any, source: str) -> dict[str, Any]:
     if method not in METHODS:
         raise ConfigError(f"{source}: personalized.method must be one of {', '.join(METHODS)}, got {method!r}")
     params = {k: v for k, v in section.items() if k != "method"}
-    return {"method": method, "params": _build(METHODS[method], params, f" personalized ({method}) in {source}")}
+    where = f" personalized ({method}) in {source}"
+    switch = {k: params.pop(k) for k in ("end_to_end", "backbone_lr") if k in params}
+    if switch.get("end_to_end") is not True:
+        if switch.get("end_to_end", False) is not False or "backbone_lr" in switch:
+            raise ConfigError(f"{source}: personalized.end_to_end must be true or false, and backbone_lr needs it true")
+        return {"method": method, "params": _build(METHODS[method], params, where)}
+    if method not in END_TO_END_METHODS:
+        raise ConfigError(f"{source}: end_to_end: true is for {' and '.join(END_TO_END_METHODS)}, not {method}")
+    own = {f.name for f in dataclasses.fields(METHODS[method])}
+    shared = {k: params[k] for k in END_TO_END_SHARED if k in params}
+    method_params = _build(METHODS[method], {k: v for k, v in params.items() if k in own or k not in shared}, where)
+    shared.update({k: getattr(method_params, k) for k in END_TO_END_SHARED if k in own})
+    return {
+        "method": method,
+        "params": method_params,
+        "end_to_end": _build(EndToEndParams, {**switch, **shared}, where),
+    }
 
 
 def parse_personalized_config(
@@ -344,7 +388,10 @@ def load_personalized_config(path: str | Path, overrides: Sequence[str] = ()) ->
 def config_to_dict(config: PersonalizedConfig) -> dict[str, Any]:
     """The resolved config as a mapping `parse_personalized_config` reads back."""
     out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "personalized"}
-    return {"personalized": {"method": config.method, **dataclasses.asdict(config.params)}, **out}
+    section = {"method": config.method, **dataclasses.asdict(config.params)}
+    if config.end_to_end.end_to_end:
+        section.update(dataclasses.asdict(config.end_to_end))
+    return {"personalized": section, **out}
 
 
 # ------------------------------------------------------------------------------------------
@@ -527,6 +574,66 @@ def _fit_micro(pairs, p: MiCRoParams, seed):
 _FITTERS = {"mixture_bt": _fit_mixture_bt, "pal": _fit_pal, "vpl": _fit_vpl, "micro": _fit_micro}
 
 
+def fit_end_to_end(train_records, backbone, config: PersonalizedConfig, say: Callable[[str], None] = print):
+    """``(head, history)``: the method's head trained together with ``backbone`` (``(model, tokenizer)``,
+    updated in place) on ``train_records`` (`prefkit.models.end_to_end.train_end_to_end`)."""
+    from prefkit.models.end_to_end import EndToEndRewardModel, tokenize_pairs, train_end_to_end
+    from prefkit.models.mixture import MixtureBT
+    from prefkit.models.pal import PAL
+
+    model, tokenizer = backbone
+    users = sorted({r.user_id for r in train_records})
+    p, e = config.params, config.end_to_end
+    dim = getattr(model, "base_model", model).config.hidden_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.method == "pal":
+            head = PAL(dim, p.k, variant=p.variant, pref_dim=p.pref_dim, hidden_size=p.hidden_size, users=users)
+        else:
+            head = MixtureBT(dim, p.k, hidden_size=p.hidden_size, users=users)
+        wrapper = EndToEndRewardModel(model, head, config.pooling)
+        data = tokenize_pairs(
+            train_records, tokenizer, users, max_length=config.max_length, max_prompt_length=config.max_prompt_length
+        )
+        say(
+            f"training {config.method} end to end with the backbone on {len(data)} pairs of {len(users)} users "
+            f"({e.epochs} epochs, batch {e.batch_size}, lr {e.lr}, backbone lr {e.backbone_lr or e.lr})"
+        )
+        losses = train_end_to_end(
+            wrapper,
+            data,
+            tokenizer,
+            epochs=e.epochs,
+            batch_size=e.batch_size,
+            lr=e.lr,
+            backbone_lr=e.backbone_lr,
+            seed=config.seed,
+        )
+    return head, [{"stage": "end_to_end", "step": i + 1, "objective": v} for i, v in enumerate(losses)]
+
+
+def _train_accuracy(head, pairs: EmbeddedPairs) -> float:
+    with torch.no_grad():
+        correct = head.pair_correct(pairs) if hasattr(head, "pair_correct") else head.pair_logits(pairs) > 0
+    return float(correct.float().mean())
+
+
+def _embed_uncached(records, backbone, config: PersonalizedConfig) -> EmbeddedPairs:
+    from prefkit.models.embeddings import embed_pairs
+
+    model, tokenizer = backbone
+    return embed_pairs(
+        records,
+        model,
+        tokenizer,
+        pooling=config.pooling,
+        batch_size=config.embed_batch_size,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        progress=config.progress,
+    )
+
+
 def _history_line(row: Mapping[str, Any]) -> str:
     parts = []
     for key, value in row.items():
@@ -609,18 +716,32 @@ def train_personalized(config: PersonalizedConfig, say: Callable[[str], None] = 
         f"training on {len(train_rows)}, holding out {len(held_rows)} ({len(unseen)} unseen users)"
     )
     backbone = load_backbone(config)
-    say(f"embedding with {config.model} ({config.pooling} pooling), cache in {config.cache_root}")
-    pairs = embed_records(records, backbone, config, config.train_file)
-    train_pairs = reindex_users(pairs.subset(train_rows))
-    say(f"fitting {config.method} on {len(train_pairs)} pairs of {len(train_pairs.users)} users (dim {pairs.dim})")
-    head, history, extra = fit_head(train_pairs, config)
+    if config.end_to_end.end_to_end:
+        head, history = fit_end_to_end([records[i] for i in train_rows], backbone, config, say)
+        extra, saved = {}, _save_backbone(backbone, config, out)
+        say(f"embedding the pairs with the trained backbone ({config.pooling} pooling, not cached)")
+        pairs = _embed_uncached(records, backbone, config)
+        train_pairs = reindex_users(pairs.subset(train_rows))
+        history.append({"stage": "final", "train_accuracy": _train_accuracy(head, train_pairs)})
+    else:
+        saved = config
+        say(f"embedding with {config.model} ({config.pooling} pooling), cache in {config.cache_root}")
+        pairs = embed_records(records, backbone, config, config.train_file)
+        train_pairs = reindex_users(pairs.subset(train_rows))
+        say(f"fitting {config.method} on {len(train_pairs)} pairs of {len(train_pairs.users)} users (dim {pairs.dim})")
+        head, history, extra = fit_head(train_pairs, config)
     _print_history(history, say)
 
     head.save_pretrained(str(out))
     (out / USERS_FILE).write_text(json.dumps({"users": train_pairs.users, **extra}, indent=1) + "\n")
     (out / CONFIG_FILE).write_text(
         "# Resolved prefkit personalized config: `prefkit train THIS_FILE` re-runs it.\n"
-        + yaml.safe_dump(config_to_dict(config), sort_keys=False)
+        + (
+            "# End to end: `model` is the trained backbone (backbone/), which `prefkit eval rm` embeds with.\n"
+            if saved is not config
+            else ""
+        )
+        + yaml.safe_dump(config_to_dict(saved), sort_keys=False)
     )
     with open(out / "metrics.jsonl", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in history)
@@ -629,7 +750,11 @@ def train_personalized(config: PersonalizedConfig, say: Callable[[str], None] = 
     if config.eval_file:
         eval_data = config.eval_file
         eval_records = load_records(eval_data, kind="pairwise", column_map=config.column_map)
-        eval_pairs = embed_records(eval_records, backbone, config, eval_data)
+        eval_pairs = (
+            _embed_uncached(eval_records, backbone, config)
+            if config.end_to_end.end_to_end
+            else embed_records(eval_records, backbone, config, eval_data)
+        )
     elif held_rows:
         eval_data = str(out / HELDOUT_FILE)
         write_records([records[i] for i in held_rows], eval_data)
@@ -644,13 +769,28 @@ def train_personalized(config: PersonalizedConfig, say: Callable[[str], None] = 
     return PersonalizedRun(out, head, history, evaluation)
 
 
+def _save_backbone(backbone, config: PersonalizedConfig, out: Path) -> PersonalizedConfig:
+    """Write the trained backbone and its tokenizer to ``out/backbone``; return ``config`` pointing
+    ``model`` at it (what `prefkit eval rm` loads to embed pairs)."""
+    model, tokenizer = backbone
+    folder = out / "backbone"
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return dataclasses.replace(config, model=str(folder.resolve()), tokenizer=None, backbone_layers=None)
+
+
 def _write_model_card(out: Path, config, n_pairs: int, users, history, evaluation) -> None:
     final = next((row for row in reversed(history) if row.get("stage") == "final"), history[-1])
     lines = [
         f"# {config.method} personalized reward head",
         "",
         f"- Method: `{config.method}` (`prefkit.models`); paper: {PAPERS[config.method]}.",
-        f"- Backbone (frozen, embeds each prompt + response): `{config.model}`, {config.pooling} pooling.",
+        (
+            f"- Backbone (trained end to end with the head, in `backbone/`): from `{config.model}`, "
+            if config.end_to_end.end_to_end
+            else f"- Backbone (frozen, embeds each prompt + response): `{config.model}`, "
+        )
+        + f"{config.pooling} pooling.",
         f"- Data: `{config.train_file}`: {n_pairs} training pairs of {len(users)} users"
         + (f"; {len(config.unseen_users)} unseen users held out" if isinstance(config.unseen_users, list) else "")
         + ".",

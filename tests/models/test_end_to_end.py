@@ -1,0 +1,191 @@
+"""PAL and MixtureBT trained end to end on a tiny Llama: gradients reach the backbone, the frozen
+backbone reproduces the embedding path, and two users with opposite preferences are both served."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefkit.data.records import PairwiseRecord
+from prefkit.models.embeddings import embed_pairs
+from prefkit.models.end_to_end import EndToEndRewardModel, tokenize_pairs, train_end_to_end
+from prefkit.models.mixture import MixtureBT
+from prefkit.models.pal import PAL
+from prefkit.models.tiny import build_tiny_llama
+from prefkit.train.config import ConfigError
+from prefkit.train.personalized import load_personalized_config, parse_personalized_config
+
+USERS = ["alice", "bob"]
+HIDDEN = 32
+
+
+def opposite_records(n_prompts=6):
+    """Every pair labelled by both users, alice preferring the "yes" answer and bob the "no" one."""
+    records = []
+    for i in range(n_prompts):
+        yes, no = f"yes, sure {i}", f"no way {i}"
+        records.append(PairwiseRecord(f"q{i}?", yes, no, user_id="alice", id=f"a{i}"))
+        records.append(PairwiseRecord(f"q{i}?", no, yes, user_id="bob", id=f"b{i}"))
+    return records
+
+
+def backbone(tokenizer):
+    return build_tiny_llama(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, num_layers=1, num_heads=2, intermediate_size=64, seed=0
+    )
+
+
+def make_head(kind, k=2):
+    torch.manual_seed(0)
+    if kind == "pal":
+        return PAL(HIDDEN, k, variant="mixture", users=USERS)
+    return MixtureBT(HIDDEN, k, users=USERS)
+
+
+def per_user_accuracy(model, data, tokenizer):
+    """``{user: fraction of their pairs ranked right}`` with each user's own reward."""
+    pairs = model.embed_pairs(data, tokenizer)
+    if isinstance(model.head, PAL):
+        correct = model.head.pair_logits(pairs) > 0
+    else:
+        correct = model.head.pair_correct(pairs)
+    return {u: float(correct[pairs.user_index == i].float().mean()) for i, u in enumerate(USERS)}
+
+
+@pytest.mark.parametrize("kind", ["pal", "mixture"])
+def test_gradients_reach_backbone_and_head_and_loss_decreases(tokenizer, kind):
+    model = EndToEndRewardModel(backbone(tokenizer), make_head(kind), pooling="mean")
+    data = tokenize_pairs(opposite_records(), tokenizer, model.users)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    history = train_end_to_end(model, data, tokenizer, epochs=10, batch_size=len(data), lr=0.05, backbone_lr=1e-2)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert any(name.startswith("backbone.") for name in changed)
+    assert any(name.startswith("head.") for name in changed)
+    assert ("mixing_logits" in changed) == (kind == "mixture")
+    assert len(history) == 10 and history[-1] < history[0]
+
+
+@pytest.mark.parametrize("kind", ["pal", "mixture"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_frozen_backbone_matches_embedding_path(tokenizer, kind, pooling):
+    lm = backbone(tokenizer)
+    model = EndToEndRewardModel(lm, make_head(kind), pooling=pooling)
+    records = opposite_records()
+    data = tokenize_pairs(records, tokenizer, model.users)
+    frozen = {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
+    train_end_to_end(model, data, tokenizer, epochs=3, batch_size=4, lr=0.05, backbone_lr=0.0)
+    assert all(torch.equal(p, frozen[name]) for name, p in model.backbone.named_parameters())
+    cached = embed_pairs(records, lm, tokenizer, pooling=pooling, progress=False)
+    with torch.no_grad():
+        end_to_end = model(data.batch(list(range(len(data))), tokenizer.pad_token_id))
+        if kind == "pal":
+            embedding_path = model.head.objective(cached)
+        else:
+            embedding_path = model.head.marginal_nll(cached, model.mixing_logits.log_softmax(-1))
+    assert float(end_to_end) == pytest.approx(float(embedding_path), abs=1e-5)
+
+
+def test_opposite_users_beat_pooled_bt(tokenizer):
+    """Each pair is labelled both ways, so a pooled reward is right for exactly one of the two users on
+    every pair: its two per-user accuracies sum to at most 1 and the worse one is <= 0.5. A
+    personalized head can rank every pair right for both users."""
+    records = opposite_records()
+    scores = {}
+    for name, head in [
+        ("pooled", make_head("mixture", k=1)),
+        ("pal", make_head("pal")),
+        ("mixture", make_head("mixture")),
+    ]:
+        model = EndToEndRewardModel(backbone(tokenizer), head, pooling="mean")
+        data = tokenize_pairs(records, tokenizer, model.users)
+        train_end_to_end(model, data, tokenizer, epochs=30, batch_size=len(data), lr=0.05, backbone_lr=1e-2)
+        scores[name] = min(per_user_accuracy(model, data, tokenizer).values())
+    assert scores["pooled"] <= 0.5
+    assert scores["pal"] == 1.0
+    assert scores["mixture"] == 1.0
+
+
+def test_mixture_posterior_separates_users(tokenizer):
+    model = EndToEndRewardModel(backbone(tokenizer), make_head("mixture"), pooling="mean")
+    data = tokenize_pairs(opposite_records(), tokenizer, model.users)
+    train_end_to_end(model, data, tokenizer, epochs=30, batch_size=len(data), lr=0.05, backbone_lr=1e-2)
+    groups = model.head.predict_group(USERS)
+    assert groups[0] != groups[1]
+    assert torch.allclose(model.head.mixing_weights, model.mixing_logits.softmax(-1))
+
+
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    model = EndToEndRewardModel(backbone(tokenizer), make_head("pal"), pooling="mean")
+    data = tokenize_pairs(opposite_records(2), tokenizer, model.users)
+    train_end_to_end(model, data, tokenizer, epochs=2, batch_size=4, lr=0.05)
+    model.save_pretrained(str(tmp_path / "rm"))
+    loaded = EndToEndRewardModel.from_pretrained(str(tmp_path / "rm"))
+    batch = data.batch([0, 1, 2, 3], tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert float(loaded(batch)) == pytest.approx(float(model(batch)), abs=1e-6)
+    assert loaded.pooling == "mean" and loaded.users == USERS
+
+
+def test_bad_inputs(tokenizer):
+    with pytest.raises(ValueError, match="hidden size is 32"):
+        EndToEndRewardModel(backbone(tokenizer), PAL(8, 2, users=USERS))
+    with pytest.raises(ValueError, match="has no users"):
+        EndToEndRewardModel(backbone(tokenizer), PAL(HIDDEN, 2))
+    stranger = [PairwiseRecord("q?", "a", "b", user_id="carol", id="c0")]
+    with pytest.raises(ValueError, match="record 0 \\(id 'c0'\\) has user_id 'carol', unknown"):
+        tokenize_pairs(stranger, tokenizer, USERS)
+
+
+# ---- `prefkit train` with `end_to_end: true`, then `prefkit eval rm` --------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TINY = ["model=tiny", "tiny_hidden_size=16", "tiny_num_layers=1", "progress=false", "shot_draws=1", "shots=[1]"]
+
+
+def test_config_end_to_end_trains_saves_backbone_and_eval_reloads_it(tmp_path):
+    from prefkit.cli import main
+
+    out, report = tmp_path / "run", tmp_path / "eval"
+    argv = [
+        "train",
+        str(EXAMPLES / "personalized_mixture_bt.yaml"),
+        *TINY,
+        f"train_file={EXAMPLES / 'data' / 'groups_pairs.jsonl'}",
+        f"output_dir={out}",
+        "personalized.end_to_end=true",
+        "personalized.epochs=1",
+        "personalized.batch_size=32",
+        "personalized.backbone_lr=1e-3",
+    ]
+    assert main(argv) == 0
+    config = load_personalized_config(out / "personalized.yaml")
+    assert config.model == str((out / "backbone").resolve()) and config.end_to_end.end_to_end
+    assert (config.end_to_end.epochs, config.end_to_end.batch_size, config.end_to_end.backbone_lr) == (1, 32, 1e-3)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["stage"] == "end_to_end" and history[-1]["stage"] == "final"
+    # `prefkit eval rm` embeds with the trained backbone: the same seen-user accuracy as the run's own eval
+    assert main(["eval", "rm", "--model", str(out), "--data", str(out / "heldout.jsonl"), "--output", str(report)]) == 0
+    ours = json.loads((out / "eval" / "results.json").read_text())["seen"]["accuracy"]
+    assert json.loads((report / "results.json").read_text())["seen"]["accuracy"] == pytest.approx(ours)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"method": "vpl", "end_to_end": True}, "end_to_end: true is for pal and mixture_bt, not vpl"),
+        ({"method": "pal", "backbone_lr": 0.1}, "backbone_lr needs it true"),
+        ({"method": "mixture_bt", "epochs": 3}, "unknown config key 'epochs'"),
+    ],
+)
+def test_config_end_to_end_errors(section, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_personalized_config({"personalized": section})
+
+
+def test_config_end_to_end_shares_pal_hyper_parameters():
+    config = parse_personalized_config({"personalized": {"method": "pal", "end_to_end": True, "epochs": 4}})
+    assert (config.params.epochs, config.end_to_end.epochs) == (4, 4)
+    assert config.end_to_end.lr == config.params.lr  # PAL's own default learning rate
+    mixture = parse_personalized_config({"personalized": {"method": "mixture_bt", "end_to_end": True, "epochs": 4}})
+    assert mixture.end_to_end.epochs == 4 and mixture.end_to_end.backbone_lr is None
