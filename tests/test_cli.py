@@ -53,9 +53,7 @@ def test_train_writes_config_metrics_card_and_model(tmp_path, capsys):
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert (
-        resolved["loss_params"] == {"beta": 0.2}
-        and resolved["max_steps"] == 4
-        and resolved["train_file"] == str(PAIRS)
+        resolved["loss_params"] == {"beta": 0.2} and resolved["max_steps"] == 4 and resolved["train_file"] == str(PAIRS)
     )
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -127,6 +127,7 @@ def test_llmbar_natural_with_a_tiny_model(tmp_path, reward_model_dir):
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["n_records"] == 100 and results["metrics"]["subsets"]["natural"]["n"] == 100
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 

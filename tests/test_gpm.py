@@ -224,6 +224,7 @@ def test_rps_end_to_end_on_a_tiny_llama(tokenizer, rps_args):
     assert _ordered_accuracy(lambda a, b: rewards[a] - rewards[b]) <= 2 / 3
     assert math.isfinite(sum(rewards.values()))
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 

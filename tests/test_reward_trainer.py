@@ -153,4 +153,3 @@ def test_reward_config_errors(tmp_path, monkeypatch, capsys):
     assert "uses no reference model" in capsys.readouterr().err
     assert main([*run, "loss_params.center_cof=0.1"]) == 2
     assert "Did you mean 'center_coef'" in capsys.readouterr().err
-

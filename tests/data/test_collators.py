@@ -107,8 +107,7 @@ def test_pairwise_ignores_extra_keys_defaults_and_passes_user_id():
 def test_pairwise_accepts_tensor_rows():
     examples = [{k: torch.tensor(v) for k, v in ex.items()} for ex in PAIR_EXAMPLES]
     assert (
-        PairwiseCollator(0)(examples)["input_ids"].tolist()
-        == PairwiseCollator(0)(PAIR_EXAMPLES)["input_ids"].tolist()
+        PairwiseCollator(0)(examples)["input_ids"].tolist() == PairwiseCollator(0)(PAIR_EXAMPLES)["input_ids"].tolist()
     )
 
 
@@ -130,9 +129,7 @@ def test_pairwise_round_trip_through_dataset_and_dataloader(tokenizer):
         PairwiseRecord(prompt="naïve?", chosen=" é ok", rejected=" 日本"),
     ]
     ds, _ = tokenize_records(records, tokenizer, progress=False)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=3, collate_fn=PairwiseCollator(tokenizer.pad_token_id)
-    )
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=PairwiseCollator(tokenizer.pad_token_id))
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 6
     assert batch["user_id"] == ["u", "v", None]
@@ -242,16 +239,11 @@ def test_unpaired_round_trip_with_chat_records(tokenizer):
     ds, _ = tokenize_records(records, tokenizer, progress=False)
     batch = UnpairedCollator(tokenizer.pad_token_id)([ds[0], ds[1]])
     # The chat template closes each turn with "</s>\n"; that is the completion, with its one EOS.
-    decoded = [
-        tokenizer.decode(batch["input_ids"][i][batch["completion_mask"][i].bool()].tolist()) for i in range(2)
-    ]
+    decoded = [tokenizer.decode(batch["input_ids"][i][batch["completion_mask"][i].bool()].tolist()) for i in range(2)]
     assert decoded == ["hello</s>\n", "go away</s>\n"]
     kl = [  # B = 2: each KL row carries the other example's completion
-        tokenizer.decode(batch["kl_input_ids"][i][batch["kl_completion_mask"][i].bool()].tolist())
-        for i in range(2)
+        tokenizer.decode(batch["kl_input_ids"][i][batch["kl_completion_mask"][i].bool()].tolist()) for i in range(2)
     ]
     assert kl == ["go away</s>\n", "hello</s>\n"]
     full = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist())
-    assert full == tokenizer.apply_chat_template(
-        prompt + [{"role": "assistant", "content": "hello"}], tokenize=False
-    )
+    assert full == tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "hello"}], tokenize=False)

@@ -106,12 +106,7 @@ def test_stats_counts_and_byte_token_lengths(cli, tmp_path, capsys):
     assert stats["tokens"]["rejected"]["max"] == len("Go away.")
     assert cli(["data", "stats", path]) == 0
     text = capsys.readouterr().out
-    assert (
-        "kind: pairwise   rows: 3" in text
-        and "users: 2 distinct" in text
-        and "prompt" in text
-        and "p99" in text
-    )
+    assert "kind: pairwise   rows: 3" in text and "users: 2 distinct" in text and "prompt" in text and "p99" in text
 
 
 def test_stats_chat_records_use_the_chat_template_and_a_tokenizer_path(cli, tmp_path, capsys):
@@ -162,10 +157,7 @@ def test_convert_ranked_jsonl_to_pairwise_parquet(cli, tmp_path, capsys):
     write_records([RankedRecord("p", ["a", "b", "c"], ranking=[2, 0, 1], id="q")], src)
     out = tmp_path / "pairs.parquet"
     assert cli(["data", "convert", str(src), str(out), "--to", "pairwise", "--mode", "adjacent"]) == 0
-    assert (
-        capsys.readouterr().out.strip()
-        == f"wrote 2 pairwise records to {out} (from 1 ranked records in {src})"
-    )
+    assert capsys.readouterr().out.strip() == f"wrote 2 pairwise records to {out} (from 1 ranked records in {src})"
     assert [(r.chosen, r.rejected, r.id) for r in load_records(str(out))] == [
         ("c", "a", "q:2>0"),
         ("a", "b", "q:0>1"),
@@ -223,9 +215,7 @@ def test_convert_rated_with_weights_and_min_gap(cli, tmp_path, capsys):
         )
         == 0
     )
-    assert [(r.chosen, r.rejected) for r in load_records(str(out))] == [
-        ("a", "b")
-    ]  # a gap must exceed --min-gap
+    assert [(r.chosen, r.rejected) for r in load_records(str(out))] == [("a", "b")]  # a gap must exceed --min-gap
     assert cli(["data", "convert", str(src), str(out), "--to", "pairwise", "--weights", "h=x"]) == 2
     assert "bad weight 'h=x'" in capsys.readouterr().err
     assert (

@@ -76,9 +76,7 @@ def test_rated_weighted_sum_and_min_gap():
     assert pairs(out) == [("a", "d"), ("b", "d")]
     assert [p.margin for p in out] == [0.5, 0.5]
     assert rated_to_pairwise(RATED, attribute="help", min_gap=1.0) == [
-        PairwiseRecord(
-            "p", "a", "b", user_id="u1", margin=2.0, chosen_score=4.0, rejected_score=2.0, id="1>2"
-        ),
+        PairwiseRecord("p", "a", "b", user_id="u1", margin=2.0, chosen_score=4.0, rejected_score=2.0, id="1>2"),
         PairwiseRecord("p", "d", "b", margin=1.5, chosen_score=3.5, rejected_score=2.0, id="4>2"),
     ]
 
@@ -92,9 +90,7 @@ def test_rated_by_user_and_single_rating_default():
 def test_rated_errors():
     with pytest.raises(ValueError, match="rated record 1: the record has several ratings"):
         rated_to_pairwise(RATED)
-    with pytest.raises(
-        ValueError, match=r"rated record 1: rating 'honest' missing; the record has \['help', 'safe'\]"
-    ):
+    with pytest.raises(ValueError, match=r"rated record 1: rating 'honest' missing; the record has \['help', 'safe'\]"):
         rated_to_pairwise(RATED, attribute="honest")
     with pytest.raises(ValueError, match="either attribute or weights"):
         rated_to_pairwise(RATED, attribute="help", weights={"help": 1.0})
@@ -103,9 +99,7 @@ def test_rated_errors():
 
 
 def test_pairwise_to_unpaired():
-    out = pairwise_to_unpaired(
-        [PairwiseRecord("p", "good", "bad", user_id="u", weight=0.5, margin=2.0, id="7")]
-    )
+    out = pairwise_to_unpaired([PairwiseRecord("p", "good", "bad", user_id="u", weight=0.5, margin=2.0, id="7")])
     assert out == [
         UnpairedRecord("p", "good", True, user_id="u", weight=0.5, id="7:chosen"),
         UnpairedRecord("p", "bad", False, user_id="u", weight=0.5, id="7:rejected"),

@@ -52,8 +52,7 @@ EMPTY_CHOSEN = {
 # The two dialogues part in an earlier assistant turn; one continues with more turns.
 EARLY_SPLIT = {
     "chosen": (
-        "\n\nHuman: Are drag queens men?\n\nAssistant: Usually, yes."
-        "\n\nHuman: Why?\n\nAssistant: It is a tradition."
+        "\n\nHuman: Are drag queens men?\n\nAssistant: Usually, yes.\n\nHuman: Why?\n\nAssistant: It is a tradition."
     ),
     "rejected": "\n\nHuman: Are drag queens men?\n\nAssistant: No, never.",
 }
@@ -91,9 +90,7 @@ def test_split_when_replies_share_their_first_words():
 
 def test_split_with_empty_reply_and_early_divergence():
     prompt, chosen, rejected = split_hh_pair(**EMPTY_CHOSEN)
-    assert (
-        prompt.endswith("again?\n\nAssistant:") and chosen == "" and rejected == "Sure, it is 12 Elm Street."
-    )
+    assert prompt.endswith("again?\n\nAssistant:") and chosen == "" and rejected == "Sure, it is 12 Elm Street."
     prompt, chosen, rejected = split_hh_pair(**EARLY_SPLIT)
     assert prompt == "\n\nHuman: Are drag queens men?\n\nAssistant:"
     assert chosen == "Usually, yes.\n\nHuman: Why?\n\nAssistant: It is a tradition."

@@ -61,9 +61,7 @@ def write_csv(path, rows, columns):
         w = csv.writer(f)
         w.writerow(columns)
         for row in rows:
-            w.writerow(
-                [row.get(c, "") if isinstance(row.get(c, ""), str) else json.dumps(row[c]) for c in columns]
-            )
+            w.writerow([row.get(c, "") if isinstance(row.get(c, ""), str) else json.dumps(row[c]) for c in columns])
     return str(path)
 
 
@@ -91,9 +89,7 @@ def test_json_that_is_not_a_list(tmp_path):
 
 
 def test_csv_parses_json_cells(tmp_path):
-    path = write_csv(
-        tmp_path / "a.csv", ROWS, ["prompt", "chosen", "rejected", "user_id", "weight", "margin", "id"]
-    )
+    path = write_csv(tmp_path / "a.csv", ROWS, ["prompt", "chosen", "rejected", "user_id", "weight", "margin", "id"])
     assert load_records(path) == EXPECTED
 
 
@@ -171,9 +167,7 @@ def test_in_memory_rows_and_dataset_objects():
 
 
 def test_missing_file_and_unknown_extension(tmp_path):
-    with pytest.raises(
-        DataError, match=r"nope\.jsonl: expected an existing file or folder.*got 'no such path'"
-    ):
+    with pytest.raises(DataError, match=r"nope\.jsonl: expected an existing file or folder.*got 'no such path'"):
         load_records(str(tmp_path / "nope.jsonl"))
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(
@@ -266,25 +260,23 @@ def test_ambiguous_kind_asks_for_kind():
 def test_explicit_kind_with_absent_column_is_one_file_level_error():
     with pytest.raises(DataError) as info:
         load_records([KIND_ROWS["unpaired"]] * 3, kind="pairwise")
-    assert (
-        info.value.row is None and info.value.field == "chosen" and "--map chosen=COLUMN" in str(info.value)
-    )
+    assert info.value.row is None and info.value.field == "chosen" and "--map chosen=COLUMN" in str(info.value)
 
 
 def test_column_map_renames_before_detection(tmp_path):
     path = write_jsonl(
         tmp_path / "a.jsonl", [{"question": "q", "response_a": "a", "response_b": "b", "chosen": "junk"}]
     )
-    (record,) = load_records(
-        path, column_map={"prompt": "question", "chosen": "response_a", "rejected": "response_b"}
-    )
+    (record,) = load_records(path, column_map={"prompt": "question", "chosen": "response_a", "rejected": "response_b"})
     assert record == PairwiseRecord(prompt="q", chosen="a", rejected="b")
 
 
 def test_column_map_swap_and_parse():
-    assert apply_column_map(
-        {"chosen": "a", "rejected": "b", "x": 1}, {"chosen": "rejected", "rejected": "chosen"}
-    ) == {"x": 1, "chosen": "b", "rejected": "a"}
+    assert apply_column_map({"chosen": "a", "rejected": "b", "x": 1}, {"chosen": "rejected", "rejected": "chosen"}) == {
+        "x": 1,
+        "chosen": "b",
+        "rejected": "a",
+    }
     assert parse_column_map(["chosen=a", "rejected = b,prompt=q"]) == {
         "chosen": "a",
         "rejected": "b",
@@ -299,9 +291,7 @@ def test_column_map_onto_missing_column_names_column_and_file(tmp_path):
     with pytest.raises(DataError) as info:
         load_records(path, column_map={"chosen": "response_a", "rejected": "b"})
     assert info.value.field == "response_a" and info.value.file == path
-    assert "a column 'response_a' to map onto 'chosen'" in str(info.value) and "['a', 'b', 'prompt']" in str(
-        info.value
-    )
+    assert "a column 'response_a' to map onto 'chosen'" in str(info.value) and "['a', 'b', 'prompt']" in str(info.value)
     with pytest.raises(DataError, match="column map targets that are record fields"):
         load_records(path, column_map={"choosen": "a"})
 
@@ -333,9 +323,7 @@ def test_validate_false_skips_value_checks_but_not_missing_fields():
     (record,) = load_records([{"prompt": "p", "chosen": "a", "rejected": "a", "weight": -1}], validate=False)
     assert record.weight == -1.0
     with pytest.raises(DataError, match="field 'rejected'"):
-        load_records(
-            [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}], validate=False
-        )
+        load_records([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}], validate=False)
 
 
 def test_csv_cells_get_json_types(tmp_path):

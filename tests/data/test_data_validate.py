@@ -91,9 +91,7 @@ def test_negative_weight():
     assert err.field == "weight" and err.expected == "a number >= 0"
 
 
-@pytest.mark.parametrize(
-    "label, ok", [(True, True), (0, True), (1, True), (2, False), ("true", False), (0.0, False)]
-)
+@pytest.mark.parametrize("label, ok", [(True, True), (0, True), (1, True), (2, False), ("true", False), (0.0, False)])
 def test_label_strictness(label, ok):
     errs = errors_of(dict(GOOD["unpaired"], label=label), "unpaired")
     assert (errs == []) is ok
@@ -128,9 +126,7 @@ def test_ranking_must_be_a_permutation(ranking):
 
 def test_ranked_scores_length_and_count_of_completions():
     assert fields_of({"prompt": "p", "completions": ["a", "b"], "scores": [1.0]}, "ranked") == ["scores"]
-    assert fields_of({"prompt": "p", "completions": ["a", "b"], "scores": [1.0, None]}, "ranked") == [
-        "scores[1]"
-    ]
+    assert fields_of({"prompt": "p", "completions": ["a", "b"], "scores": [1.0, None]}, "ranked") == ["scores[1]"]
     assert fields_of({"prompt": "p", "completions": ["a"], "scores": [1.0]}, "ranked") == ["completions"]
     (err,) = errors_of({"prompt": "p", "completions": ["a", "b"]}, "ranked")
     assert err.field == "ranking" and "'scores'" in err.expected

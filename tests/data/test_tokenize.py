@@ -152,14 +152,10 @@ def test_render_chat_split_point(tokenizer):
 
 
 def test_chat_pairwise_tokens(tokenizer):
-    record = PairwiseRecord(
-        prompt=USER_HI, chosen=ASSISTANT_YO, rejected=[{"role": "assistant", "content": "no"}]
-    )
+    record = PairwiseRecord(prompt=USER_HI, chosen=ASSISTANT_YO, rejected=[{"role": "assistant", "content": "no"}])
     out = tokenize_pairwise(record, tokenizer)
     full = tokenizer.apply_chat_template(USER_HI + ASSISTANT_YO, tokenize=True)["input_ids"]
-    gen_prompt = tokenizer.apply_chat_template(USER_HI, tokenize=True, add_generation_prompt=True)[
-        "input_ids"
-    ]
+    gen_prompt = tokenizer.apply_chat_template(USER_HI, tokenize=True, add_generation_prompt=True)["input_ids"]
     assert out["prompt_input_ids"] == gen_prompt
     assert out["prompt_input_ids"] + out["chosen_input_ids"] == full
     # The template closes the turn with "</s>\n": that EOS counts, no second EOS is appended.
@@ -237,12 +233,8 @@ def test_prompt_keep_end_keeps_a_leading_bos():
         "<s>{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    out = tokenize_pairwise(
-        PairwiseRecord(prompt=USER_HI, chosen="a", rejected="b"), tok, max_prompt_length=4
-    )
-    assert out["prompt_input_ids"] == [BOS] + ascii_ids(
-        "t|>"
-    )  # BOS + the last 3 tokens of "...<|assistant|>"
+    out = tokenize_pairwise(PairwiseRecord(prompt=USER_HI, chosen="a", rejected="b"), tok, max_prompt_length=4)
+    assert out["prompt_input_ids"] == [BOS] + ascii_ids("t|>")  # BOS + the last 3 tokens of "...<|assistant|>"
 
 
 def test_completion_truncation_keep_start_drops_eos(tokenizer):

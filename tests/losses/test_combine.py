@@ -141,9 +141,7 @@ def test_unpaired_losses_combine_too():
         ref_point=torch.tensor(0.1, dtype=torch.float64),
     )
     out = combine_losses(b, ["kto", "bco"], [1.0, 0.25], {"beta": 0.2, "kto": {"desirable_weight": 1.3}})
-    expected = (
-        get_loss("kto")(b, beta=0.2, desirable_weight=1.3).loss + 0.25 * get_loss("bco")(b, beta=0.2).loss
-    )
+    expected = get_loss("kto")(b, beta=0.2, desirable_weight=1.3).loss + 0.25 * get_loss("bco")(b, beta=0.2).loss
     assert torch.allclose(out.loss, expected)
     assert torch.equal(out.metrics["rewards"], get_loss("kto")(b, beta=0.2).metrics["rewards"])
     assert "bco/rewards" in out.metrics and "loss/bco" in out.metrics

@@ -60,9 +60,7 @@ def test_kto_closed_form_and_rewards():
     expected = []
     for p, r, good in zip(POLICY, REF, LABEL):
         lr = p - r
-        expected.append(
-            wd * (1 - sigmoid(beta * (lr - z0))) if good else wu * (1 - sigmoid(beta * (z0 - lr)))
-        )
+        expected.append(wd * (1 - sigmoid(beta * (lr - z0))) if good else wu * (1 - sigmoid(beta * (z0 - lr))))
     close(out.loss, expected)
     close(out.metrics["rewards"], [beta * (p - r) for p, r in zip(POLICY, REF)])
     assert not out.metrics["rewards"].requires_grad
@@ -149,8 +147,7 @@ def test_bco_zero_shift_limit_is_logistic_regression():
     # delta = 0: desirable -> -log sigmoid(r), undesirable -> -log(1 - sigmoid(r))
     out = get_loss("bco")(batch(0.0), beta=1.0)
     expected = [
-        -math.log(sigmoid(p - r)) if good else -math.log(1 - sigmoid(p - r))
-        for p, r, good in zip(POLICY, REF, LABEL)
+        -math.log(sigmoid(p - r)) if good else -math.log(1 - sigmoid(p - r)) for p, r, good in zip(POLICY, REF, LABEL)
     ]
     close(out.loss, expected, rel=1e-10)
 

@@ -110,9 +110,7 @@ def trl_runs(models, tok, tok_nobos, tmp_path_factory):
 def _logps(model, batch, **kw):
     """Loss values only: no gradients needed (the end-to-end tests below cover the training path)."""
     with torch.no_grad():
-        return completion_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kw
-        )
+        return completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kw)
 
 
 @dataclass
@@ -375,9 +373,7 @@ def test_ld_dpo_rewards_use_weighted_logps(trl_runs, pk_pairs):
         head = (pos <= shared[:, None]).to(tokens.dtype) * mask
         return (tokens * head).sum(1) + alpha * (tokens * (mask - head)).sum(1)
 
-    assert_close(
-        weighted(b.policy_chosen_tokens, b.chosen_mask).mean(), trl.metrics["logps/chosen"], "logps/chosen"
-    )
+    assert_close(weighted(b.policy_chosen_tokens, b.chosen_mask).mean(), trl.metrics["logps/chosen"], "logps/chosen")
     assert_close(
         weighted(b.policy_rejected_tokens, b.rejected_mask).mean(),
         trl.metrics["logps/rejected"],
@@ -444,13 +440,9 @@ def test_unpaired_token_ids_match_trl(trl_runs, pk_unpaired):
 
 KTO_CASES = [
     # policy = perturbed copy: TRL's KL estimate is negative and clamps to z0 = 0
-    pytest.param(
-        False, {"beta": BETA, "desirable_weight": 1.2, "undesirable_weight": 0.8}, id="kto-z0_clamped"
-    ),
+    pytest.param(False, {"beta": BETA, "desirable_weight": 1.2, "undesirable_weight": 0.8}, id="kto-z0_clamped"),
     # roles swapped: z0 > 0, so the KL path is exercised
-    pytest.param(
-        True, {"beta": BETA, "desirable_weight": 1.2, "undesirable_weight": 0.8}, id="kto-z0_positive"
-    ),
+    pytest.param(True, {"beta": BETA, "desirable_weight": 1.2, "undesirable_weight": 0.8}, id="kto-z0_positive"),
 ]
 
 
@@ -478,9 +470,7 @@ def test_kto_parity(swap, config, trl_runs, pk_unpaired):
     rewards, label = out.metrics["rewards"], b.label
     assert_close(rewards[label].mean(), trl.metrics["rewards/chosen"], "rewards/chosen")
     assert_close(rewards[~label].mean(), trl.metrics["rewards/rejected"], "rewards/rejected")
-    assert_close(
-        rewards[label].mean() - rewards[~label].mean(), trl.metrics["rewards/margins"], "rewards/margins"
-    )
+    assert_close(rewards[label].mean() - rewards[~label].mean(), trl.metrics["rewards/margins"], "rewards/margins")
     assert_close(b.policy[label].mean(), trl.metrics["logps/chosen"], "logps/chosen")
     assert_close(b.policy[~label].mean(), trl.metrics["logps/rejected"], "logps/rejected")
 
@@ -566,9 +556,7 @@ def test_cpo_sigmoid_parity(trl_runs, pk_pairs):
 def test_simpo_parity(trl_runs, pk_pairs):
     """SimPO = CPOTrainer(loss_type="simpo", cpo_alpha=0); prefkit takes gamma as gamma / beta."""
     beta, gamma = 2.5, 1.5
-    trl = trl_runs(
-        "cpo", loss_type="simpo", beta=beta, simpo_gamma=gamma, cpo_alpha=0.0, label_smoothing=0.05
-    )
+    trl = trl_runs("cpo", loss_type="simpo", beta=beta, simpo_gamma=gamma, cpo_alpha=0.0, label_smoothing=0.05)
     b = _reference_free(pk_pairs.logps)
     params = {"beta": beta, "gamma_beta_ratio": gamma / beta, "label_smoothing": 0.05}
     out = combine_losses(b, ["simpo"], params=params)
@@ -576,9 +564,7 @@ def test_simpo_parity(trl_runs, pk_pairs):
     for key in REWARD_METRICS:
         assert_close(out.metrics[key].mean(), trl.metrics[key], f"simpo: {key}")
     assert_close((b.policy_chosen / b.chosen_len).mean(), trl.metrics["logps/chosen"], "simpo: logps/chosen")
-    assert_close(
-        (b.policy_rejected / b.rejected_len).mean(), trl.metrics["logps/rejected"], "simpo: logps/rejected"
-    )
+    assert_close((b.policy_rejected / b.rejected_len).mean(), trl.metrics["logps/rejected"], "simpo: logps/rejected")
 
 
 def test_cpo_simpo_parity(trl_runs, pk_pairs):
@@ -710,12 +696,8 @@ KTO_PARAMS = {"beta": BETA, "desirable_weight": 1.2, "undesirable_weight": 0.8}
 
 E2E_CASES = [
     # (TRL trainer, TRL config, prefkit loss, prefkit loss_params, metrics compared)
-    pytest.param(
-        "dpo", {"loss_type": ["sigmoid"], "beta": BETA}, "dpo", {"beta": BETA}, PAIR_E2E_METRICS, id="dpo"
-    ),
-    pytest.param(
-        "dpo", {"loss_type": ["ipo"], "beta": BETA}, "ipo", {"beta": BETA}, PAIR_E2E_METRICS, id="ipo"
-    ),
+    pytest.param("dpo", {"loss_type": ["sigmoid"], "beta": BETA}, "dpo", {"beta": BETA}, PAIR_E2E_METRICS, id="dpo"),
+    pytest.param("dpo", {"loss_type": ["ipo"], "beta": BETA}, "ipo", {"beta": BETA}, PAIR_E2E_METRICS, id="ipo"),
     pytest.param(
         "dpo",
         {"loss_type": ["sigmoid"], "beta": BETA, "use_weighting": True},

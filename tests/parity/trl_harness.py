@@ -153,9 +153,7 @@ def trl_dpo(policy, ref, tokenizer, pairs=PAIRS, workdir: str | None = None, **c
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        args = DPOConfig(
-            **_common_args(workdir, len(pairs)), precompute_ref_log_probs=False, max_length=None, **config
-        )
+        args = DPOConfig(**_common_args(workdir, len(pairs)), precompute_ref_log_probs=False, max_length=None, **config)
         trainer = DPOTrainer(
             model=copy.deepcopy(policy),
             ref_model=copy.deepcopy(ref),

@@ -43,4 +43,3 @@ def make_pairs():
 def make_unpaired():
     """``make_unpaired(n)``: unpaired records, even indices desirable, ids u0, u1, ..."""
     return _unpaired
-

@@ -67,9 +67,7 @@ def test_every_key_has_a_default_and_help_and_one_owner():
                 continue
             assert owners[f.name][0] == section
             if cls is not PreferenceConfig or f.name in PreferenceConfig.__dataclass_fields__:
-                assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, (
-                    f.name
-                )
+                assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
     for cls in (ModelConfig, DataConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
@@ -100,9 +98,7 @@ def test_every_key_has_a_default_and_help_and_one_owner():
 def test_unknown_key_names_the_closest_valid_key(key, suggestion, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({key: 1}))
-    with pytest.raises(
-        ConfigError, match=f"unknown config key '{key}' in {path}.*Did you mean '{suggestion}'"
-    ):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}' in {path}.*Did you mean '{suggestion}'"):
         load_config(path)
     with pytest.raises(ConfigError, match=f"Did you mean '{suggestion}'"):
         parse_config({}, [f"{key}=1"])

@@ -19,9 +19,7 @@ from prefkit.models.tiny import build_byte_tokenizer, build_tiny_llama, save_tin
 
 def test_tiny_by_name_matches_the_builder():
     tok = load_tokenizer("tiny")
-    model = load_policy(
-        "tiny", tiny=TinySpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=5)
-    )
+    model = load_policy("tiny", tiny=TinySpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=5))
     direct = build_tiny_llama(
         vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=5
     )

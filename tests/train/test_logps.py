@@ -131,10 +131,7 @@ def test_logsumsq_matches_naive_and_is_detached(tiny_model, tokenizer):
 
 def test_chunk_size_does_not_change_results(tiny_model, tokenizer):
     ids, am, cm = make_batch(tokenizer)
-    outs = [
-        completion_logps(tiny_model, ids, am, cm, chunk_size=c, per_token=True).per_token
-        for c in (1, 3, 4096)
-    ]
+    outs = [completion_logps(tiny_model, ids, am, cm, chunk_size=c, per_token=True).per_token for c in (1, 3, 4096)]
     assert (outs[0] - outs[2]).abs().max().item() < TOL
     assert (outs[1] - outs[2]).abs().max().item() < TOL
 
@@ -188,9 +185,7 @@ class _WatchVocabTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-        }
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if (
                 isinstance(t, torch.Tensor)
@@ -465,9 +460,7 @@ def test_peft_unsupported_configurations_raise(tokenizer):
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
     ids, am, cm = make_batch(tokenizer)
-    model = get_peft_model(
-        build_tiny_llama(vocab_size=len(tokenizer)), LoraConfig(r=4, target_modules=["lm_head"])
-    )
+    model = get_peft_model(build_tiny_llama(vocab_size=len(tokenizer)), LoraConfig(r=4, target_modules=["lm_head"]))
     with pytest.raises(NotImplementedError, match="not a plain torch.nn.Linear"):
         completion_logps(model, ids, am, cm)
     model = get_peft_model(

@@ -44,9 +44,7 @@ def test_first_step_loss_equals_manual_weighted_dpo(tokenizer, pref_args, make_p
     ref = build_tiny_llama(vocab_size=len(tokenizer), seed=1)  # a different reference: loss != log 2
     records = make_pairs(8, weights=True)
     args = pref_args(max_steps=1, per_device_train_batch_size=8, loss_params={"beta": 0.3})
-    trainer = PreferenceTrainer(
-        policy, args, train_dataset=records, processing_class=tokenizer, ref_model=ref
-    )
+    trainer = PreferenceTrainer(policy, args, train_dataset=records, processing_class=tokenizer, ref_model=ref)
     batch = next(iter(trainer.get_train_dataloader()))  # the whole dataset: order does not change the mean
     assert batch["input_ids"].shape[0] == 16 and sorted(batch["example_index"].tolist()) == list(range(8))
     expected = _manual_dpo(policy, ref, batch, beta=0.3)
@@ -68,14 +66,10 @@ def test_first_step_loss_equals_manual_weighted_dpo(tokenizer, pref_args, make_p
         "loss/dpo",
     ):
         assert key in first and math.isfinite(first[key])
-    assert first["rewards/margins"] == pytest.approx(
-        first["rewards/chosen"] - first["rewards/rejected"], abs=1e-5
-    )
+    assert first["rewards/margins"] == pytest.approx(first["rewards/chosen"] - first["rewards/rejected"], abs=1e-5)
 
 
-def test_default_reference_is_a_frozen_copy_of_the_initial_policy(
-    tokenizer, tiny_model, pref_args, make_pairs
-):
+def test_default_reference_is_a_frozen_copy_of_the_initial_policy(tokenizer, tiny_model, pref_args, make_pairs):
     initial = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     trainer = PreferenceTrainer(
         tiny_model, pref_args(max_steps=3), train_dataset=make_pairs(8), processing_class=tokenizer
@@ -123,9 +117,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tokenizer, pref
     fresh = build_tiny_llama(vocab_size=len(tokenizer), seed=0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")  # B = 0
     args = pref_args(max_steps=4, learning_rate=5e-3)
-    trainer = PreferenceTrainer(
-        policy, args, train_dataset=make_pairs(8), processing_class=tokenizer, peft_config=lora
-    )
+    trainer = PreferenceTrainer(policy, args, train_dataset=make_pairs(8), processing_class=tokenizer, peft_config=lora)
     assert trainer.is_peft and trainer.ref_from_adapters and trainer.ref_model is None
     trainer.train()
     losses = [r["loss"] for r in _metrics(args.output_dir)]
@@ -176,9 +168,7 @@ def test_kto_uses_mismatched_kl_rows_and_logs_kl(tokenizer, tiny_model, pref_arg
 
 
 def test_bco_keeps_a_running_reward_shift(tokenizer, tiny_model, pref_args, make_unpaired):
-    args = pref_args(
-        loss="bco", max_steps=3, per_device_train_batch_size=4, save_strategy="steps", save_steps=2
-    )
+    args = pref_args(loss="bco", max_steps=3, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
     trainer = PreferenceTrainer(tiny_model, args, train_dataset=make_unpaired(8), processing_class=tokenizer)
     assert "kl_input_ids" not in next(iter(trainer.get_train_dataloader()))
     trainer.train()
@@ -206,9 +196,7 @@ def test_kto_needs_batches_of_two(tokenizer, tiny_model, pref_args, make_unpaire
 def test_tokenized_dataset_and_eval_accuracy(tokenizer, tiny_model, pref_args, make_pairs):
     from prefkit.data.tokenize import tokenize_records
 
-    dataset, _ = tokenize_records(
-        make_pairs(8), tokenizer, max_length=64, max_prompt_length=32, progress=False
-    )
+    dataset, _ = tokenize_records(make_pairs(8), tokenizer, max_length=64, max_prompt_length=32, progress=False)
     args = pref_args(max_steps=3, eval_strategy="steps", eval_steps=3)
     trainer = PreferenceTrainer(
         tiny_model, args, train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer
@@ -278,11 +266,7 @@ def test_best_checkpoint_by_eval_reward_accuracy(tokenizer, tiny_model, pref_arg
     )
     trainer.train()
     best = Path(trainer.state.best_model_checkpoint)
-    assert (
-        best.parent == Path(args.output_dir)
-        and best.name in ("checkpoint-2", "checkpoint-4")
-        and best.is_dir()
-    )
+    assert best.parent == Path(args.output_dir) and best.name in ("checkpoint-2", "checkpoint-4") and best.is_dir()
     saved = json.loads((best / "trainer_state.json").read_text())
     assert saved["best_model_checkpoint"] == str(best)  # the published path, never the staging one
 

@@ -31,9 +31,7 @@ def parse_weights(text: str) -> dict[str, float]:
         except ValueError:
             number = math.nan
         if not sep or not name.strip() or not math.isfinite(number):
-            raise ValueError(
-                f"bad weight {item!r}: expected attribute=number, e.g. helpfulness=1,honesty=0.5"
-            )
+            raise ValueError(f"bad weight {item!r}: expected attribute=number, e.g. helpfulness=1,honesty=0.5")
         weights[name.strip()] = number
     if not weights:
         raise ValueError("--weights is empty: expected attribute=number[,attribute=number...]")
@@ -80,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        records = load_records(
-            args.input, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout
-        )
+        records = load_records(args.input, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -158,9 +158,7 @@ def compute_stats(
         texts["prompt"].append(_render_prompt(r.prompt, tokenizer))
         for name, completion in _completion_fields(r):
             texts.setdefault(name, []).append(_render_completion(r.prompt, completion, tokenizer))
-    stats["tokenizer"] = (
-        tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
-    )
+    stats["tokenizer"] = tokenizer_name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
     stats["tokens"] = {
         name: _length_summary(_token_lengths(values, tokenizer)) for name, values in texts.items() if values
     }
@@ -189,13 +187,10 @@ def format_stats(stats: dict[str, Any], file: str | None = None) -> str:
         lines.append(f"users: {stats['users']} distinct ({stats['fields']['user_id']} rows with user_id)")
     if stats.get("fields"):
         lines.append(
-            "optional fields (rows holding them): "
-            + ", ".join(f"{k} {v}" for k, v in stats["fields"].items())
+            "optional fields (rows holding them): " + ", ".join(f"{k} {v}" for k, v in stats["fields"].items())
         )
     for name, s in stats.get("numbers", {}).items():
-        lines.append(
-            f"{name}: n {s['n']}   mean {_fmt(s['mean'])}   min {_fmt(s['min'])}   max {_fmt(s['max'])}"
-        )
+        lines.append(f"{name}: n {s['n']}   mean {_fmt(s['mean'])}   min {_fmt(s['min'])}   max {_fmt(s['max'])}")
     if "labels" in stats:
         lines.append(f"labels: {stats['labels']['true']} true, {stats['labels']['false']} false")
     for name, s in stats.get("ratings", {}).items():
@@ -238,9 +233,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        records = load_records(
-            args.file, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout
-        )
+        records = load_records(args.file, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

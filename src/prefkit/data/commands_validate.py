@@ -59,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = validate_source(
-        args.file, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout
-    )
+    report = validate_source(args.file, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout)
     for error in report.errors:
         print(error)
     if report.kind is None:

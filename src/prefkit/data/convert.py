@@ -36,9 +36,7 @@ def _expect(records: Iterable[Record], cls: type, function: str) -> list:
     records = list(records)
     for i, record in enumerate(records, start=1):
         if not isinstance(record, cls):
-            raise TypeError(
-                f"{function} expects {cls.__name__} records; record {i} is a {type(record).__name__}"
-            )
+            raise TypeError(f"{function} expects {cls.__name__} records; record {i} is a {type(record).__name__}")
     return records
 
 
@@ -112,9 +110,7 @@ def ranked_to_pairwise(records: Iterable[RankedRecord], mode: str = "all") -> li
     return out
 
 
-def rated_score(
-    record: RatedRecord, attribute: str | None = None, weights: dict[str, float] | None = None
-) -> float:
+def rated_score(record: RatedRecord, attribute: str | None = None, weights: dict[str, float] | None = None) -> float:
     """The scalar score of a rated record: ``ratings[attribute]``, or ``sum(w * ratings[a])`` over
     ``weights`` (attributes missing from ``weights`` count 0). With neither, the record must have
     exactly one rating."""
@@ -257,9 +253,7 @@ def convert_records(
     if identity:
         allowed: set[str] = set()
     elif (source, to) in CONVERSIONS:
-        allowed = {"ranked": {"mode"}, "rated": {"attribute", "weights", "min_gap"}, "pairwise": set()}[
-            source
-        ]
+        allowed = {"ranked": {"mode"}, "rated": {"attribute", "weights", "min_gap"}, "pairwise": set()}[source]
     else:
         supported = ", ".join(f"{a} -> {b}" for a, b in CONVERSIONS)
         raise ValueError(f"no conversion from {source} to {to}; supported: {supported}")

@@ -97,14 +97,10 @@ def hh_pair_to_messages(record: PairwiseRecord) -> PairwiseRecord:
     if not all(isinstance(t, str) for t in (record.prompt, record.chosen, record.rejected)):
         raise ValueError("hh_pair_to_messages expects a plain-text HH-RLHF pair")
     if not record.prompt.rstrip().endswith("Assistant:"):
-        raise ValueError(
-            "hh_pair_to_messages expects a prompt ending with 'Assistant:' (a split HH-RLHF pair)"
-        )
+        raise ValueError("hh_pair_to_messages expects a prompt ending with 'Assistant:' (a split HH-RLHF pair)")
     prompt = hh_to_messages(record.prompt)
     chosen = hh_to_messages(record.chosen, first_role="assistant") or [{"role": "assistant", "content": ""}]
-    rejected = hh_to_messages(record.rejected, first_role="assistant") or [
-        {"role": "assistant", "content": ""}
-    ]
+    rejected = hh_to_messages(record.rejected, first_role="assistant") or [{"role": "assistant", "content": ""}]
     return PairwiseRecord(
         prompt=prompt,
         chosen=chosen,
@@ -203,9 +199,7 @@ def llmbar_row(row: dict, file: str | None = None, row_number: int | None = None
         )
     out = {k: v for k, v in row.items() if k not in ("input", "output_1", "output_2", "label")}
     first, second = row["output_1"], row["output_2"]
-    out.update(
-        prompt=row["input"], chosen=first if label == 1 else second, rejected=second if label == 1 else first
-    )
+    out.update(prompt=row["input"], chosen=first if label == 1 else second, rejected=second if label == 1 else first)
     return out
 
 

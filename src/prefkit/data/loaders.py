@@ -123,17 +123,13 @@ def read_rows(
         if fmt is None:
             raise DataError(label, None, None, SUPPORTED_SOURCES, f"a file named {path.name!r}")
         if split is not None:
-            raise DataError(
-                label, None, None, f"no split for a {fmt} file (splits belong to datasets)", split
-            )
+            raise DataError(label, None, None, f"no split for a {fmt} file (splits belong to datasets)", split)
         reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[fmt]
         yield from reader(path, label, errors)
         return
     text = str(source)
     if fmt is not None or not _HUB_NAME.match(text) or text.startswith("."):
-        raise DataError(
-            label, None, None, f"an existing file or folder ({SUPPORTED_SOURCES})", "no such path"
-        )
+        raise DataError(label, None, None, f"an existing file or folder ({SUPPORTED_SOURCES})", "no such path")
     yield from _read_hub(text, split, label, errors)
 
 
@@ -205,9 +201,7 @@ def _read_json(path: Path, label: str, errors: list[DataError] | None) -> Iterat
                 "for one object per line name the file .jsonl)",
             ) from None
     if not isinstance(data, list):
-        raise DataError(
-            label, None, None, "a JSON list of objects (one per row)", f"a JSON {type(data).__name__}"
-        )
+        raise DataError(label, None, None, "a JSON list of objects (one per row)", f"a JSON {type(data).__name__}")
     for n, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             _row_problem(DataError(label, n, None, "a JSON object per list item", row), errors)
@@ -237,9 +231,7 @@ def _read_csv(path: Path, label: str, errors: list[DataError] | None) -> Iterato
             try:
                 header = next(reader)
             except StopIteration:
-                raise DataError(
-                    label, None, None, "a CSV header line naming the columns", "an empty file"
-                ) from None
+                raise DataError(label, None, None, "a CSV header line naming the columns", "an empty file") from None
             duplicates = sorted({c for c in header if header.count(c) > 1})
             if duplicates:
                 raise DataError(label, None, None, "distinct column names in the CSV header", duplicates)
@@ -298,9 +290,7 @@ def _read_folder(
     yield from _read_hub(str(path), split, label, errors)
 
 
-def _read_hub(
-    name: str, split: str | None, label: str, errors: list[DataError] | None
-) -> Iterator[tuple[int, dict]]:
+def _read_hub(name: str, split: str | None, label: str, errors: list[DataError] | None) -> Iterator[tuple[int, dict]]:
     import datasets
 
     try:
@@ -351,9 +341,7 @@ def parse_column_map(items: Iterable[str]) -> dict[str, str]:
                 continue
             target, sep, source = pair.partition("=")
             if not sep or not target.strip() or not source.strip():
-                raise ValueError(
-                    f"bad column map entry {pair!r}: expected target=source, e.g. chosen=response_a"
-                )
+                raise ValueError(f"bad column map entry {pair!r}: expected target=source, e.g. chosen=response_a")
             out[target.strip()] = source.strip()
     return out
 
@@ -544,9 +532,7 @@ def prepare_rows(
     if raw:
         _check_required_columns(kind, present, label)
 
-    is_csv = (
-        isinstance(source, (str, os.PathLike)) and file_format(source) == "csv" and Path(source).is_file()
-    )
+    is_csv = isinstance(source, (str, os.PathLike)) and file_format(source) == "csv" and Path(source).is_file()
     prepared: list[tuple[int, dict]] = []
     for n, row in raw:
         if is_csv:
@@ -615,11 +601,7 @@ def first_error_with_summary(errors: list[DataError], command: str | None) -> Da
     parts = [f"{other_rows or 'no'} other bad row{'s' if other_rows != 1 else ''}"]
     if same_row:
         parts.insert(0, f"{same_row} more problem{'s' if same_row != 1 else ''} in this row")
-    how = (
-        f"run `{command}` to list them all"
-        if command
-        else "call prefkit.data.validate_source() to list them all"
-    )
+    how = f"run `{command}` to list them all" if command else "call prefkit.data.validate_source() to list them all"
     return first.with_hint(f"{', '.join(parts)}; {how}")
 
 
@@ -681,16 +663,12 @@ def write_records(records: Iterable[Record], path: str | os.PathLike) -> Path:
     path = Path(path)
     fmt = file_format(path)
     if fmt is None:
-        raise ValueError(
-            f"cannot write {path}: expected a .jsonl, .jsonl.gz, .json, .json.gz, .csv or .parquet name"
-        )
+        raise ValueError(f"cannot write {path}: expected a .jsonl, .jsonl.gz, .json, .json.gz, .csv or .parquet name")
     if not records:
         raise ValueError(f"cannot write {path}: no records (an empty file has no detectable kind)")
     kinds = {getattr(type(r), "kind", None) for r in records}
     if len(kinds) != 1 or None in kinds:
-        raise ValueError(
-            f"cannot write {path}: records must all be of one kind, got {sorted(map(str, kinds))}"
-        )
+        raise ValueError(f"cannot write {path}: records must all be of one kind, got {sorted(map(str, kinds))}")
     kind = kinds.pop()
     rows = [record_to_dict(r) for r in records]
     columns = [name for name in record_fields(kind) if any(name in row for row in rows)]

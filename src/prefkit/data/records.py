@@ -208,9 +208,7 @@ def _as_identifier(value: Any) -> Any:
     return str(value) if isinstance(value, Integral) and not isinstance(value, bool) else value
 
 
-def record_from_dict(
-    kind: str, row: dict[str, Any], file: str | None = None, row_number: int | None = None
-) -> Record:
+def record_from_dict(kind: str, row: dict[str, Any], file: str | None = None, row_number: int | None = None) -> Record:
     """Build a record of ``kind`` from a row dict.
 
     Keeps the kind's fields (other keys are ignored; ``None`` means absent) and normalises types:

@@ -86,13 +86,9 @@ def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool
             f"the record holds chat messages but the tokenizer ({type(tokenizer).__name__}) has no chat "
             "template; set tokenizer.chat_template or use plain-text prompts and completions"
         )
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if not isinstance(text, str):
-        raise ChatTemplateError(
-            f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str"
-        )
+        raise ChatTemplateError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
 
 
@@ -188,9 +184,7 @@ class _Context:
         self.settings = settings
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
-            raise ValueError(
-                f"the tokenizer ({type(tokenizer).__name__}) has no eos_token_id; completions need an EOS"
-            )
+            raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no eos_token_id; completions need an EOS")
         self.bos_id = tokenizer.bos_token_id
         self.prefix_ids = _leading_special_ids(tokenizer)
 
@@ -310,9 +304,7 @@ def _unpaired(record: UnpairedRecord, ctx: _Context) -> tuple[dict[str, Any], bo
     p_text, c_text, p_chat, c_chat = _render(record.prompt, record.completion, ctx.tokenizer)
     prompt_ids, prompt_cut = _truncate_prompt(ctx, _tokenize_prompt(ctx, p_text, p_chat))
     budget = _completion_budget(ctx, prompt_ids)
-    completion_ids, completion_cut = _truncate_completion(
-        ctx, _tokenize_completion(ctx, c_text, c_chat), budget
-    )
+    completion_ids, completion_cut = _truncate_completion(ctx, _tokenize_completion(ctx, c_text, c_chat), budget)
     example = {
         "prompt_input_ids": prompt_ids,
         "completion_input_ids": completion_ids,
@@ -334,8 +326,7 @@ def _ranked(record: RankedRecord, ctx: _Context) -> tuple[dict[str, Any], bool, 
     prompt_ids, prompt_cut = _truncate_prompt(ctx, _tokenize_prompt(ctx, p_text, p_chat))
     budget = _completion_budget(ctx, prompt_ids)
     cuts = [
-        _truncate_completion(ctx, _tokenize_completion(ctx, c_text, c_chat), budget)
-        for _, c_text, _, c_chat in renders
+        _truncate_completion(ctx, _tokenize_completion(ctx, c_text, c_chat), budget) for _, c_text, _, c_chat in renders
     ]
     any_cut = any(cut for _, cut in cuts)
     example = {

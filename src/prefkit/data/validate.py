@@ -135,8 +135,7 @@ class _RowChecker:
                 have = "chat messages" if style == "chat" else "a plain string"
                 self.error(
                     name,
-                    f"{want} like {first_name!r} (a record's texts are all plain strings or all "
-                    f"chat-message lists)",
+                    f"{want} like {first_name!r} (a record's texts are all plain strings or all chat-message lists)",
                     have,
                 )
 
@@ -251,9 +250,7 @@ def _check_distinct(c: _RowChecker, a: str, b: str) -> None:
             c.error(b, f"a text different from {a!r}", "the same text")
 
 
-def validate_record(
-    row: dict, kind: str, file: str | None = None, row_number: int | None = None
-) -> list[DataError]:
+def validate_record(row: dict, kind: str, file: str | None = None, row_number: int | None = None) -> list[DataError]:
     """Every problem of one row of the given kind, as `DataError`s (empty list: the row is valid).
 
     ``row`` is a plain dict after column mapping and prompt splitting; unknown keys are ignored.
@@ -363,9 +360,7 @@ def validate_source(
     try:
         prepared = prepare_rows(source, kind=kind, column_map=column_map, split=split, layout=layout)
     except DataError as err:
-        return ValidationReport(
-            file=err.file or source_label(source, split), kind=None, n_rows=0, errors=[err]
-        )
+        return ValidationReport(file=err.file or source_label(source, split), kind=None, n_rows=0, errors=[err])
     errors = list(prepared.errors)
     errors.extend(validate_rows(prepared.rows, prepared.kind, prepared.file))
     errors.sort(key=lambda e: e.row if e.row is not None else 0)

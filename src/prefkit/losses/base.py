@@ -201,9 +201,7 @@ def register_loss(
         citation = _docstring_field(fn.__doc__ or "", "paper")
         if not formula or not citation:
             raise ValueError(f"loss {name!r}: docstring needs 'Formula:' and 'Paper:' lines")
-        _REGISTRY[name] = LossSpec(
-            name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled
-        )
+        _REGISTRY[name] = LossSpec(name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled)
         return fn
 
     return deco

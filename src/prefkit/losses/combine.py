@@ -54,9 +54,7 @@ def _check_value(loss: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def resolve_loss_params(
-    names: Sequence[str], params: Mapping[str, Any] | None = None
-) -> dict[str, dict[str, Any]]:
+def resolve_loss_params(names: Sequence[str], params: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Full keyword arguments for each selected loss: its defaults, updated from ``params``.
 
     ``params`` holds per-loss dicts under a loss's name (``{"dpo": {"beta": 0.2}}``) and/or
@@ -76,14 +74,11 @@ def resolve_loss_params(
     for key, value in params.items():
         if key in selected:
             if not isinstance(value, Mapping):
-                raise TypeError(
-                    f"params[{key!r}] must be a mapping of {key}'s hyper-parameters, got {value!r}"
-                )
+                raise TypeError(f"params[{key!r}] must be a mapping of {key}'s hyper-parameters, got {value!r}")
             per_loss[key] = dict(value)
         elif key in registered and isinstance(value, Mapping):
             raise ValueError(
-                f"hyper-parameters given for loss {key!r}, which is not selected "
-                f"(selected: {', '.join(selected)})"
+                f"hyper-parameters given for loss {key!r}, which is not selected (selected: {', '.join(selected)})"
             )
         else:
             shared[key] = value
@@ -105,8 +100,7 @@ def resolve_loss_params(
             if key not in defaults:
                 valid = ", ".join(defaults) if defaults else "none"
                 raise ValueError(
-                    f"loss {spec.name!r} has no hyper-parameter {key!r}.{_suggest(key, list(defaults))} "
-                    f"Valid: {valid}."
+                    f"loss {spec.name!r} has no hyper-parameter {key!r}.{_suggest(key, list(defaults))} Valid: {valid}."
                 )
         kwargs = dict(defaults)
         for key, value in {**{k: v for k, v in shared.items() if k in defaults}, **own}.items():

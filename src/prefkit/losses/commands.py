@@ -29,18 +29,14 @@ BATCH_NAMES = {
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=KINDS, help="only losses of this input kind")
     parser.add_argument("--name", metavar="NAME", help="show one loss in full, with its docstring")
-    parser.add_argument(
-        "--markdown", action="store_true", help="print a Markdown table (the source of docs/losses.md)"
-    )
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (the source of docs/losses.md)")
 
 
 def format_params(spec: LossSpec) -> str:
     params = spec.hyperparameters
     if not params:
         return "(none)"
-    return ", ".join(
-        f"{k}={'(required)' if v is inspect.Parameter.empty else v!r}" for k, v in params.items()
-    )
+    return ", ".join(f"{k}={'(required)' if v is inspect.Parameter.empty else v!r}" for k, v in params.items())
 
 
 def _field(label: str, text: str, width: int, indent: int = 4) -> list[str]:
@@ -78,9 +74,7 @@ def render_text(specs: list[LossSpec], width: int) -> str:
 def render_one(spec: LossSpec, width: int) -> str:
     lines = [f"{spec.name}", ""]
     lines += _field("kind", f"{spec.kind} (batch: {BATCH_NAMES.get(spec.kind, spec.kind)})", width, 0)
-    lines += _field(
-        "reference", "needed" if spec.needs_reference else "not needed (reference-free)", width, 0
-    )
+    lines += _field("reference", "needed" if spec.needs_reference else "not needed (reference-free)", width, 0)
     lines += _field("tokens", "per-token log-probs needed" if spec.needs_tokens else "sums only", width, 0)
     lines += _field("formula", spec.formula, width, 0)
     lines += _field("paper", spec.citation, width, 0)

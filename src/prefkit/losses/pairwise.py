@@ -621,9 +621,7 @@ def ld_dpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 0.5) -> LossOutput
 
 
 @register_loss("f_dpo", kind="pairwise", needs_reference=True)
-def f_dpo(
-    b: PairLogps, *, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5
-) -> LossOutput:
+def f_dpo(b: PairLogps, *, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> LossOutput:
     """f-DPO: DPO under an f-divergence regulariser; the log-ratio becomes ``f'(pi / pi_ref)``.
 
     Formula: loss = -log sigma(beta * (f'(u_w) - f'(u_l))), u = pi / pi_ref, with

@@ -87,9 +87,7 @@ def simpo(
 
 
 @register_loss("cpo", kind="pairwise", needs_reference=False)
-def cpo(
-    b: PairLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0, label_smoothing: float = 0.0
-) -> LossOutput:
+def cpo(b: PairLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0, label_smoothing: float = 0.0) -> LossOutput:
     """Contrastive Preference Optimization: DPO with a uniform reference, plus a BC regulariser.
 
     Formula: loss = -log sigmoid(beta * (log pi(y_w|x) - log pi(y_l|x))) + cpo_alpha * (-log pi(y_w|x) / |y_w|)
