@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-import prefkit.train.reference_cache as reference_cache
 import prefkit.train.trainer as trainer_module
 from prefkit.data.collators import PairwiseCollator, UnpairedCollator
+from prefkit.models import fingerprint  # the atomic writer the cache uses
 from prefkit.models.tiny import build_tiny_llama
 from prefkit.train.logps import completion_logps
 from prefkit.train.reference_cache import StaleReferenceCacheError, model_hash
@@ -277,18 +277,18 @@ def test_stale_cache_is_refused_naming_what_differs(tokenizer, pref_args, make_p
 
 
 def test_interrupted_write_leaves_no_file(tokenizer, pref_args, make_pairs, tmp_path, monkeypatch):
-    real = reference_cache.save_file
+    real = fingerprint.save_file
 
     def crash(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(reference_cache, "save_file", crash)
+    monkeypatch.setattr(fingerprint, "save_file", crash)
     with pytest.raises(OSError, match="simulated"):
         _trainer(tokenizer, pref_args, make_pairs(4), tmp_path / "run")
     assert os.listdir(tmp_path / "run" / "ref_logps") == []
 
-    monkeypatch.setattr(reference_cache, "save_file", real)
+    monkeypatch.setattr(fingerprint, "save_file", real)
     _trainer(tokenizer, pref_args, make_pairs(4), tmp_path / "run")
     assert os.listdir(tmp_path / "run" / "ref_logps") == ["train.safetensors"]
 

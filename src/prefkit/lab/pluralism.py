@@ -151,7 +151,7 @@ def _draw_users(world: World, counts, pairs_per_user: int, temperature: float, s
 def _embed(records, backbone, tokenizer, cache_root: Path | None, progress: bool) -> EmbeddedPairs:
     """`embed_pairs` (mean pooling), cached in ``<cache_root>/embeddings-<hash of the records and backbone>``."""
     from prefkit.models.embeddings import embed_pairs
-    from prefkit.train.reference_cache import model_hash
+    from prefkit.models.fingerprint import model_hash
 
     cache = None
     if cache_root is not None:

@@ -34,7 +34,7 @@ from prefkit.data.collators import pad_rows
 from prefkit.data.records import PairwiseRecord
 from prefkit.data.tokenize import tokenize_pairwise
 from prefkit.models.features import last_token_index
-from prefkit.train.reference_cache import model_hash
+from prefkit.models.fingerprint import model_hash, save_safetensors_atomic
 
 __all__ = [
     "CACHE_FILE",
@@ -197,7 +197,7 @@ def embed_pairs(
 
     ``cache_dir``: a folder for one cache file (`CACHE_FILE`: safetensors, with a JSON manifest in
     its header; written atomically). A file whose data (token ids and user ids of every row),
-    backbone weights (`prefkit.train.reference_cache.model_hash`) and pooling match is loaded
+    backbone weights (`prefkit.models.fingerprint.model_hash`) and pooling match is loaded
     instead of embedding; a file that differs raises `StaleEmbeddingCacheError` naming what differs.
 
     Returns `EmbeddedPairs` (float32, CPU) with ``prompt`` set and ``users`` the sorted distinct
@@ -334,18 +334,7 @@ def _run(base, prompts, completions, pad_token_id, pooling, batch_size, progress
 
 
 def _save_cache(path: str, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> None:
-    """Write atomically: a temporary file next to ``path``, fsync, ``os.replace``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={MANIFEST_KEY: json.dumps(manifest)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_safetensors_atomic(path, tensors, {MANIFEST_KEY: json.dumps(manifest)})
 
 
 def _load_cache(path: str, manifest: dict[str, Any], digests: Tensor) -> dict[str, Tensor]:

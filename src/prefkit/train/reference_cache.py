@@ -31,18 +31,18 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefkit.data.batching import batches_by_length
+from prefkit.models.fingerprint import model_hash, save_safetensors_atomic
 
 logger = logging.getLogger("prefkit.train")
 
@@ -150,36 +150,6 @@ def dataset_fingerprint(dataset, kind: str) -> tuple[str, Tensor]:
 def _id_bytes(ids: Sequence[int]) -> bytes:
     array = np.asarray(ids, dtype=np.int64)
     return np.int64(array.size).tobytes() + array.tobytes()
-
-
-def _reference_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """The tensors that make up the reference, by name.
-
-    A PEFT model's adapter tensors (names with an adapter-name segment, e.g. ``lora_A.default``) are
-    left out, since the reference is its base model with adapters disabled, and its names are
-    normalised (no ``base_model.model.`` prefix, no ``base_layer`` segment) to the plain model's.
-    """
-    adapters = set(getattr(model, "peft_config", None) or {})
-    for name, tensor in model.state_dict().items():
-        parts = name.split(".")
-        if adapters:
-            if any(part in adapters for part in parts):
-                continue
-            if parts[:2] == ["base_model", "model"]:
-                parts = parts[2:]
-            parts = [p for p in parts if p != "base_layer"]
-        yield ".".join(parts), tensor
-
-
-def model_hash(model: nn.Module) -> str:
-    """SHA-256 hex over the reference's tensors (name, dtype, shape and every byte), streamed one
-    tensor at a time (a 7B model in bf16 hashes in seconds)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(_reference_tensors(model), key=lambda item: item[0]):
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().data)
-    return digest.hexdigest()
 
 
 def reference_dtype(model: nn.Module) -> str:
@@ -297,18 +267,7 @@ def save_reference_cache(path: str, values: ReferenceLogps, key: CacheKey, row_d
             counts = torch.tensor([0] + [t.numel() for t in rows], dtype=torch.int64)
             tensors[f"offsets.{field}"] = torch.cumsum(counts, 0)
             tensors[f"tokens.{field}"] = torch.cat(rows) if rows else sums.new_zeros(0)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata={MANIFEST_KEY: json.dumps(dataclasses.asdict(key))})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_safetensors_atomic(path, tensors, {MANIFEST_KEY: json.dumps(dataclasses.asdict(key))})
 
 
 def load_reference_cache(path: str, key: CacheKey, row_digests: Tensor, *, split: str) -> ReferenceLogps | None:
