@@ -27,10 +27,11 @@ With ``precompute_ref_logps`` step 3 happens once, at init: `prefkit.train.refer
 every train / eval row with the reference (or loads the values from its on-disk cache), the values
 become dataset columns that the collators batch, and the reference model is dropped.
 
-Logging, progress bars, checkpoints, resume and device placement are ``transformers.Trainer``'s.
-Two additions: a non-finite loss stops the run before the optimizer step with an error naming
-the step and the examples, and checkpoints are written to a staging folder and renamed into
-place, so a ``checkpoint-N`` folder is always complete.
+Logging, progress bars, checkpoints, resume and device placement are ``transformers.Trainer``'s;
+`prefkit.train.checkpointing.CheckpointingTrainer` makes checkpoints atomic (a ``checkpoint-N``
+folder is always complete), resume exact, and averages metrics over the logging window. A
+non-finite loss stops the run before the optimizer step with an error naming the step and the
+examples.
 """
 
 from __future__ import annotations
@@ -43,16 +44,14 @@ import logging
 import math
 import os
 import re
-import shutil
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import get_last_checkpoint
 
 from prefkit.data.collators import SHARED_PREFIX_KEYS, PairwiseCollator, UnpairedCollator
 from prefkit.data.records import PairwiseRecord, RankedRecord, UnpairedRecord
@@ -62,6 +61,7 @@ from prefkit.losses.group_robust import exponentiated_gradient_step, group_loss_
 from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
 from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
 from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
+from prefkit.train.checkpointing import STATE_FILE, CheckpointingTrainer
 from prefkit.train.config import PreferenceConfig
 from prefkit.train.logps import LogpOutput, completion_logps, shared_prefix_logps
 from prefkit.train.reference_cache import (
@@ -76,7 +76,6 @@ from prefkit.train.reference_cache import (
 
 logger = logging.getLogger("prefkit.train")
 
-STATE_FILE = "prefkit_state.json"
 INDEX_COLUMN = "example_index"
 ID_COLUMN = "example_id"
 GROUP_COLUMN = "group_index"  # with `groups`: index into PreferenceTrainer.group_names
@@ -146,7 +145,7 @@ def pair_logps_batch(pol: LogpOutput, ref: LogpOutput | None, mask: Tensor, marg
     return batch
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(CheckpointingTrainer):
     """Train a causal LM on pairwise or unpaired feedback with any registered loss(es).
 
     Args:
@@ -306,21 +305,9 @@ class PreferenceTrainer(Trainer):
             data_collator = _TrackingCollator(self._default_collator(processing_class.pad_token_id, args))
 
         # -- state ------------------------------------------------------------------------------
-        self._metric_sums: dict[str, dict[str, float]] = {
-            "train": defaultdict(float),
-            "eval": defaultdict(float),
-        }
-        self._metric_counts: dict[str, dict[str, float]] = {
-            "train": defaultdict(float),
-            "eval": defaultdict(float),
-        }
         self.bco_reward_shift = torch.zeros((), dtype=torch.float32)
         self.bco_count = 0
         self.group_robust_alpha = self._initial_group_weights(args)
-        self._staging_root: str | None = None
-        self._resumed_complete = False  # set by _init_training_state: resumed at the last step, nothing to train
-        self._deferred_push: str | None = None
-
         super().__init__(
             model=model,
             args=args,
@@ -862,78 +849,19 @@ class PreferenceTrainer(Trainer):
     # ------------------------------------------------------------------------------------------
     # Metrics
     # ------------------------------------------------------------------------------------------
-    def _store_metrics(self, metrics: dict[str, Tensor], split: str) -> None:
-        sums, counts = self._metric_sums[split], self._metric_counts[split]
-        for key, value in metrics.items():
-            value = value.detach().float().reshape(-1)
-            if value.numel() == 0:
-                continue
-            sums[key] += value.sum().item()
-            counts[key] += value.numel()
-
-    def _pop_metrics(self, split: str) -> dict[str, float]:
-        sums, counts = self._metric_sums[split], self._metric_counts[split]
-        total_sums, total_counts = self._gathered(sums, counts)
-        out = {k: total_sums[k] / total_counts[k] for k in total_sums if total_counts[k] > 0}
-        if self.loss_kind == "unpaired" and "rewards/chosen" in out and "rewards/rejected" in out:
-            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        out.update(_worst_group_metrics(out))
-        sums.clear()
-        counts.clear()
+    def _derived_metrics(self, averages: dict[str, float]) -> dict[str, float]:
+        out = {}
+        if self.loss_kind == "unpaired" and "rewards/chosen" in averages and "rewards/rejected" in averages:
+            out["rewards/margins"] = averages["rewards/chosen"] - averages["rewards/rejected"]
+        out.update(_worst_group_metrics(averages))
         return out
 
-    def _gathered(self, sums: dict[str, float], counts: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:
-        """The metric sums and counts of every process added up (every process logs at the same steps,
-        so this collective is reached by all); a process's own under a single-process run."""
-        if self.accelerator.num_processes == 1:
-            return sums, counts
-        parts = [None] * self.accelerator.num_processes
-        torch.distributed.all_gather_object(parts, (dict(sums), dict(counts)))
-        total_sums: dict[str, float] = defaultdict(float)
-        total_counts: dict[str, int] = defaultdict(int)
-        for part_sums, part_counts in parts:
-            for key, value in part_sums.items():
-                total_sums[key] += value
-                total_counts[key] += part_counts[key]
-        return total_sums, total_counts
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
-            logs.update(self._pop_metrics("train"))
-            logs.update(self._group_weight_logs())
-        if self._resumed_complete and "train_runtime" in logs:
-            logs.pop("train_loss", None)  # no step was taken: transformers reports 0.0
-        super().log(logs, start_time)
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        self._pop_metrics("eval")  # start clean
-        output = super().evaluation_loop(
-            dataloader,
-            description,
-            prediction_loss_only=prediction_loss_only,
-            ignore_keys=ignore_keys,
-            metric_key_prefix=metric_key_prefix,
-        )
-        for key, value in self._pop_metrics("eval").items():
-            output.metrics[f"{metric_key_prefix}_{key}"] = value
-        return output
+    def _extra_train_logs(self) -> dict[str, float]:
+        return self._group_weight_logs()
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints: atomic folders, prefkit state, resume
     # ------------------------------------------------------------------------------------------
-    def _get_output_dir(self, trial):
-        if self._staging_root is not None:
-            return self._staging_root
-        return super()._get_output_dir(trial)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        if self._staging_root is not None:
-            self._deferred_push = checkpoint_folder  # pushed once the folder has its final name
-            return
-        super()._push_from_checkpoint(checkpoint_folder)
-
     def prefkit_state(self) -> dict[str, Any]:
         """Trainer-held state that checkpoints must carry (BCO's running reward shift, group_robust's alpha)."""
         state = {"bco_reward_shift": float(self.bco_reward_shift), "bco_count": int(self.bco_count)}
@@ -960,100 +888,8 @@ class PreferenceTrainer(Trainer):
         self.bco_count = int(state["bco_count"])
         self._load_group_robust_state(state, path)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """transformers' checkpoint, written into a staging folder and renamed into place.
-
-        transformers writes ``checkpoint-N`` file by file, so a crash mid-save leaves a partial
-        folder that ``get_last_checkpoint`` would pick for ``--resume``. Here everything
-        (weights, optimizer, scheduler, RNG, trainer state, prefkit state) goes to
-        ``.staging-checkpoint-N/checkpoint-N`` first; one ``os.replace`` publishes it.
-        """
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final = os.path.join(run_dir, name)
-        staging_root = os.path.join(run_dir, f".staging-{name}")
-        staged = os.path.join(staging_root, name)
-        if self.args.should_save and os.path.exists(staging_root):
-            shutil.rmtree(staging_root)  # left by an earlier interrupted save
-        self.accelerator.wait_for_everyone()
-        self._staging_root = staging_root
-        self._deferred_push = None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        self.accelerator.wait_for_everyone()
-        if not self.args.should_save:
-            return
-        with open(os.path.join(staged, STATE_FILE), "w", encoding="utf-8") as fh:
-            json.dump(self.prefkit_state(), fh)
-        if self.state.best_model_checkpoint and os.path.abspath(self.state.best_model_checkpoint) == os.path.abspath(
-            staged
-        ):
-            self.state.best_model_checkpoint = final
-            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
-        _fsync_tree(staged)
-        if os.path.exists(final):
-            # Re-saving a step that already has a checkpoint (e.g. the end of a resumed run).
-            old = os.path.join(staging_root, f"old-{name}")
-            os.replace(final, old)
-        os.replace(staged, final)
-        _fsync_dir(run_dir)
-        shutil.rmtree(staging_root, ignore_errors=True)
-        rotate_checkpoints(
-            output_dir=run_dir,
-            save_total_limit=self.args.save_total_limit,
-            best_model_checkpoint=self.state.best_model_checkpoint,
-            use_mtime=False,  # step order: renamed folders do not carry meaningful mtimes
-        )
-        if self._deferred_push is not None:
-            self._deferred_push = None
-            super()._push_from_checkpoint(final)
-
-    def _init_training_state(
-        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
-    ):
-        """transformers' resume state, except that a run resumed at (or past) its last step trains nothing.
-
-        transformers checks ``max_steps`` only after a step, so a run whose last checkpoint is its final
-        step, in the middle of an epoch, would otherwise take one more optimizer step (and write
-        ``checkpoint-{N+1}``) on ``--resume``. Returning ``num_train_epochs`` as the epochs already trained
-        leaves its epoch loop empty; the run then only finishes (final save, metrics) as usual.
-        """
-        epochs, steps = super()._init_training_state(
-            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
-        )
-        self._resumed_complete = resume_from_checkpoint is not None and self.state.global_step >= max_steps
-        if self._resumed_complete:
-            logger.info(
-                "resumed at step %d of max_steps %d: training is already complete", self.state.global_step, max_steps
-            )
-            return num_train_epochs, 0
-        return epochs, steps
-
-    def train(
-        self,
-        resume_from_checkpoint: str | bool | None = None,
-        trial=None,
-        ignore_keys_for_eval=None,
-        **kwargs,
-    ):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = (
-                get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            )
-            if resume_from_checkpoint is None:
-                raise ValueError(f"--resume: no checkpoint-* folder in output_dir {self.args.output_dir!r}")
-        if resume_from_checkpoint:
-            if not os.path.isdir(resume_from_checkpoint):
-                raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} does not exist")
-            self.load_prefkit_state(resume_from_checkpoint)
-        result = super().train(
-            resume_from_checkpoint=resume_from_checkpoint or None,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        result = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self.args.should_save:
             self.create_model_card()
         return result
@@ -1169,30 +1005,3 @@ def _worst_group_metrics(out: dict[str, float]) -> dict[str, float]:
 
 def _str_or_none(value) -> str | None:
     return None if value is None else str(value)
-
-
-def _fsync_tree(folder: str) -> None:
-    """Flush every file of ``folder`` to disk before it is renamed into place."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
