@@ -141,6 +141,27 @@ def _agreement(world: World, policy, reference, tokenizer, pairs) -> float:
     )["agreement"]
 
 
+def _train_and_evaluate(setup: _Setup, records, pairs, *, n_per_prompt: int, eval_seed: int, **training):
+    """`_train` a copy of the reference on ``records`` (``training``: `_train`'s keywords) and measure the
+    trained policy against the world's true reward. Returns ``(evaluation, agreement, seconds)``:
+    `evaluate_policy` against the reference (``n_per_prompt`` samples per prompt, seed ``eval_seed``),
+    the implicit reward's agreement with the true preferences on ``pairs``, and the training wall time."""
+    from prefkit.lab.evaluate import evaluate_policy
+
+    ref = setup.reference
+    trainer, seconds = _train(ref, records, **training)
+    ev = evaluate_policy(
+        setup.world,
+        trainer.model,
+        ref.tokenizer,
+        reference=ref.model,
+        n_per_prompt=n_per_prompt,
+        seed=eval_seed,
+        progress=False,
+    )
+    return ev, _agreement(setup.world, trainer.model, ref.model, ref.tokenizer, pairs), seconds
+
+
 def _se(values: Sequence[float]) -> float:
     v = np.asarray(values, dtype=np.float64)
     return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
@@ -164,6 +185,21 @@ def _pm(x: float | None, se: float | None, digits: int = 3) -> str:
 def _write(out: Path, results: dict[str, Any], markdown: list[str]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "results.md").write_text("\n".join(markdown) + "\n")
+
+
+def _ending(plot: str, alt: str, summary: list[str], seconds: float) -> list[str]:
+    """The last lines of a results.md: the plot, "What this shows" (``summary``'s sentences as one
+    paragraph) and the run time."""
+    return [
+        "",
+        f"![{alt}]({plot})",
+        "",
+        "## What this shows",
+        "",
+        " ".join(summary),
+        "",
+        f"Run time {seconds / 60:.1f} min.",
+    ]
 
 
 def _beta_params(loss: str, beta: float) -> dict[str, Any]:
@@ -213,7 +249,7 @@ def loss_comparison(
     `ReferenceSpec` and cache (see `prefkit.lab.policy.reference_policy`).
     """
     from prefkit.lab import BradleyTerry, draw_dataset
-    from prefkit.lab.evaluate import evaluate_policy, truth_pairs
+    from prefkit.lab.evaluate import truth_pairs
     from prefkit.lab.plots import labelled_scatter
     from prefkit.losses import list_losses
 
@@ -223,7 +259,7 @@ def loss_comparison(
     )
     start = time.perf_counter()
     setup = _setup(world, seed, output_dir, spec, cache_dir, progress, "loss comparison")
-    ref, say = setup.reference, setup.say
+    say = setup.say
     train = draw_dataset(setup.world, "pairwise", steps * batch_size, BradleyTerry(1.0), seed=seed + 1)
     pairs = truth_pairs(setup.world, heldout_pairs, seed=seed + 2)
     before = _reference_eval(setup, samples_per_prompt, seed + 3)
@@ -231,28 +267,19 @@ def loss_comparison(
         f"  {len(train)} training pairs; reference mean true reward {before.mean_reward:.3f}; "
         f"training {len(names)} losses, {steps} steps each"
     )
+    fixed = dict(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        n_per_prompt=samples_per_prompt,
+        eval_seed=seed + 3,
+    )
     rows = []
     for i, name in enumerate(names, 1):
         params = _beta_params(name, beta)
         try:
-            trainer, seconds = _train(
-                ref,
-                train,
-                loss=name,
-                params=params,
-                steps=steps,
-                batch_size=batch_size,
-                learning_rate=learning_rate,
-                seed=seed,
-            )
-            ev = evaluate_policy(
-                setup.world,
-                trainer.model,
-                ref.tokenizer,
-                reference=ref.model,
-                n_per_prompt=samples_per_prompt,
-                seed=seed + 3,
-                progress=False,
+            ev, agreement, seconds = _train_and_evaluate(
+                setup, train, pairs, loss=name, params=params, seed=seed, **fixed
             )
             row = {
                 "loss": name,
@@ -266,7 +293,7 @@ def loss_comparison(
                 "kl_se": ev.kl_se,
                 "win_rate": ev.win_rate,
                 "mean_length": ev.mean_length,
-                "agreement": _agreement(setup.world, trainer.model, ref.model, ref.tokenizer, pairs),
+                "agreement": agreement,
                 "train_seconds": seconds,
             }
             say(
@@ -349,16 +376,8 @@ def _losses_markdown(r: dict[str, Any]) -> list[str]:
         f"one half); agreement: share of {r['heldout_pairs']} fresh response pairs that the implicit reward "
         "log π(y|x) − log π_ref(y|x) orders as the true preference does (the lab reference is used for the "
         "reference-free losses too, so all rows are measured the same way); train s: training wall time.",
-        "",
-        "![true reward against KL](reward_vs_kl.png)",
-        "",
-        "## What this shows",
-        "",
-        *_losses_summary(ok, failed),
-        "",
-        f"Run time {r['seconds'] / 60:.1f} min.",
     ]
-    return lines
+    return lines + _ending("reward_vs_kl.png", "true reward against KL", _losses_summary(ok, failed), r["seconds"])
 
 
 def _losses_summary(ok: list[dict], failed: list[dict], far_kl: float = 20.0) -> list[str]:
@@ -392,7 +411,7 @@ def _losses_summary(ok: list[dict], failed: list[dict], far_kl: float = 20.0) ->
         "One seed and one learning rate for all losses: a loss with a low gain here may need its own "
         "learning rate or beta, so read this as a like-for-like run, not as each loss's best."
     )
-    return [" ".join(text)]
+    return text
 
 
 # ----- noise -----
@@ -438,7 +457,7 @@ def noise_study(
     error over the data seeds, and each loss's paired difference from dpo (when dpo is in ``losses``).
     """
     from prefkit.lab import draw_dataset
-    from prefkit.lab.evaluate import evaluate_policy, truth_pairs
+    from prefkit.lab.evaluate import truth_pairs
     from prefkit.lab.plots import metric_panels
 
     names = _check_pairwise_losses(list(losses))
@@ -454,13 +473,20 @@ def noise_study(
     )
     start = time.perf_counter()
     setup = _setup(world, seed, output_dir, spec, cache_dir, progress, "noise study")
-    ref, say = setup.reference, setup.say
+    say = setup.say
     pairs = truth_pairs(setup.world, heldout_pairs, seed=seed + 2)
     before = _reference_eval(setup, samples_per_prompt, seed + 3)
     total, done = len(names) * len(rates) * len(seeds), 0
     say(
         f"  {total} runs: losses {', '.join(names)} x flip rates {rates} x data seeds {seeds}; "
         f"{steps * batch_size} pairs each"
+    )
+    fixed = dict(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        n_per_prompt=samples_per_prompt,
+        eval_seed=seed + 3,
     )
     runs = []
     for s in seeds:
@@ -470,24 +496,8 @@ def noise_study(
             )
             for name in names:
                 params = _beta_params(name, beta) | ({"label_smoothing": rate} if name in NOISE_AWARE_LOSSES else {})
-                trainer, seconds = _train(
-                    ref,
-                    train,
-                    loss=name,
-                    params=params,
-                    steps=steps,
-                    batch_size=batch_size,
-                    learning_rate=learning_rate,
-                    seed=s,
-                )
-                ev = evaluate_policy(
-                    setup.world,
-                    trainer.model,
-                    ref.tokenizer,
-                    reference=ref.model,
-                    n_per_prompt=samples_per_prompt,
-                    seed=seed + 3,
-                    progress=False,
+                ev, agreement, seconds = _train_and_evaluate(
+                    setup, train, pairs, loss=name, params=params, seed=s, **fixed
                 )
                 run = {
                     "loss": name,
@@ -496,7 +506,7 @@ def noise_study(
                     "params": params,
                     "mean_reward": ev.mean_reward,
                     "kl": ev.kl,
-                    "agreement": _agreement(setup.world, trainer.model, ref.model, ref.tokenizer, pairs),
+                    "agreement": agreement,
                     "train_seconds": seconds,
                 }
                 runs.append(run)
@@ -607,15 +617,10 @@ def _noise_markdown(r: dict[str, Any]) -> list[str]:
         f"True reward and KL: {r['samples_per_prompt']} samples per prompt; agreement: share of {r['heldout_pairs']} "
         "fresh pairs that the implicit reward log π − log π_ref orders as the true preference does; "
         '"true reward − dpo\'s": the paired difference on the same data seed.',
-        "",
-        "![true reward, agreement and KL against the flip rate](noise.png)",
-        "",
-        "## What this shows",
-        "",
-        " ".join(_noise_summary(r)),
     ]
-    lines += ["", f"Run time {r['seconds'] / 60:.1f} min."]
-    return lines
+    return lines + _ending(
+        "noise.png", "true reward, agreement and KL against the flip rate", _noise_summary(r), r["seconds"]
+    )
 
 
 def _noise_summary(r: dict[str, Any]) -> list[str]:
@@ -832,16 +837,10 @@ def _overopt_markdown(r: dict[str, Any]) -> list[str]:
         f"sqrt(KL): proxy α = {fits['proxy']['alpha']:.3f}, β = {fits['proxy']['beta']:.3f}; true α = "
         f"{fits['true']['alpha']:.3f}, β = {fits['true']['beta']:.3f}. KL = log N − (N−1)/N is exact for "
         "continuous scores and an upper bound when the pool repeats responses.",
-        "",
-        "![true and proxy reward against KL](overoptimization.png)",
-        "",
-        "## What this shows",
-        "",
-        " ".join(_overopt_summary(r)),
-        "",
-        f"Run time {r['seconds'] / 60:.1f} min.",
     ]
-    return lines
+    return lines + _ending(
+        "overoptimization.png", "true and proxy reward against KL", _overopt_summary(r), r["seconds"]
+    )
 
 
 def _overopt_summary(r: dict[str, Any]) -> list[str]:
