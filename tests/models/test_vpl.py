@@ -234,7 +234,7 @@ def test_fit_objective_equals_the_registered_vpl_elbo():
     context = torch.tensor([[0, 1, 3], [5, 6, 8], [10, 11, 13], [15, 16, 18]])
     targets = torch.tensor([[2, 4], [7, 9], [12, 14], [17, 19]])
     torch.manual_seed(3)
-    loss, metrics = model._episode_loss(pairs, context, targets, beta_kl=0.7)
+    loss, metrics = model.episode_loss(pairs, context, targets, beta_kl=0.7)
     torch.manual_seed(3)  # the same reparameterisation noise
     mu, logvar = model.encode(pairs.chosen[context], pairs.rejected[context])
     z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()

@@ -1,14 +1,16 @@
 """Personalized reward heads trained end to end on a backbone.
 
 `prefkit.models.embeddings.embed_pairs` embeds every pair once with a frozen backbone and the heads
-(`prefkit.models.pal.PAL`, `prefkit.models.mixture.MixtureBT`) fit on those fixed vectors. Here the
-same head sits on a live backbone: each mini-batch of pairwise records is tokenized as training
-tokenizes it (`prefkit.data.tokenize.tokenize_pairwise`), prompt + chosen and prompt + rejected run
-through the backbone with gradients, the final hidden states are pooled exactly as the embedding
-cache pools them (`prefkit.models.embeddings.pool_hidden_states`: last token, or mean / sum over the
-response), and the batch becomes an `EmbeddedPairs` on which the head's own differentiable objective
-is computed. Backbone and head are then updated together (AdamW, optionally a separate backbone
-learning rate). With the backbone frozen this is the embedding path, to float rounding.
+(`prefkit.models.pal.PAL`, `prefkit.models.mixture.MixtureBT`, `prefkit.models.vpl.VPL`,
+`prefkit.models.micro.MiCRo`) fit on those fixed vectors. Here the same head sits on a live backbone:
+the pairs of a mini-batch are tokenized as training tokenizes them
+(`prefkit.data.tokenize.tokenize_pairwise`), prompt + chosen and prompt + rejected run through the
+backbone with gradients, the final hidden states are pooled exactly as the embedding cache pools them
+(`prefkit.models.embeddings.pool_hidden_states`: last token, or mean / sum over the response), and the
+batch becomes an `EmbeddedPairs` on which the head's own differentiable objective is computed. With
+the backbone frozen this is the embedding path, to float rounding. `prefkit.train.end_to_end` trains
+the model with a ``transformers.Trainer`` (schedules, accumulation, mixed precision, checkpoints,
+several devices).
 
 Objectives (one per head, shared with the embedding path):
 
@@ -20,8 +22,14 @@ Objectives (one per head, shared with the embedding path):
   on the likelihood, not EM: there are no responsibilities during training, and with mini-batches
   smaller than a user's pairs each step's objective groups only the pairs of the batch (a
   stochastic surrogate of the full likelihood; a full batch is the exact one). After training,
-  `train_end_to_end` sets ``pi`` and the responsibilities from the posterior over all training
-  pairs (`MixtureBT.set_posterior`), so `MixtureBT.user_reward` / `pair_correct` serve as after EM.
+  `set_mixture_posterior` sets ``pi`` and the responsibilities from the posterior over all training
+  pairs (`MixtureBT.set_posterior`), so `MixtureBT.user_reward` / `pair_correct` serve as after EM;
+- VPL: the negative ELBO of a batch of *episodes* (`VPL.episode_loss`), each one user's context set
+  and target set of pairs, with the KL weight ``beta_kl``; the batch's pairs are the union of its
+  episodes' pairs, each embedded once;
+- MiCRo: stage 1, the mixture likelihood of the ``K`` heads with weights ``pi`` plus ``balance *
+  KL(uniform || pi)`` (`MiCRo.mixture_objective`). The router (stage 2) is trained afterwards on the
+  trained backbone's frozen prompt embeddings, as the paper trains it.
 """
 
 from __future__ import annotations
@@ -39,19 +47,22 @@ from prefkit.data.collators import pad_rows
 from prefkit.data.records import PairwiseRecord
 from prefkit.data.tokenize import tokenize_pairwise
 from prefkit.models.embeddings import POOLINGS, EmbeddedPairs, pool_hidden_states
+from prefkit.models.micro import MiCRo
 from prefkit.models.mixture import MixtureBT
 from prefkit.models.pal import PAL
+from prefkit.models.vpl import VPL
 
-__all__ = ["HEADS", "EndToEndRewardModel", "TokenizedPairs", "tokenize_pairs", "train_end_to_end"]
+__all__ = ["HEADS", "EndToEndRewardModel", "TokenizedPairs", "tokenize_pairs"]
 
-HEADS = {PAL.model_type: PAL, MixtureBT.model_type: MixtureBT}
+HEADS = {head.model_type: head for head in (PAL, MixtureBT, VPL, MiCRo)}
 CONFIG_FILE = "end_to_end.json"
+EXTRA_WEIGHTS_FILE = "end_to_end.safetensors"
 
 
 class TokenizedPairs:
     """Pairwise records tokenized once: ``(prompt, chosen, rejected)`` ids and the user of each row.
 
-    ``user_index[i]`` indexes ``users`` (a head's users); every record needs a known ``user_id``.
+    ``user_index[i]`` indexes ``users``; every record needs a known ``user_id``.
     """
 
     def __init__(self, rows: list[tuple[list[int], list[int], list[int]]], user_index: Tensor, users: list[str]):
@@ -59,6 +70,13 @@ class TokenizedPairs:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def rows_of_users(self) -> list[list[int]]:
+        """Each user's row indices, in ``users`` order."""
+        rows: list[list[int]] = [[] for _ in self.users]
+        for i, u in enumerate(self.user_index.tolist()):
+            rows[u].append(i)
+        return rows
 
     def batch(self, idx: Sequence[int], pad_token_id: int) -> dict[str, Tensor]:
         """``input_ids`` / ``attention_mask`` / ``completion_mask`` ``[2B, T]`` (the ``B`` chosen rows,
@@ -79,7 +97,7 @@ def tokenize_pairs(
     max_prompt_length: int | None = None,
 ) -> TokenizedPairs:
     """Tokenize ``records`` with `tokenize_pairwise` (the embedding cache's tokenization); ``users``:
-    the head's user ids, which every record's ``user_id`` must be one of."""
+    the model's user ids, which every record's ``user_id`` must be one of."""
     if not records:
         raise ValueError("no records to train on")
     position = {u: i for i, u in enumerate(users)}
@@ -89,9 +107,9 @@ def tokenize_pairs(
             raise TypeError(f"record {i} is a {type(record).__name__}; end-to-end heads take PairwiseRecord rows")
         if record.user_id not in position:
             what = (
-                "has no user_id" if record.user_id is None else f"has user_id {record.user_id!r}, unknown to the head"
+                "has no user_id" if record.user_id is None else f"has user_id {record.user_id!r}, unknown to the model"
             )
-            raise ValueError(f"record {i} (id {record.id!r}) {what}; the head's users are {list(users)[:5]}...")
+            raise ValueError(f"record {i} (id {record.id!r}) {what}; the model's users are {list(users)[:5]}...")
         try:
             ex = tokenize_pairwise(record, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
         except ValueError as err:
@@ -102,144 +120,169 @@ def tokenize_pairs(
 
 
 class EndToEndRewardModel(nn.Module):
-    """A backbone, a pooling and a personalized head (PAL or MixtureBT), trained together.
+    """A backbone, a pooling and a personalized head (PAL, MixtureBT, VPL or MiCRo), trained together.
 
     Args:
         backbone: a transformers base model (``AutoModel``) or a causal LM, whose base model is used
             (``model.base_model``, as `embed_pairs` does), e.g. ``build_tiny_llama(...).model``.
-        head: a `PAL` or `MixtureBT` built with ``dim`` the backbone's hidden size and ``users`` set.
+        head: a `PAL` or `MixtureBT` built with ``users`` set, or a `VPL` / `MiCRo`; its ``dim`` is the
+            backbone's hidden size.
         pooling: ``"last"``, ``"mean"`` or ``"sum"`` (`pool_hidden_states`).
+        users: the training users (VPL and MiCRo, whose heads do not hold them; PAL and MixtureBT use
+            the head's).
+        beta_kl: VPL's KL weight in the ELBO.
+        balance: MiCRo's load-balancing weight (needs ``mixture="learned"``).
 
-    MixtureBT's mixing weights are learned as ``mixing_logits`` (``pi = softmax``), initialised from
-    the head's ``mixing_weights``.
+    ``forward(batch)`` returns ``{"loss": objective, <metric>: per-example values}``: PAL
+    ``accuracy``; VPL ``bt``, ``kl``, ``accuracy``; MiCRo ``log_likelihood``, ``accuracy``; MixtureBT
+    none (its accuracy needs the posterior). MixtureBT's mixing weights are learned as
+    ``mixing_logits`` (``pi = softmax``), initialised from the head's ``mixing_weights``.
     """
 
-    def __init__(self, backbone: nn.Module, head: PAL | MixtureBT, pooling: str = "last"):
+    accepts_loss_kwargs = False  # transformers.Trainer: the loss is a batch mean, scale it for accumulation
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: PAL | MixtureBT | VPL | MiCRo,
+        pooling: str = "last",
+        *,
+        users: Sequence[str] | None = None,
+        beta_kl: float = 1.0,
+        balance: float = 0.0,
+    ):
         super().__init__()
         if not isinstance(head, tuple(HEADS.values())):
-            raise TypeError(f"end-to-end training supports PAL and MixtureBT heads, got {type(head).__name__}")
+            raise TypeError(f"end-to-end training supports {', '.join(h.__name__ for h in HEADS.values())} heads")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if not head.users:
-            raise ValueError("the head has no users; build it with users=[...] (every training user)")
+        if isinstance(head, (PAL, MixtureBT)):
+            if users is not None and list(users) != head.users:
+                raise ValueError("a PAL / MixtureBT head holds its users; do not pass other users")
+            users = head.users
+        if not users:
+            raise ValueError("no users: build PAL / MixtureBT with users=[...], pass users=[...] for VPL / MiCRo")
+        if balance and not (isinstance(head, MiCRo) and head.config["mixture"] == "learned"):
+            raise ValueError("balance acts on MiCRo's learned mixture weights (MiCRo(..., mixture='learned'))")
         self.backbone = getattr(backbone, "base_model", backbone)
         hidden = self.backbone.config.hidden_size
         if head.dim != hidden:
             raise ValueError(f"the head's dim is {head.dim}, the backbone's hidden size is {hidden}")
-        self.head, self.pooling = head, pooling
+        self.head, self.pooling, self.users = head, pooling, list(users)
+        self.beta_kl, self.balance = float(beta_kl), float(balance)
         self.mixing_logits = nn.Parameter(head.mixing_weights.log().clone()) if isinstance(head, MixtureBT) else None
 
     @property
-    def users(self) -> list[str]:
-        return self.head.users
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
         """``[N, H]`` pooled final hidden states of ``prompt + response`` rows (with gradients)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool_hidden_states(hidden, attention_mask, completion_mask, self.pooling)
+        return pool_hidden_states(hidden, attention_mask, completion_mask, self.pooling).float()
+
+    def embed_prompts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``[N, H]`` pooled final hidden states of prompt-only rows (MiCRo's router context)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool_hidden_states(hidden, attention_mask, attention_mask, self.pooling).float()
 
     def batch_pairs(self, batch: dict[str, Tensor]) -> EmbeddedPairs:
         """The `EmbeddedPairs` of a `TokenizedPairs.batch` (chosen rows first, then rejected)."""
-        device = next(self.backbone.parameters()).device
+        device = self.device
         emb = self.embed(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")))
         n = batch["user_index"].shape[0]
-        return EmbeddedPairs(emb[:n], emb[n:], batch["user_index"], self.users)
+        return EmbeddedPairs(emb[:n], emb[n:], batch["user_index"].to(device), self.users)
 
-    def objective(self, pairs: EmbeddedPairs) -> Tensor:
-        """The head's training objective on ``pairs`` (module docstring)."""
-        if isinstance(self.head, MixtureBT):
-            return self.head.marginal_nll(pairs, self.mixing_logits.log_softmax(-1))
-        return self.head.objective(pairs)
-
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.objective(self.batch_pairs(batch))
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The head's training objective on a batch (module docstring) and its metrics."""
+        pairs = self.batch_pairs(batch)
+        head = self.head
+        if isinstance(head, VPL):
+            loss, out = head.episode_loss(pairs, batch["context"], batch["targets"], self.beta_kl)
+            return {"loss": loss, **out}
+        if isinstance(head, MiCRo):
+            loss, ll = head.mixture_objective(pairs, self.balance)
+            return {"loss": loss, "log_likelihood": ll, "accuracy": (ll > -0.6931471805599453).float()}
+        if isinstance(head, MixtureBT):
+            return {"loss": head.marginal_nll(pairs, self.mixing_logits.log_softmax(-1))}
+        loss = head.objective(pairs)
+        with torch.no_grad():
+            accuracy = (head.pair_logits(pairs) > 0).float()
+        return {"loss": loss, "accuracy": accuracy}
 
     @torch.no_grad()
     def embed_pairs(self, data: TokenizedPairs, tokenizer, batch_size: int = 16) -> EmbeddedPairs:
-        """`EmbeddedPairs` of all of ``data`` with the current backbone (eval mode, no gradients), for
-        the heads' evaluation methods (``PAL.pair_logits``, ``MixtureBT.pair_correct``, ...)."""
+        """`EmbeddedPairs` (CPU, with ``prompt``) of all of ``data`` with the current backbone (eval mode,
+        no gradients), for the heads' evaluation and fitting methods (``PAL.pair_logits``,
+        ``MixtureBT.set_posterior``, ``MiCRo.fit_router``, ...)."""
         was_training = self.training
         self.eval()
+        chosen, rejected, prompts = [], [], []
         try:
-            parts = [
-                self.batch_pairs(data.batch(idx, tokenizer.pad_token_id)) for idx in _chunks(len(data), batch_size)
-            ]
+            for idx in _chunks(len(data), batch_size):
+                batch = data.batch(idx, tokenizer.pad_token_id)
+                pairs = self.batch_pairs(batch)
+                chosen.append(pairs.chosen.cpu())
+                rejected.append(pairs.rejected.cpu())
+                prompt = pad_rows([data.rows[i][0] for i in idx], [[] for _ in idx], tokenizer.pad_token_id, None)
+                ids, mask = prompt["input_ids"].to(self.device), prompt["attention_mask"].to(self.device)
+                prompts.append(self.embed_prompts(ids, mask).cpu())
         finally:
             self.train(was_training)
         return EmbeddedPairs(
-            torch.cat([p.chosen for p in parts]).cpu(),
-            torch.cat([p.rejected for p in parts]).cpu(),
-            data.user_index.clone(),
-            list(data.users),
+            torch.cat(chosen), torch.cat(rejected), data.user_index.clone(), list(data.users), torch.cat(prompts)
         )
+
+    @torch.no_grad()
+    def set_mixture_posterior(self, data: TokenizedPairs, tokenizer, batch_size: int = 16) -> None:
+        """MixtureBT: ``pi = softmax(mixing_logits)`` and every user's responsibilities from the posterior
+        given all of ``data`` (after training; `MixtureBT.set_posterior`)."""
+        if not isinstance(self.head, MixtureBT):
+            raise TypeError(f"set_mixture_posterior is for a MixtureBT head, not {type(self.head).__name__}")
+        pairs = self.embed_pairs(data, tokenizer, batch_size)
+        self.head.set_posterior(pairs, self.mixing_logits.detach().softmax(-1).cpu())
 
     def save_pretrained(self, folder: str) -> None:
         """``folder/backbone`` (transformers ``save_pretrained``), ``folder/head`` (the head's
-        ``save_pretrained``) and ``folder/end_to_end.json`` (the pooling)."""
+        ``save_pretrained``), ``folder/end_to_end.json`` (pooling, head type, users, objective weights)
+        and, for MixtureBT, ``folder/end_to_end.safetensors`` (``mixing_logits``)."""
+        from safetensors.torch import save_file
+
         os.makedirs(folder, exist_ok=True)
         self.backbone.save_pretrained(os.path.join(folder, "backbone"))
         self.head.save_pretrained(os.path.join(folder, "head"))
+        if self.mixing_logits is not None:
+            save_file({"mixing_logits": self.mixing_logits.detach().cpu()}, os.path.join(folder, EXTRA_WEIGHTS_FILE))
+        config = {"pooling": self.pooling, "head": self.head.model_type, "users": self.users}
+        config.update(beta_kl=self.beta_kl, balance=self.balance)
         with open(os.path.join(folder, CONFIG_FILE), "w") as fh:
-            json.dump({"pooling": self.pooling, "head": self.head.model_type}, fh, indent=2)
+            json.dump(config, fh, indent=2)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> EndToEndRewardModel:
         """Load what `save_pretrained` wrote (backbone with ``AutoModel``), in eval mode."""
+        from safetensors.torch import load_file
+
         with open(os.path.join(folder, CONFIG_FILE)) as fh:
             config: dict[str, Any] = json.load(fh)
         if config.get("head") not in HEADS:
             raise ValueError(f"{folder}/{CONFIG_FILE}: unknown head {config.get('head')!r}; known: {sorted(HEADS)}")
         head = HEADS[config["head"]].from_pretrained(os.path.join(folder, "head"))
         backbone = AutoModel.from_pretrained(os.path.join(folder, "backbone"))
-        return cls(backbone, head, config["pooling"]).eval()
+        users = None if isinstance(head, (PAL, MixtureBT)) else config["users"]
+        model = cls(
+            backbone,
+            head,
+            config["pooling"],
+            users=users,
+            beta_kl=config.get("beta_kl", 1.0),
+            balance=config.get("balance", 0.0),
+        )
+        if model.mixing_logits is not None:
+            extra = load_file(os.path.join(folder, EXTRA_WEIGHTS_FILE))
+            model.mixing_logits.data.copy_(extra["mixing_logits"])
+        return model.eval()
 
 
 def _chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
-
-
-def train_end_to_end(
-    model: EndToEndRewardModel,
-    data: TokenizedPairs,
-    tokenizer,
-    *,
-    epochs: int = 1,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    backbone_lr: float | None = None,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-) -> list[float]:
-    """Train backbone and head together on ``data`` with AdamW; return the objective of every step.
-
-    ``lr``: the head's learning rate (and MixtureBT's ``mixing_logits``); ``backbone_lr``: the
-    backbone's (default ``lr``; 0 keeps it fixed: the embedding path, trained by gradient).
-    Mini-batches of ``batch_size`` pairs in a seeded random order each epoch. A MixtureBT head gets
-    its ``pi`` and responsibilities from the posterior over all of ``data`` at the end. Leaves the
-    model in eval mode.
-    """
-    if epochs < 1 or batch_size < 1 or lr < 0 or (backbone_lr is not None and backbone_lr < 0):
-        raise ValueError(f"need epochs, batch_size >= 1 and lr >= 0; got {epochs}, {batch_size}, {lr}, {backbone_lr}")
-    if data.users != model.users:
-        raise ValueError("data was tokenized for other users than the head's; use tokenize_pairs(..., model.users)")
-    backbone_params = list(model.backbone.parameters())
-    head_params = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": backbone_params, "lr": lr if backbone_lr is None else backbone_lr}, {"params": head_params}],
-        lr=lr,
-        weight_decay=weight_decay,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    history = []
-    for _ in range(epochs):
-        for idx in torch.randperm(len(data), generator=generator).split(batch_size):
-            loss = model(data.batch(idx.tolist(), tokenizer.pad_token_id))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            history.append(loss.item())
-    model.eval()
-    if isinstance(model.head, MixtureBT):
-        model.head.set_posterior(model.embed_pairs(data, tokenizer, batch_size), model.mixing_logits.softmax(-1))
-    return history

@@ -79,6 +79,8 @@ class MiCRo(nn.Module):
         mixture: stage-1 weights, ``"uniform"`` (fixed ``1/K``) or ``"learned"``.
     """
 
+    model_type = MODEL_TYPE
+
     def __init__(
         self,
         dim: int,
@@ -126,6 +128,10 @@ class MiCRo(nn.Module):
     @property
     def k(self) -> int:
         return self.config["k"]
+
+    @property
+    def dim(self) -> int:
+        return self.config["dim"]
 
     def head_rewards(self, emb: Tensor) -> Tensor:
         """``[..., K]`` the heads' rewards of response embeddings ``[..., H]``."""
@@ -220,14 +226,23 @@ class MiCRo(nn.Module):
             if step == steps:
                 break
             batch = pairs.subset(torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=generator))
-            log_pi = torch.log_softmax(self.mixture_logits, dim=-1)
-            loss = -mixture_log_likelihood(self._margins(batch), log_pi).mean()
-            if balance:
-                loss = loss + balance * (-math.log(self.k) - log_pi.mean())  # KL(uniform || pi)
+            loss, _ = self.mixture_objective(batch, balance)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         return history
+
+    def mixture_objective(self, pairs: EmbeddedPairs, balance: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Stage 1's training objective on a batch: ``(loss, log_likelihood)`` with ``loss`` the mean
+        ``-log sum_k pi_k sigmoid(r_k(chosen) - r_k(rejected))`` plus ``balance * KL(uniform || pi)``
+        and ``log_likelihood`` ``[N]`` each pair's mixture log-likelihood (detached). Differentiable
+        in the heads, ``pi`` and the embeddings (so a backbone trains through it)."""
+        log_pi = torch.log_softmax(self.mixture_logits, dim=-1)
+        ll = mixture_log_likelihood(self._margins(pairs), log_pi)
+        loss = -ll.mean()
+        if balance:
+            loss = loss + balance * (-math.log(self.k) - log_pi.mean())  # KL(uniform || pi)
+        return loss, ll.detach()
 
     def _log_mixture(self, step: int, pairs: EmbeddedPairs) -> dict:
         with torch.no_grad():

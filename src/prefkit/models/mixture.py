@@ -80,7 +80,7 @@ def user_rows(pairs: EmbeddedPairs, users: Sequence[str]) -> Tensor:
     if unknown:
         raise KeyError(f"users unknown to the model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     mapping = torch.tensor([position.get(u, -1) for u in pairs.users], dtype=torch.long)
-    return mapping[pairs.user_index]
+    return mapping.to(pairs.user_index.device)[pairs.user_index]  # on the rows' device (a GPU batch)
 
 
 class MixtureBT(EmbeddingHead):

@@ -113,6 +113,8 @@ class VPL(nn.Module):
         hidden: width of the encoder's pair MLP ``f`` and of the reward MLP ``g`` (two hidden layers each).
     """
 
+    model_type = MODEL_TYPE
+
     def __init__(self, dim: int, latent_dim: int = 8, hidden: int = 64):
         super().__init__()
         for name, value in (("dim", dim), ("latent_dim", latent_dim), ("hidden", hidden)):
@@ -122,6 +124,10 @@ class VPL(nn.Module):
         self.pair_encoder = _mlp([2 * dim, hidden, hidden])
         self.posterior = nn.Linear(hidden, 2 * latent_dim)
         self.reward_net = _mlp([dim + latent_dim, hidden, hidden, 1])
+
+    @property
+    def dim(self) -> int:
+        return self.config["dim"]
 
     @property
     def latent_dim(self) -> int:
@@ -169,8 +175,12 @@ class VPL(nn.Module):
             mu, _ = self.encode(chosen, rejected)
         return active_units(mu, threshold)
 
-    def _episode_loss(self, pairs: EmbeddedPairs, context: Tensor, targets: Tensor, beta_kl: float):
-        """Mean negative ELBO over users, and per-user metrics; ``context``/``targets`` ``[U, n]`` rows.
+    def episode_loss(self, pairs: EmbeddedPairs, context: Tensor, targets: Tensor, beta_kl: float):
+        """Mean negative ELBO over a batch of episodes, and its metrics: the training objective.
+
+        Episode ``u`` is one user's context set ``context[u]`` and target set ``targets[u]`` (row indices
+        into ``pairs``, ``[U, C]`` and ``[U, n]``). Returns ``(loss, metrics)`` with ``metrics`` ``bt``
+        ``[U, n]`` (per target pair), ``kl`` ``[U]`` and ``accuracy`` ``[U, n]`` (margin > 0), detached.
 
         Per user: ``sum_targets -log sigma(r(e_w, z) - r(e_l, z)) + beta_kl * KL(q || N(0, I))``, the
         registered ``vpl_elbo`` summed over the user's target pairs (written out here because models do
@@ -238,7 +248,7 @@ class VPL(nn.Module):
                 slots = torch.randint(len(rows), (users_per_step,), generator=generator)
                 context = rows.sample(slots, context_size, generator)
                 targets = rows.sample(slots, target_size, generator)
-                loss, out = self._episode_loss(pairs, context, targets, beta_kl)
+                loss, out = self.episode_loss(pairs, context, targets, beta_kl)
                 if step % log_every == 0 or step == steps:
                     history.append(self._log(step, loss, out, pairs, probe))
                 if step == steps:

@@ -97,6 +97,9 @@ _SHORT = (
     ("rewards/rejected", "rejected"),
     ("kl", "kl"),
     ("reward_shift", "shift"),
+    ("accuracy", "acc"),  # personalized heads trained end to end (prefkit.train.end_to_end)
+    ("log_likelihood", "loglik"),
+    ("active_units", "active units"),
 )
 
 
@@ -121,7 +124,9 @@ def format_log(logs: dict[str, Any], step: int, max_steps: int | None = None) ->
     parts = [head]
     for key, short in _SHORT:
         value = logs.get(prefix + key)
-        if isinstance(value, (int, float)):
+        if isinstance(value, int):
+            parts.append(f"{short} {value}")
+        elif isinstance(value, float):
             parts.append(f"{short} {value:.4f}" if short != "acc" else f"{short} {value:.2f}")
     components = sorted(k[len(prefix) + len("loss/") :] for k in logs if k.startswith(prefix + "loss/"))
     if len(components) > 1:

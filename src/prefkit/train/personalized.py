@@ -13,10 +13,12 @@ preference a pair is (mixture of Bradley-Terry by EM, PAL, VPL, MiCRo) on frozen
    re-run), ``metrics.jsonl`` (the fit's history), ``heldout.jsonl`` (the held-out pairs), ``README.md``
    (the model card) and ``eval/`` (`prefkit.eval.personalized` on the held-out pairs).
 
-With ``end_to_end: true`` in the ``personalized:`` section (PAL and mixture_bt; `EndToEndParams`), steps 3-4
-become one: the backbone is trained together with the head (`prefkit.models.end_to_end`), saved to
-``output_dir/backbone/``, and the written ``personalized.yaml`` points ``model`` at it, so that
-``prefkit eval rm`` embeds with the trained backbone.
+With ``end_to_end: true`` in the ``personalized:`` section (any method; `EndToEndParams`), steps 3-4
+become one: the backbone is trained together with the head by `prefkit.train.end_to_end.EndToEndTrainer`
+(a ``transformers.Trainer``: schedules, accumulation, mixed precision, checkpoints in
+``output_dir/checkpoints`` and ``--resume``, several processes), then MiCRo's router is fit on the
+trained backbone's embeddings. The backbone is saved to ``output_dir/backbone/``, and the written
+``personalized.yaml`` points ``model`` at it, so that ``prefkit eval rm`` embeds with the trained backbone.
 
 The config is one YAML mapping: the keys of `PersonalizedConfig` at the top, and the ``personalized:``
 mapping holding ``method`` and that method's hyper-parameters (`METHODS`). Overrides are ``key=value``
@@ -146,18 +148,42 @@ class MiCRoParams:
 @dataclass
 class EndToEndParams:
     """``end_to_end: true`` in the ``personalized:`` section: train the backbone together with the head
-    (`prefkit.models.end_to_end`; PAL and mixture_bt) instead of fitting the head on frozen embeddings.
-    ``lr``, ``batch_size`` and ``epochs`` are the method's own where it has them (PAL)."""
+    (`prefkit.train.end_to_end.EndToEndTrainer`, a ``transformers.Trainer``) instead of fitting the head
+    on frozen embeddings. Where the method has a key of its own for a setting (`END_TO_END_ALIASES`:
+    PAL's ``lr`` / ``batch_size`` / ``epochs``; VPL's ``lr``, ``users_per_step``, ``steps``,
+    ``log_every``; MiCRo's ``lr``, ``batch_size``, ``steps``, ``log_every``), that key sets it."""
 
-    end_to_end: bool = field(default=False, metadata={"help": "Train backbone and head together (pal, mixture_bt)."})
+    end_to_end: bool = field(default=False, metadata={"help": "Train backbone and head together."})
     backbone_lr: float | None = field(default=None, metadata={"help": "End to end: backbone learning rate (None: lr)."})
-    lr: float = field(default=1e-3, metadata={"help": "End to end: AdamW learning rate of the head."})
-    batch_size: int = field(default=8, metadata={"help": "End to end: pairs per step."})
-    epochs: int = field(default=1, metadata={"help": "End to end: passes over the training pairs."})
+    lr: float = field(default=1e-3, metadata={"help": "End to end: learning rate of the head."})
+    batch_size: int = field(default=8, metadata={"help": "End to end: pairs (VPL: episodes) per device and step."})
+    epochs: float = field(default=1.0, metadata={"help": "End to end: passes over the training pairs."})
+    max_steps: int = field(default=-1, metadata={"help": "End to end: optimizer steps; -1: epochs decide."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "End to end: batches per optimizer step."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "End to end: transformers LR schedule."})
+    warmup_steps: float = field(
+        default=0, metadata={"help": "End to end: LR warmup steps (a float in (0, 1): a share of all steps)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "End to end: AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "End to end: gradient clipping norm (0: none)."})
+    bf16: bool = field(default=False, metadata={"help": "End to end: bfloat16 mixed precision."})
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "End to end: a checkpoint in output_dir/checkpoints every N steps (0: none); --resume."},
+    )
+    save_total_limit: int | None = field(default=2, metadata={"help": "End to end: checkpoints kept."})
+    logging_steps: int = field(default=10, metadata={"help": "End to end: log the objective every N steps."})
 
 
-END_TO_END_METHODS = ("pal", "mixture_bt")
-END_TO_END_SHARED = ("lr", "batch_size", "epochs")
+# Settings of EndToEndParams that a method's own key sets (EndToEndParams field -> method field).
+END_TO_END_ALIASES: dict[str, dict[str, str]] = {
+    "pal": {"lr": "lr", "batch_size": "batch_size", "epochs": "epochs"},
+    "mixture_bt": {},
+    "vpl": {"lr": "lr", "batch_size": "users_per_step", "max_steps": "steps", "logging_steps": "log_every"},
+    "micro": {"lr": "lr", "batch_size": "batch_size", "max_steps": "steps", "logging_steps": "log_every"},
+}
+# Settings that do not apply to a method end to end (its own `steps` count the optimizer steps).
+END_TO_END_NOT_APPLICABLE: dict[str, tuple[str, ...]] = {"vpl": ("epochs",), "micro": ("epochs",)}
 
 METHODS: dict[str, type] = {"mixture_bt": MixtureBTParams, "pal": PALParams, "vpl": VPLParams, "micro": MiCRoParams}
 PAPERS = {
@@ -326,21 +352,28 @@ def _method_section(section: Any, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: personalized.method must be one of {', '.join(METHODS)}, got {method!r}")
     params = {k: v for k, v in section.items() if k != "method"}
     where = f" personalized ({method}) in {source}"
-    switch = {k: params.pop(k) for k in ("end_to_end", "backbone_lr") if k in params}
-    if switch.get("end_to_end") is not True:
-        if switch.get("end_to_end", False) is not False or "backbone_lr" in switch:
-            raise ConfigError(f"{source}: personalized.end_to_end must be true or false, and backbone_lr needs it true")
-        return {"method": method, "params": _build(METHODS[method], params, where)}
-    if method not in END_TO_END_METHODS:
-        raise ConfigError(f"{source}: end_to_end: true is for {' and '.join(END_TO_END_METHODS)}, not {method}")
+    end_to_end = params.pop("end_to_end", False)
+    if not isinstance(end_to_end, bool):
+        raise ConfigError(f"{source}: personalized.end_to_end must be true or false, got {end_to_end!r}")
     own = {f.name for f in dataclasses.fields(METHODS[method])}
-    shared = {k: params[k] for k in END_TO_END_SHARED if k in params}
-    method_params = _build(METHODS[method], {k: v for k, v in params.items() if k in own or k not in shared}, where)
-    shared.update({k: getattr(method_params, k) for k in END_TO_END_SHARED if k in own})
+    settings = [f.name for f in dataclasses.fields(EndToEndParams) if f.name != "end_to_end"]
+    given = {k: params.pop(k) for k in list(params) if k in settings and k not in own}
+    if not end_to_end:
+        if given:
+            raise ConfigError(f"{source}: {', '.join(given)} set(s) end-to-end training; add end_to_end: true")
+        return {"method": method, "params": _build(METHODS[method], params, where)}
+    aliases = END_TO_END_ALIASES[method]
+    for key in given:
+        if key in aliases:
+            raise ConfigError(f"{source}: for {method}, {method}'s own key {aliases[key]!r} sets {key}; use it")
+        if key in END_TO_END_NOT_APPLICABLE.get(method, ()):
+            raise ConfigError(f"{source}: {key} does not apply to {method} end to end (set its steps instead)")
+    method_params = _build(METHODS[method], params, where)
+    given.update({key: getattr(method_params, alias) for key, alias in aliases.items()})
     return {
         "method": method,
         "params": method_params,
-        "end_to_end": _build(EndToEndParams, {**switch, **shared}, where),
+        "end_to_end": _build(EndToEndParams, {"end_to_end": True, **given}, where),
     }
 
 
@@ -390,7 +423,8 @@ def config_to_dict(config: PersonalizedConfig) -> dict[str, Any]:
     out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "personalized"}
     section = {"method": config.method, **dataclasses.asdict(config.params)}
     if config.end_to_end.end_to_end:
-        section.update(dataclasses.asdict(config.end_to_end))
+        skip = set(END_TO_END_ALIASES[config.method]) | set(END_TO_END_NOT_APPLICABLE.get(config.method, ()))
+        section.update({k: v for k, v in dataclasses.asdict(config.end_to_end).items() if k not in skip})
     return {"personalized": section, **out}
 
 
@@ -546,76 +580,160 @@ def _fit_vpl(pairs, p: VPLParams, seed):
         log_every=p.log_every,
         seed=seed,
     )
+    return head, [{"stage": "elbo", **row} for row in logged], {"user_latents": _vpl_latents(head, pairs)}
+
+
+def _vpl_latents(head, pairs: EmbeddedPairs) -> dict[str, list[float]]:
+    """Each user's posterior mean given all their pairs (what `users.json` stores for VPL)."""
     latents = {}
     with torch.no_grad():
         for u, user in enumerate(pairs.users):
             mine = pairs.subset(pairs.user_index == u)
             latents[user] = head.encode(mine.chosen.float(), mine.rejected.float())[0].tolist()
-    return head, [{"stage": "elbo", **row} for row in logged], {"user_latents": latents}
+    return latents
 
 
 def _fit_micro(pairs, p: MiCRoParams, seed):
-    from prefkit.models.micro import MiCRo
-
-    if pairs.prompt is None:
-        raise ConfigError("MiCRo's router reads prompt embeddings; these pairs have none")
-    n_users = len(pairs.users)
-    context_dim = pairs.prompt.shape[1] + (n_users if p.user_context else 0)
-    head = MiCRo(pairs.dim, p.k, context_dim, hidden=p.hidden, router_hidden=p.router_hidden, mixture=p.mixture)
+    head = _new_micro(pairs.dim, len(pairs.users), p)
     stage1 = head.fit_mixture(
         pairs, steps=p.steps, lr=p.lr, batch_size=p.batch_size, balance=p.balance, log_every=p.log_every, seed=seed
     )
-    features = torch.eye(n_users) if p.user_context else None
+    return head, [{"stage": "mixture", **row} for row in stage1] + _fit_micro_router(head, pairs, p), {}
+
+
+def _new_micro(dim: int, n_users: int, p: MiCRoParams):
+    from prefkit.models.micro import MiCRo
+
+    context_dim = dim + (n_users if p.user_context else 0)  # the router reads the prompt embedding (+ user)
+    return MiCRo(dim, p.k, context_dim, hidden=p.hidden, router_hidden=p.router_hidden, mixture=p.mixture)
+
+
+def _fit_micro_router(head, pairs: EmbeddedPairs, p: MiCRoParams) -> list[dict[str, Any]]:
+    """Stage 2: the router on ``pairs`` (prompt embedding + one-hot user with ``user_context``)."""
+    if pairs.prompt is None:
+        raise ConfigError("MiCRo's router reads prompt embeddings; these pairs have none")
+    features = torch.eye(len(pairs.users)) if p.user_context else None
     stage2 = head.fit_router(pairs, user_features=features, steps=p.router_steps, lr=p.router_lr, log_every=p.log_every)
-    history = [{"stage": "mixture", **row} for row in stage1] + [{"stage": "router", **row} for row in stage2]
-    return head, history, {}
+    return [{"stage": "router", **row} for row in stage2]
 
 
 _FITTERS = {"mixture_bt": _fit_mixture_bt, "pal": _fit_pal, "vpl": _fit_vpl, "micro": _fit_micro}
 
 
-def fit_end_to_end(train_records, backbone, config: PersonalizedConfig, say: Callable[[str], None] = print):
-    """``(head, history)``: the method's head trained together with ``backbone`` (``(model, tokenizer)``,
-    updated in place) on ``train_records`` (`prefkit.models.end_to_end.train_end_to_end`)."""
-    from prefkit.models.end_to_end import EndToEndRewardModel, tokenize_pairs, train_end_to_end
-    from prefkit.models.mixture import MixtureBT
-    from prefkit.models.pal import PAL
+def fit_end_to_end(
+    train_records, backbone, config: PersonalizedConfig, say: Callable[[str], None] = print, resume=None
+):
+    """``(model, history)``: the method's head trained together with ``backbone`` (``(model, tokenizer)``,
+    updated in place) on ``train_records`` by `prefkit.train.end_to_end.train_end_to_end`, checkpoints in
+    ``output_dir/checkpoints`` (``resume``: a checkpoint folder, or True for the last one). ``model``
+    is the `EndToEndRewardModel`; MiCRo's router is trained afterwards, by `finish_end_to_end`."""
+    from prefkit.models.end_to_end import EndToEndRewardModel, tokenize_pairs
+    from prefkit.train.end_to_end import train_end_to_end
 
-    model, tokenizer = backbone
+    lm, tokenizer = backbone
     users = sorted({r.user_id for r in train_records})
     p, e = config.params, config.end_to_end
-    dim = getattr(model, "base_model", model).config.hidden_size
+    dim = getattr(lm, "base_model", lm).config.hidden_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        if config.method == "pal":
-            head = PAL(dim, p.k, variant=p.variant, pref_dim=p.pref_dim, hidden_size=p.hidden_size, users=users)
-        else:
-            head = MixtureBT(dim, p.k, hidden_size=p.hidden_size, users=users)
-        wrapper = EndToEndRewardModel(model, head, config.pooling)
-        data = tokenize_pairs(
-            train_records, tokenizer, users, max_length=config.max_length, max_prompt_length=config.max_prompt_length
-        )
-        say(
-            f"training {config.method} end to end with the backbone on {len(data)} pairs of {len(users)} users "
-            f"({e.epochs} epochs, batch {e.batch_size}, lr {e.lr}, backbone lr {e.backbone_lr or e.lr})"
-        )
-        losses = train_end_to_end(
-            wrapper,
-            data,
-            tokenizer,
-            epochs=e.epochs,
-            batch_size=e.batch_size,
-            lr=e.lr,
-            backbone_lr=e.backbone_lr,
-            seed=config.seed,
-        )
-    return head, [{"stage": "end_to_end", "step": i + 1, "objective": v} for i, v in enumerate(losses)]
+        head = _new_head(config.method, p, dim, users)
+        model = EndToEndRewardModel(lm, head, config.pooling, **_objective(config, users))
+    data = tokenize_pairs(
+        train_records, tokenizer, users, max_length=config.max_length, max_prompt_length=config.max_prompt_length
+    )
+    extra: dict[str, Any] = {}
+    if config.method == "vpl":
+        extra = {"context_size": p.context_size, "target_size": p.target_size}
+    length = f"{e.max_steps} steps" if e.max_steps > 0 else f"{e.epochs:g} epochs"
+    say(
+        f"training {config.method} end to end with the backbone on {len(data)} pairs of {len(users)} users "
+        f"({length}, batch {e.batch_size} x {e.gradient_accumulation_steps}, lr {e.lr}, backbone lr "
+        f"{e.lr if e.backbone_lr is None else e.backbone_lr})"
+    )
+    logged = train_end_to_end(
+        model,
+        data,
+        tokenizer,
+        output_dir=str(Path(config.output_dir) / "checkpoints"),
+        epochs=e.epochs,
+        max_steps=e.max_steps,
+        batch_size=e.batch_size,
+        lr=e.lr,
+        backbone_lr=e.backbone_lr,
+        resume=resume,
+        progress=config.progress,
+        gradient_accumulation_steps=e.gradient_accumulation_steps,
+        lr_scheduler_type=e.lr_scheduler_type,
+        warmup_steps=e.warmup_steps,
+        weight_decay=e.weight_decay,
+        max_grad_norm=e.max_grad_norm,
+        bf16=e.bf16,
+        save_strategy="steps" if e.save_steps else "no",
+        save_steps=e.save_steps or 500,
+        save_total_limit=e.save_total_limit,
+        logging_steps=e.logging_steps,
+        seed=config.seed,
+        **extra,
+    )
+    keep = ("loss", "accuracy", "bt", "kl", "active_units", "log_likelihood", "learning_rate", "grad_norm")
+    history = [{"stage": "end_to_end", "step": row["step"], **{k: row[k] for k in keep if k in row}} for row in logged]
+    return model, history
 
 
-def _train_accuracy(head, pairs: EmbeddedPairs) -> float:
+def _new_head(method: str, p, dim: int, users: list[str]):
+    from prefkit.models.mixture import MixtureBT
+    from prefkit.models.pal import PAL
+    from prefkit.models.vpl import VPL
+
+    if method == "pal":
+        return PAL(dim, p.k, variant=p.variant, pref_dim=p.pref_dim, hidden_size=p.hidden_size, users=users)
+    if method == "mixture_bt":
+        return MixtureBT(dim, p.k, hidden_size=p.hidden_size, users=users)
+    if method == "vpl":
+        return VPL(dim, p.latent_dim, p.hidden)
+    return _new_micro(dim, len(users), p)
+
+
+def _objective(config: PersonalizedConfig, users: list[str]) -> dict[str, Any]:
+    """`EndToEndRewardModel` keyword arguments: the users (VPL and MiCRo heads do not hold them) and the
+    objective's weight (VPL's beta_kl, MiCRo's balance)."""
+    if config.method == "vpl":
+        return {"users": users, "beta_kl": config.params.beta_kl}
+    if config.method == "micro":
+        return {"users": users, "balance": config.params.balance}
+    return {}
+
+
+def finish_end_to_end(model, train_pairs: EmbeddedPairs, config: PersonalizedConfig):
+    """After end-to-end training, on ``train_pairs`` embedded by the trained backbone: MiCRo's router
+    (stage 2) and VPL's per-user latents. Returns ``(history rows, users.json extras)``."""
+    if config.method == "micro":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return _fit_micro_router(model.head, train_pairs, config.params), {}
+    if config.method == "vpl":
+        return [], {"user_latents": _vpl_latents(model.head, train_pairs)}
+    return [], {}
+
+
+def _final_metrics(head, pairs: EmbeddedPairs, config: PersonalizedConfig) -> dict[str, Any]:
+    """The trained head on its training pairs: ``train_accuracy`` (each user's own reward, or VPL under
+    the user's latent given all their pairs, or MiCRo's routed mixture), and VPL's ``active_units``."""
+    from prefkit.models.micro import MiCRo
+    from prefkit.models.vpl import VPL, active_units
+
     with torch.no_grad():
+        if isinstance(head, VPL):
+            latents = torch.tensor(list(_vpl_latents(head, pairs).values()))
+            z = latents[pairs.user_index]
+            correct = head.reward(pairs.chosen, z) > head.reward(pairs.rejected, z)
+            units = active_units(latents) if len(latents) >= 2 else 0
+            return {"train_accuracy": float(correct.float().mean()), "active_units": units}
+        if isinstance(head, MiCRo):
+            features = torch.eye(len(pairs.users)) if config.params.user_context else None
+            return {"train_accuracy": head.accuracy(pairs, features)}
         correct = head.pair_correct(pairs) if hasattr(head, "pair_correct") else head.pair_logits(pairs) > 0
-    return float(correct.float().mean())
+    return {"train_accuracy": float(correct.float().mean())}
 
 
 def _embed_uncached(records, backbone, config: PersonalizedConfig) -> EmbeddedPairs:
@@ -701,8 +819,16 @@ def _load_train_records(config: PersonalizedConfig):
     return records
 
 
-def train_personalized(config: PersonalizedConfig, say: Callable[[str], None] = print) -> PersonalizedRun:
-    """Run the whole job (what ``prefkit train`` does with a ``personalized:`` config)."""
+def train_personalized(
+    config: PersonalizedConfig, say: Callable[[str], None] = print, resume: str | bool | None = None
+) -> PersonalizedRun:
+    """Run the whole job (what ``prefkit train`` does with a ``personalized:`` config). ``resume``: continue
+    end-to-end training from a checkpoint (a folder, or True: the last one in ``output_dir/checkpoints``)."""
+    if resume and not config.end_to_end.end_to_end:
+        raise ConfigError(
+            "--resume continues end-to-end training (end_to_end: true with save_steps); heads on frozen "
+            "embeddings fit in one go: drop --resume"
+        )
     from prefkit.data.loaders import load_records, write_records
     from prefkit.eval.personalized import PersonalizedModel, evaluate_pairs, resolve_groups, write_evaluation
 
@@ -717,12 +843,16 @@ def train_personalized(config: PersonalizedConfig, say: Callable[[str], None] = 
     )
     backbone = load_backbone(config)
     if config.end_to_end.end_to_end:
-        head, history = fit_end_to_end([records[i] for i in train_rows], backbone, config, say)
-        extra, saved = {}, _save_backbone(backbone, config, out)
+        model, history = fit_end_to_end([records[i] for i in train_rows], backbone, config, say, resume)
+        if not _main_process():  # several processes trained together; the main one writes and evaluates
+            return PersonalizedRun(out, model.head, history, None)
+        head, saved = model.head, _save_backbone(backbone, config, out)
         say(f"embedding the pairs with the trained backbone ({config.pooling} pooling, not cached)")
         pairs = _embed_uncached(records, backbone, config)
         train_pairs = reindex_users(pairs.subset(train_rows))
-        history.append({"stage": "final", "train_accuracy": _train_accuracy(head, train_pairs)})
+        rows, extra = finish_end_to_end(model, train_pairs, config)
+        history += rows
+        history.append({"stage": "final", **_final_metrics(head, train_pairs, config)})
     else:
         saved = config
         say(f"embedding with {config.model} ({config.pooling} pooling), cache in {config.cache_root}")
@@ -769,6 +899,12 @@ def train_personalized(config: PersonalizedConfig, say: Callable[[str], None] = 
     return PersonalizedRun(out, head, history, evaluation)
 
 
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def _save_backbone(backbone, config: PersonalizedConfig, out: Path) -> PersonalizedConfig:
     """Write the trained backbone and its tokenizer to ``out/backbone``; return ``config`` pointing
     ``model`` at it (what `prefkit eval rm` loads to embed pairs)."""
@@ -812,13 +948,16 @@ def _write_model_card(out: Path, config, n_pairs: int, users, history, evaluatio
 def run_personalized(config_path: str, overrides: Sequence[str], resume=None) -> int:
     """The ``prefkit train`` entry for a ``personalized:`` config; exit status (2: bad config or data)."""
     try:
-        if resume:
-            raise ConfigError("--resume does not apply to personalized heads (they fit in one go); drop it")
         config = load_personalized_config(config_path, overrides)
-        run = train_personalized(config)
+        run = train_personalized(config, resume=resume)
     except (ConfigError, DataError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"prefkit train: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:
+        print(f"prefkit train: stopped: {err}", file=sys.stderr)
+        return 1
+    if not _main_process():
+        return 0
     print(f"\nDone. Output in {run.output_dir}/")
     print("  config.json, model.safetensors  the head (from_pretrained); users.json: the seen users")
     print(f"  {CONFIG_FILE}  the resolved config (prefkit train it to re-run)")
