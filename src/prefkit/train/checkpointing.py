@@ -9,7 +9,9 @@
   ``output_dir`` (an error when there is none); the subclass's `prefkit_state` is restored by
   `load_prefkit_state`; a run resumed at its final step trains nothing.
 - **Metric windows.** Metrics stored per batch (`_store_metrics`) are averaged over the logging
-  window, summed over every process first, and added to the training log / evaluation results.
+  window, summed over every process first, and added to the training log / evaluation results,
+  which are printed as compact lines (`PreferenceProgressCallback`) and appended to
+  ``output_dir/metrics.jsonl`` (`MetricsJsonlCallback`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
 
 __all__ = ["STATE_FILE", "CheckpointingTrainer"]
 
@@ -46,6 +51,9 @@ class CheckpointingTrainer(Trainer):
         self._metric_sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._metric_counts: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         super().__init__(*args, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(PreferenceProgressCallback)
+        self.add_callback(MetricsJsonlCallback())
 
     # ------------------------------------------------------------------------------------------
     # Metrics

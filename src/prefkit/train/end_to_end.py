@@ -35,12 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback
 
 from prefkit.models.end_to_end import EndToEndRewardModel, TokenizedPairs
 from prefkit.models.mixture import MixtureBT
 from prefkit.models.vpl import VPL, active_units
-from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
 from prefkit.train.checkpointing import CheckpointingTrainer
 
 __all__ = ["EndToEndTrainer", "Episodes", "PairRows", "train_end_to_end"]
@@ -171,9 +170,6 @@ class EndToEndTrainer(CheckpointingTrainer):
             processing_class=processing_class,
             callbacks=callbacks,
         )
-        if self.pop_callback(ProgressCallback) is not None:
-            self.add_callback(PreferenceProgressCallback)
-        self.add_callback(MetricsJsonlCallback())
 
     def create_optimizer(self, model=None):
         """Transformers' optimizer (``args.optim``) over the head's and (unless frozen) the backbone's

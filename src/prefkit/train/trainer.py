@@ -50,7 +50,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from prefkit.data.collators import SHARED_PREFIX_KEYS, PairwiseCollator, UnpairedCollator
@@ -60,7 +59,6 @@ from prefkit.losses.combine import combine_losses, resolve_loss_params
 from prefkit.losses.group_robust import exponentiated_gradient_step, group_loss_sums, group_robust_objective
 from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
 from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
-from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
 from prefkit.train.checkpointing import STATE_FILE, CheckpointingTrainer
 from prefkit.train.config import PreferenceConfig
 from prefkit.train.logps import LogpOutput, completion_logps, shared_prefix_logps
@@ -319,9 +317,6 @@ class PreferenceTrainer(CheckpointingTrainer):
             optimizers=optimizers,
             **kwargs,
         )
-        if self.pop_callback(ProgressCallback) is not None:
-            self.add_callback(PreferenceProgressCallback)
-        self.add_callback(MetricsJsonlCallback())
         # compute_loss returns a per-batch mean: transformers divides it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
 
