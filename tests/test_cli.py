@@ -133,3 +133,23 @@ def test_example_configs_parse():
         cfg = load_config(path)
         assert Path(REPO, cfg.data.train_file).is_file(), path
         assert cfg.train.output_dir.startswith("runs/")
+
+
+def test_top_level_help_and_data_commands_do_not_import_torch():
+    """Only the command named on the command line is configured, so `prefkit --help` starts at once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from prefkit.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'train' in out.getvalue() and 'lab' in out.getvalue()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -34,7 +34,10 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``prefkit`` parser. With ``argv``, only the command it names is configured (its module, and
+    with it torch and transformers, is imported); the others are listed by name and help text only, so
+    ``prefkit --help`` and ``prefkit data ...`` start fast. Without ``argv``, every command is configured."""
     from prefkit import __version__
 
     parser = argparse.ArgumentParser(
@@ -45,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for words, module_name, help_text in COMMANDS:
-        module = importlib.import_module(module_name)
         if len(words) == 1:
             sub = top.add_parser(words[0], help=help_text, description=help_text)
         else:
@@ -53,13 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                 group_parser = top.add_parser(words[0], help=f"{words[0]} commands")
                 groups[words[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
             sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
-        module.configure(sub)
-        sub.set_defaults(_run=module.run)
+        if argv is None or tuple(argv[: len(words)]) == words:
+            module = importlib.import_module(module_name)
+            module.configure(sub)
+            sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "_run"):
         parser.print_help()
