@@ -111,6 +111,7 @@ def _train(tmp_path, *overrides):
         ("personalized.method=bt", "personalized.method must be one of mixture_bt, pal, vpl, micro"),
         ("personalized.epochs=many", "config key 'epochs'"),
         ("pooling=max", "pooling must be one of"),
+        ("pooling=last", "pooling: last with backbone_layers: 0 gives every response the same vector"),
         ("unseen_users=[nobody]", "unseen_users ['nobody'] are not users of"),
     ],
 )

@@ -267,6 +267,11 @@ class PersonalizedConfig:
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.pooling == "last" and self.backbone_layers == 0:
+            raise ConfigError(
+                "pooling: last with backbone_layers: 0 gives every response the same vector (the last token's "
+                "embedding, with no layer to mix in the rest); use pooling: mean or sum, or backbone_layers >= 1"
+            )
         if not 0.0 <= float(self.eval_fraction) < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_file is not None and self.eval_fraction:
