@@ -365,3 +365,35 @@ def test_shared_prompt_and_packing_give_the_same_loss(tmp_path, option):
         losses.append(trainer.train().training_loss)
     assert losses[0] != pytest.approx(math.log(2), rel=1e-3)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_eval_rm_implicit_scores_a_user_conditioned_policy_per_user(tmp_path):
+    """`prefkit eval rm --implicit` on a saved user-conditioned policy puts each record's user tokens in
+    front of its prompt and gives the reference the neutral user rows, as training did: its per-pair
+    implicit-reward margins equal `pair_margins`, and `--subset-column user_id` reports each user."""
+    from prefkit.cli import main
+    from prefkit.data.loaders import write_records
+
+    trainer, tok = _train(tmp_path, conditioned=True)
+    policy_dir, ref_dir = tmp_path / "policy", tmp_path / "ref"
+    trainer.save_model(str(policy_dir))
+    base_tok = build_byte_tokenizer()  # `tok` now holds the user tokens
+    small_model(base_tok).save_pretrained(ref_dir)  # the initial policy: the run's reference before user rows
+    base_tok.save_pretrained(ref_dir)
+    records = pairs("a", HELD_OUT) + pairs("b", HELD_OUT, likes_yes=False)
+    data = tmp_path / "held_out.jsonl"
+    write_records(records, str(data))
+    out = tmp_path / "eval"
+    argv = ["eval", "rm", "--model", str(policy_dir), "--implicit", "--ref", str(ref_dir), "--beta", "0.1"]
+    argv += ["--data", str(data), "--subset-column", "user_id", "--output", str(out), "--no-progress"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    expected = 0.1 * pair_margins(trainer.model, trainer.ref_model, tok, records, tokens=trainer.user_tokens)
+    margins = torch.tensor([row["logit"] for row in rows])  # beta * (margin of log pi - log ref)
+    torch.testing.assert_close(margins, expected.double().to(margins.dtype), atol=1e-4, rtol=1e-4)
+    results = json.loads((out / "results.json").read_text())
+    per_user = {name: s["accuracy"] for name, s in results["metrics"]["subsets"].items()}
+    assert set(per_user) == {"a", "b"} and min(per_user.values()) >= 0.9
+    stranger = tmp_path / "stranger.jsonl"
+    write_records(pairs("zed", HELD_OUT[:1]), str(stranger))
+    assert main([*argv[:9], "--data", str(stranger), "--output", str(tmp_path / "e2"), "--no-progress"]) == 2

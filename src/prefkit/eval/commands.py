@@ -133,23 +133,40 @@ def _pref_prob(value: str | None) -> float | str | None:
 
 
 def _load_model(args: argparse.Namespace, device: str):
+    """``(model, tokenizer, prompt_prefix)``; ``prompt_prefix`` is set for a user-conditioned policy
+    (`prefkit.train.user_conditioning`: its folder has ``users.json``) scored by its implicit reward."""
     from prefkit.models.loading import load_policy, load_reference, load_tokenizer
 
+    tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    prompt_prefix = None
     if args.implicit:
         if args.ref is None or args.beta is None:
             raise ValueError("--implicit needs --ref (the reference model) and --beta (the loss's beta)")
         from prefkit.models.implicit import ImplicitReward
 
         kwargs = {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
-        model = ImplicitReward(load_policy(args.model, **kwargs), load_reference(args.ref, **kwargs), args.beta)
+        policy, reference = load_policy(args.model, **kwargs), load_reference(args.ref, **kwargs)
+        prompt_prefix = _user_prefix(args.model, tokenizer, reference)
+        model = ImplicitReward(policy, reference, args.beta)
     else:
         if args.ref is not None or args.beta is not None:
             raise ValueError("--ref and --beta go with --implicit (scoring a policy by its implicit reward)")
         from prefkit.models.reward import load_reward_model
 
         model = load_reward_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    return model.to(device), tokenizer
+    return model.to(device), tokenizer, prompt_prefix
+
+
+def _user_prefix(folder: str, tokenizer, reference):
+    """For a user-conditioned policy in ``folder``: each prompt gets its record's user tokens, and the
+    reference gets the user rows at its neutral start (as in training); None for any other policy."""
+    from prefkit.train.user_conditioning import USERS_FILE, init_reference_rows, load_user_tokens
+
+    if not (Path(folder) / USERS_FILE).is_file():
+        return None
+    tokens = load_user_tokens(folder, tokenizer)
+    init_reference_rows(reference, tokens)
+    return lambda prompt_ids, user_id: tokens.prefix(prompt_ids, user_id, tokenizer.bos_token_id)
 
 
 def evaluate_from_args(args: argparse.Namespace) -> Path:
@@ -180,7 +197,7 @@ def evaluate_from_args(args: argparse.Namespace) -> Path:
         subset_column=args.subset_column,
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = _load_model(args, device)
+    model, tokenizer, options.prompt_prefix = _load_model(args, device)
     evaluation = evaluate_reward_model(model, tokenizer, eval_set, options)
     extra = {"model": args.model, "reference": args.ref, "tokenizer": args.tokenizer or args.model, "device": device}
     settings = {k: getattr(args, k) for k in ("layout", "max_length", "max_prompt_length", "batch_size", "bins")}

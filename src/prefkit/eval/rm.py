@@ -9,7 +9,7 @@ no length correlation; no section map, so no section score; ...), never silently
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,9 @@ class EvalOptions:
     counts: Mapping[str, float] | None = None
     pref_prob: float | str | None = None
     progress: bool = True
+    # (prompt ids, the record's user_id) -> prompt ids, applied after tokenization: a user-conditioned
+    # policy's user tokens (`prefkit.train.user_conditioning.UserTokens.prefix`); None: no prefix.
+    prompt_prefix: Callable[[list[int], str | None], list[int]] | None = None
 
 
 @dataclass
@@ -79,11 +82,18 @@ class _Scorer:
         self.policy_logps: np.ndarray | None = None
         self.reference_logps: np.ndarray | None = None
 
-    def tokenize(self, items: list[tuple[Any, Any]], names: list[str]) -> TokenizedItems:
+    def tokenize(self, items: list[tuple[Any, Any]], names: list[str], users: list[str | None]) -> TokenizedItems:
+        """Tokenize ``items``; with ``options.prompt_prefix``, each prompt gets its ``users[i]``'s prefix."""
         o = self.options
         tokens = tokenize_items(
             items, self.tokenizer, max_length=o.max_length, max_prompt_length=o.max_prompt_length, names=names
         )
+        if o.prompt_prefix is not None:
+            for example, user, name in zip(tokens.examples, users, names):
+                try:
+                    example["prompt_input_ids"] = o.prompt_prefix(example["prompt_input_ids"], user)
+                except (KeyError, ValueError) as err:
+                    raise ValueError(f"{name}: {err.args[0] if err.args else err}") from None
         self.n_truncated += tokens.n_truncated
         return tokens
 
@@ -132,8 +142,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # ---- pairs ----------------------------------------------------------------------------------------
 def _pairs(eval_set: EvalSet, scorer: _Scorer, options: EvalOptions, out: dict, skipped: dict) -> list[dict]:
     records = eval_set.records
-    chosen_tokens = scorer.tokenize([(r.prompt, r.chosen) for r in records], _names(eval_set, "(chosen)"))
-    rejected_tokens = scorer.tokenize([(r.prompt, r.rejected) for r in records], _names(eval_set, "(rejected)"))
+    users = [r.user_id for r in records]
+    chosen_tokens = scorer.tokenize([(r.prompt, r.chosen) for r in records], _names(eval_set, "(chosen)"), users)
+    rejected_tokens = scorer.tokenize([(r.prompt, r.rejected) for r in records], _names(eval_set, "(rejected)"), users)
     n = len(records)
     if scorer.kind == "judge":
         logits = scorer.judge(chosen_tokens, rejected_tokens)
@@ -205,11 +216,12 @@ def _likelihood_ranking(eval_set: EvalSet, scorer: _Scorer, options: EvalOptions
 # ---- lists, best-of-N and style grids -----------------------------------------------------------------
 def _flat_rewards(eval_set: EvalSet, scorer: _Scorer, groups: list[list]) -> list[np.ndarray]:
     """Score ``groups[i]`` (the responses of record i) and split the rewards back per record."""
-    items, names = [], []
+    items, names, users = [], [], []
     for i, (record, group) in enumerate(zip(eval_set.records, groups)):
         items += [(record.prompt, c) for c in group]
         names += [f"record {i + 1} response {j + 1}" for j in range(len(group))]
-    flat = scorer.rewards(scorer.tokenize(items, names))
+        users += [getattr(record, "user_id", None)] * len(group)
+    flat = scorer.rewards(scorer.tokenize(items, names, users))
     bounds = np.cumsum([0] + [len(g) for g in groups])
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
