@@ -2,6 +2,7 @@
 prompt) and online adaptation of the router to a new user."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from prefkit.models.embeddings import EmbeddedPairs
 from prefkit.models.micro import MiCRo, mixture_log_likelihood
+from prefkit.models.vpl import VPL
 
 H = 6  # response embedding size
 C = 4  # prompt embedding: one-hot prompt type in dims 0-1, noise in dims 2-3
@@ -126,7 +128,7 @@ def test_adapting_the_router_to_a_new_user_with_few_labels(stage1, tmp_path):
     # save / load keeps the adapted router
     adapted.save_pretrained(tmp_path / "micro")
     loaded = MiCRo.from_pretrained(tmp_path / "micro")
-    assert loaded.config == adapted.config and loaded.accuracy(test) == after
+    assert loaded.config() == adapted.config() and loaded.accuracy(test) == after
 
 
 def test_learned_mixture_weights_follow_group_shares_and_balance_pulls_them_to_uniform():
@@ -158,3 +160,29 @@ def test_user_features_extend_the_router_context():
     assert context[:, C:].tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]
     with pytest.raises(ValueError, match=r"\[2, F\]"):
         MiCRo(H, k=2, context_dim=C + 2).router_context(pairs, features[:1])
+
+
+def test_saved_folder_format_and_round_trip(tmp_path):
+    """config.json holds model_type and the constructor's keyword arguments (the format written before
+    MiCRo moved onto EmbeddingHead, so older folders load); the weights round-trip exactly."""
+    torch.manual_seed(0)
+    model = MiCRo(H, k=3, context_dim=C, hidden=5, router_hidden=7, mixture="learned")
+    torch.nn.init.normal_(model.router[-1].weight)  # a non-zero router, so routing is checked too
+    model.save_pretrained(tmp_path / "micro")
+    written = json.loads((tmp_path / "micro" / "config.json").read_text())
+    assert written == {
+        "model_type": "prefkit_micro",
+        "dim": H,
+        "k": 3,
+        "context_dim": C,
+        "hidden": 5,
+        "router_hidden": 7,
+        "mixture": "learned",
+    }
+    loaded = MiCRo.from_pretrained(tmp_path / "micro")
+    assert not loaded.training and loaded.mixture == "learned" and (loaded.dim, loaded.k) == (H, 3)
+    emb, context = torch.randn(4, H), torch.randn(4, C)
+    assert torch.equal(loaded.reward(emb, context), model.reward(emb, context))
+    assert loaded.mixture_logits.requires_grad  # learned weights stay trainable
+    with pytest.raises(ValueError, match="prefkit_micro"):
+        VPL.from_pretrained(tmp_path / "micro")

@@ -1,6 +1,8 @@
 """VPL: the ELBO loss, the active-units metric, and a pets-style task where two user groups agree on
 most pairs but disagree on a contested subset."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -11,7 +13,7 @@ from prefkit.losses import get_loss
 from prefkit.losses.base import RewardPair
 from prefkit.losses.variational import LatentRewardPair, gaussian_kl, vpl_elbo
 from prefkit.models.embeddings import EmbeddedPairs
-from prefkit.models.vpl import VPL, active_units
+from prefkit.models.vpl import MIN_STD, VPL, active_units
 
 H = 6  # dims 0-4: what every user values (weights SHARED); dim 5: the contested feature
 SHARED = torch.tensor([1.0, -1.0, 0.5, 2.0, -1.5])
@@ -187,10 +189,9 @@ def pooled_bt_accuracy(train: EmbeddedPairs, test: EmbeddedPairs) -> float:
     return float(((test.chosen - test.rejected) @ w.detach() > 0).float().mean())
 
 
-def test_vpl_serves_both_groups_on_contested_pairs_where_pooled_bt_cannot(trained):
-    train, model, _ = trained
-    # unseen users; each gives 2 contested + 2 agreed labelled pairs, then is asked 8 new contested pairs
-    new = pets_pairs(users_per_group=10, agreed=2, contested=10, seed=7, prefix="new")
+def new_user_accuracy(model: VPL, new: EmbeddedPairs) -> float:
+    """Each user of ``new`` gives 2 contested + 2 agreed labelled pairs, then is asked its other contested
+    pairs: the share of those ``model.predict`` gets right."""
     correct, total = 0.0, 0
     for user in new.users:
         rows = new.of_users([user])
@@ -200,7 +201,14 @@ def test_vpl_serves_both_groups_on_contested_pairs_where_pooled_bt_cannot(traine
         query = rows.subset(contested[2:])
         correct += float((model.predict(context, query) > 0.5).sum())
         total += len(query)
-    vpl_accuracy = correct / total
+    return correct / total
+
+
+def test_vpl_serves_both_groups_on_contested_pairs_where_pooled_bt_cannot(trained):
+    train, model, _ = trained
+    # unseen users; each gives 2 contested + 2 agreed labelled pairs, then is asked 8 new contested pairs
+    new = pets_pairs(users_per_group=10, agreed=2, contested=10, seed=7, prefix="new")
+    vpl_accuracy = new_user_accuracy(model, new)
     pooled = pooled_bt_accuracy(train, new.subset(contested_rows(new)))
     # pooled BT gets one group's contested pairs right and the other's wrong: 50 % on balanced groups
     assert abs(pooled - 0.5) < 0.1, pooled
@@ -248,3 +256,105 @@ def test_fit_objective_equals_the_registered_vpl_elbo():
     expected = vpl_elbo(batch, beta_kl=0.7).loss.sum() / 4
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(metrics["kl"], gaussian_kl(mu, logvar).detach(), atol=1e-6)
+
+
+# ---- standardize: per-dimension feature statistics -------------------------------------------
+
+
+def scaled(pairs: EmbeddedPairs) -> EmbeddedPairs:
+    """``pairs`` with every embedding mapped to ``100 * e + (50, 60, ..., 100)``: unnormalised features
+    (like sum-pooled hidden states) with the same information."""
+    offset = torch.arange(H) * 10.0 + 50.0
+    return dataclasses.replace(pairs, chosen=100 * pairs.chosen + offset, rejected=100 * pairs.rejected + offset)
+
+
+def test_feature_statistics_by_hand():
+    # 2 users x 2 pairs; dim 0 takes chosen (1, 3, 1, 3) and rejected (5, 7, 5, 7): mean 4,
+    # population variance (9 + 1 + 1 + 9) / 4 = 5 -> std sqrt(5) = 2.2361; dim 1 is constant 2: std MIN_STD
+    chosen = torch.tensor([[1.0, 2.0], [3.0, 2.0], [1.0, 2.0], [3.0, 2.0]])
+    rejected = chosen + torch.tensor([4.0, 0.0])
+    pairs = EmbeddedPairs(chosen, rejected, torch.tensor([0, 0, 1, 1]), ["a", "b"])
+    model = VPL(2, latent_dim=2, hidden=4, standardize=True)
+    assert model.feature_mean.tolist() == [0.0, 0.0] and model.feature_std.tolist() == [1.0, 1.0]  # unfitted
+    model.fit(pairs, context_size=2, steps=1)
+    assert model.feature_mean.tolist() == [4.0, 2.0]
+    assert torch.allclose(model.feature_std, torch.tensor([math.sqrt(5.0), MIN_STD]))
+    # the reward reads (e - mean) / std: (7, 2) and (4, 2) become (3 / sqrt 5, 0) and (0, 0)
+    z = torch.zeros(2)
+    expected = model.reward_net(torch.tensor([[3.0 / math.sqrt(5.0), 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(model.reward(torch.tensor([[7.0, 2.0], [4.0, 2.0]]), z), expected.squeeze(-1), atol=1e-6)
+    with pytest.raises(ValueError, match="standardize"):
+        VPL(2, standardize="yes")
+
+
+def test_standardize_recovers_the_accuracy_of_unscaled_features(trained):
+    """On the pets task scaled by 100 plus an offset, VPL without standardize starts with a huge KL and
+    stays at chance on new users' contested pairs; with it, it serves them as well as VPL does on the
+    unscaled features (the `trained` fixture: > 0.9)."""
+    train = scaled(pets_pairs(users_per_group=30, agreed=12, contested=4, seed=0))
+    new = pets_pairs(users_per_group=10, agreed=2, contested=10, seed=7, prefix="new")
+    accuracy = {}
+    for standardize in (False, True):
+        torch.manual_seed(0)
+        model = VPL(H, latent_dim=4, hidden=32, standardize=standardize)
+        history = model.fit(train, context_size=4, target_size=8, steps=400, beta_kl=0.05, lr=3e-3, log_every=400)
+        accuracy[standardize] = new_user_accuracy(model, scaled(new))
+        if not standardize:
+            assert history[0]["kl"] > 1e4, history[0]  # the encoder's first outputs are in the hundreds
+    unscaled = new_user_accuracy(trained[1], new)
+    assert unscaled > 0.9 and accuracy[True] > 0.9, (unscaled, accuracy)
+    assert abs(accuracy[False] - 0.5) < 0.15, accuracy  # a coin flip on the contested pairs
+
+
+def test_standardize_statistics_are_saved_and_applied_after_loading(tmp_path):
+    torch.manual_seed(0)
+    train = scaled(pets_pairs(users_per_group=4, agreed=3, contested=2, seed=0))
+    model = VPL(H, latent_dim=2, hidden=8, standardize=True)
+    model.fit(train, context_size=2, steps=5)
+    model.save_pretrained(tmp_path / "vpl")
+    written = json.loads((tmp_path / "vpl" / "config.json").read_text())
+    assert written == {"model_type": "prefkit_vpl", "dim": H, "latent_dim": 2, "hidden": 8, "standardize": True}
+    loaded = VPL.from_pretrained(tmp_path / "vpl")
+    assert loaded.standardize and torch.equal(loaded.feature_mean, model.feature_mean)
+    assert torch.equal(loaded.feature_std, model.feature_std) and float(loaded.feature_mean[5]) == 50 + 10 * 5
+    context, query = train.subset(range(4)), train.subset(range(4, 10))
+    assert torch.equal(loaded.predict(context, query), model.predict(context, query))
+
+
+def test_default_applies_no_transform_and_reads_folders_without_standardize(tmp_path):
+    """Without standardize the model has no feature buffers and its outputs equal those of the same weights
+    under an identity standardisation (mean 0, std 1); a config.json without the key (written before the
+    option existed) loads as standardize=False with identical outputs."""
+    torch.manual_seed(0)
+    default = VPL(H, latent_dim=3, hidden=8)
+    assert not default.standardize
+    assert not any(name.startswith("feature_") for name in default.state_dict())
+    identity = VPL(H, latent_dim=3, hidden=8, standardize=True)
+    identity.load_state_dict({**default.state_dict(), "feature_mean": torch.zeros(H), "feature_std": torch.ones(H)})
+    data = scaled(pets_pairs(users_per_group=1, agreed=3, contested=2, seed=1))
+    context, query = data.subset(range(4)), data.subset(range(4, 10))
+    assert torch.equal(default.predict(context, query), identity.predict(context, query))
+    default.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["standardize"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = VPL.from_pretrained(tmp_path / "old")
+    assert not loaded.standardize and torch.equal(loaded.predict(context, query), default.predict(context, query))
+
+
+def test_standardize_is_refused_for_end_to_end_training(tiny_model, tokenizer, tmp_path):
+    """The statistics are fixed at fit time; end to end the backbone moves under them. The run stops when
+    it builds the head (`fit_end_to_end`, ConfigError), and the wrapper refuses such a head (ValueError)."""
+    from prefkit.data.records import PairwiseRecord
+    from prefkit.models.end_to_end import EndToEndRewardModel
+    from prefkit.train.config import ConfigError
+    from prefkit.train.personalized import fit_end_to_end, parse_personalized_config
+
+    section = {"method": "vpl", "end_to_end": True, "standardize": True, "steps": 1}
+    config = parse_personalized_config({"personalized": section, "output_dir": str(tmp_path)})
+    records = [PairwiseRecord("q?", "yes", "no", user_id=user) for user in ("a", "b")]
+    with pytest.raises(ConfigError, match="standardize.*end_to_end: true"):
+        fit_end_to_end(records, (tiny_model, tokenizer), config, say=lambda _: None)
+    head = VPL(tiny_model.config.hidden_size, latent_dim=2, hidden=4, standardize=True)
+    with pytest.raises(ValueError, match="standardize=True"):
+        EndToEndRewardModel(tiny_model, head, users=["a", "b"])

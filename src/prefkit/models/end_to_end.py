@@ -162,8 +162,13 @@ class EndToEndRewardModel(nn.Module):
             users = head.users
         if not users:
             raise ValueError("no users: build PAL / MixtureBT with users=[...], pass users=[...] for VPL / MiCRo")
-        if balance and not (isinstance(head, MiCRo) and head.config["mixture"] == "learned"):
+        if balance and not (isinstance(head, MiCRo) and head.mixture == "learned"):
             raise ValueError("balance acts on MiCRo's learned mixture weights (MiCRo(..., mixture='learned'))")
+        if isinstance(head, VPL) and head.standardize:
+            raise ValueError(
+                "a VPL head with standardize=True holds fixed feature statistics, which go stale once the backbone "
+                "trains; build it with standardize=False for end-to-end training"
+            )
         self.backbone = getattr(backbone, "base_model", backbone)
         hidden = self.backbone.config.hidden_size
         if head.dim != hidden:

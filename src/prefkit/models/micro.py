@@ -30,22 +30,17 @@ here it is plain gradient descent (Adam) on the router's parameters, full batch.
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from prefkit.models.embeddings import EmbeddedPairs
+from prefkit.models.embeddings import EmbeddedPairs, EmbeddingHead
 
 __all__ = ["MiCRo", "mixture_log_likelihood"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "prefkit_micro"
 MIXTURES = ("uniform", "learned")
 
 
@@ -60,7 +55,7 @@ def _positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
 
 
-class MiCRo(nn.Module):
+class MiCRo(EmbeddingHead):
     """Mixture of ``K`` Bradley-Terry reward heads with a context-aware router.
 
     Formula: P(a > b | c) = sum_k w_k(c) sigmoid(r_k(e_a) - r_k(e_b)), w(c) = softmax(R(c));
@@ -79,7 +74,7 @@ class MiCRo(nn.Module):
         mixture: stage-1 weights, ``"uniform"`` (fixed ``1/K``) or ``"learned"``.
     """
 
-    model_type = MODEL_TYPE
+    model_type = "prefkit_micro"
 
     def __init__(
         self,
@@ -103,15 +98,8 @@ class MiCRo(nn.Module):
             _positive_int("MiCRo", name, value, minimum)
         if mixture not in MIXTURES:
             raise ValueError(f"MiCRo: mixture must be one of {MIXTURES}, got {mixture!r}")
-        self.config = {
-            "model_type": MODEL_TYPE,
-            "dim": dim,
-            "k": k,
-            "context_dim": context_dim,
-            "hidden": hidden,
-            "router_hidden": router_hidden,
-            "mixture": mixture,
-        }
+        self.dim, self.k, self.context_dim = dim, k, context_dim
+        self.hidden, self.router_hidden, self.mixture = hidden, router_hidden, mixture
         if hidden:
             self.heads = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, k))
         else:
@@ -125,13 +113,15 @@ class MiCRo(nn.Module):
         nn.init.zeros_(self.router[-1].weight)
         nn.init.zeros_(self.router[-1].bias)
 
-    @property
-    def k(self) -> int:
-        return self.config["k"]
-
-    @property
-    def dim(self) -> int:
-        return self.config["dim"]
+    def config(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "k": self.k,
+            "context_dim": self.context_dim,
+            "hidden": self.hidden,
+            "router_hidden": self.router_hidden,
+            "mixture": self.mixture,
+        }
 
     def head_rewards(self, emb: Tensor) -> Tensor:
         """``[..., K]`` the heads' rewards of response embeddings ``[..., H]``."""
@@ -142,10 +132,8 @@ class MiCRo(nn.Module):
         return torch.softmax(self.mixture_logits, dim=-1)
 
     def _router_logits(self, context: Tensor) -> Tensor:
-        if context.shape[-1] != self.config["context_dim"]:
-            raise ValueError(
-                f"router context has {context.shape[-1]} dims, the model expects {self.config['context_dim']}"
-            )
+        if context.shape[-1] != self.context_dim:
+            raise ValueError(f"router context has {context.shape[-1]} dims, the model expects {self.context_dim}")
         return self.router(context)
 
     def route(self, context: Tensor) -> Tensor:
@@ -183,8 +171,8 @@ class MiCRo(nn.Module):
         return float((p > 0.5).float().mean())
 
     def _check(self, pairs: EmbeddedPairs) -> None:
-        if pairs.dim != self.config["dim"]:
-            raise ValueError(f"MiCRo: embeddings have {pairs.dim} dims, the model expects {self.config['dim']}")
+        if pairs.dim != self.dim:
+            raise ValueError(f"MiCRo: embeddings have {pairs.dim} dims, the model expects {self.dim}")
         if len(pairs) == 0:
             raise ValueError("MiCRo: no pairs to fit")
 
@@ -213,10 +201,10 @@ class MiCRo(nn.Module):
             _positive_int("MiCRo.fit_mixture", name, value)
         if not (math.isfinite(balance) and balance >= 0):
             raise ValueError(f"MiCRo.fit_mixture: balance must be a number >= 0, got {balance!r}")
-        if balance and self.config["mixture"] != "learned":
+        if balance and self.mixture != "learned":
             raise ValueError("MiCRo.fit_mixture: balance only acts on learned mixture weights (mixture='learned')")
         self._check(pairs)
-        params = list(self.heads.parameters()) + ([self.mixture_logits] if self.config["mixture"] == "learned" else [])
+        params = list(self.heads.parameters()) + ([self.mixture_logits] if self.mixture == "learned" else [])
         optimizer = torch.optim.Adam(params, lr=lr)
         generator = torch.Generator().manual_seed(seed)
         history = []
@@ -302,24 +290,3 @@ class MiCRo(nn.Module):
         adapted = copy.deepcopy(self)
         adapted.fit_router(pairs, user_features=user_features, steps=steps, lr=lr, log_every=steps)
         return adapted
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (sizes, mixture kind) and ``model.safetensors`` into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> MiCRo:
-        """Load a model written by `save_pretrained`."""
-        directory = Path(directory)
-        config = json.loads((directory / CONFIG_NAME).read_text())
-        if config.get("model_type") != MODEL_TYPE:
-            raise ValueError(
-                f"{directory / CONFIG_NAME}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r}"
-            )
-        kwargs = {key: config[key] for key in ("context_dim", "hidden", "router_hidden", "mixture")}
-        model = cls(config["dim"], config["k"], **kwargs)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
-        return model.eval()

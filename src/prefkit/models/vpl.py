@@ -27,21 +27,17 @@ queries under the posterior mean.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from prefkit.models.embeddings import EmbeddedPairs
+from prefkit.models.embeddings import EmbeddedPairs, EmbeddingHead
 
-__all__ = ["VPL", "active_units"]
+__all__ = ["MIN_STD", "VPL", "active_units"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "prefkit_vpl"
+MIN_STD = 1e-6  # floor of the per-dimension std used to standardise features (constant dimensions)
 
 
 def active_units(means: Tensor, threshold: float = 0.01) -> int:
@@ -97,7 +93,7 @@ class _UserRows:
         return table.gather(1, keys.argsort(dim=1)[:, :n])
 
 
-class VPL(nn.Module):
+class VPL(EmbeddingHead):
     """Variational Preference Learning head on response embeddings.
 
     Formula: q(z | C) = N(mu, diag exp(logvar)), [mu, logvar] = W mean_{(e_w, e_l) in C} f([e_w, e_l]) + b;
@@ -111,27 +107,45 @@ class VPL(nn.Module):
         dim: size ``H`` of the response embeddings.
         latent_dim: size ``D`` of the user latent ``z``.
         hidden: width of the encoder's pair MLP ``f`` and of the reward MLP ``g`` (two hidden layers each).
+        standardize: standardise every embedding ``e`` to ``(e - mean) / std`` per dimension before the
+            encoder and the reward read it, with ``mean`` and ``std`` (buffers ``feature_mean`` and
+            ``feature_std``, saved with the model) set by `fit` from its training pairs (chosen and
+            rejected rows; ``std`` at least `MIN_STD`). For features of large or uneven scale, e.g.
+            sum-pooled hidden states. Until `fit` runs they are 0 and 1 (no change).
     """
 
-    model_type = MODEL_TYPE
+    model_type = "prefkit_vpl"
 
-    def __init__(self, dim: int, latent_dim: int = 8, hidden: int = 64):
+    def __init__(self, dim: int, latent_dim: int = 8, hidden: int = 64, standardize: bool = False):
         super().__init__()
         for name, value in (("dim", dim), ("latent_dim", latent_dim), ("hidden", hidden)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"VPL: {name} must be a positive int, got {value!r}")
-        self.config = {"model_type": MODEL_TYPE, "dim": dim, "latent_dim": latent_dim, "hidden": hidden}
+        if not isinstance(standardize, bool):
+            raise ValueError(f"VPL: standardize must be true or false, got {standardize!r}")
+        self.dim, self.latent_dim, self.hidden, self.standardize = dim, latent_dim, hidden, standardize
         self.pair_encoder = _mlp([2 * dim, hidden, hidden])
         self.posterior = nn.Linear(hidden, 2 * latent_dim)
         self.reward_net = _mlp([dim + latent_dim, hidden, hidden, 1])
+        if standardize:
+            self.register_buffer("feature_mean", torch.zeros(dim))
+            self.register_buffer("feature_std", torch.ones(dim))
 
-    @property
-    def dim(self) -> int:
-        return self.config["dim"]
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "latent_dim": self.latent_dim, "hidden": self.hidden, "standardize": self.standardize}
 
-    @property
-    def latent_dim(self) -> int:
-        return self.config["latent_dim"]
+    def _standardized(self, emb: Tensor) -> Tensor:
+        """``emb`` standardised by the fitted per-dimension statistics (``standardize=True``), else itself."""
+        if not self.standardize:
+            return emb
+        return (emb - self.feature_mean) / self.feature_std
+
+    def _fit_feature_statistics(self, pairs: EmbeddedPairs) -> None:
+        """Set ``feature_mean`` / ``feature_std`` from the chosen and rejected rows of ``pairs``."""
+        with torch.no_grad():
+            std, mean = torch.std_mean(torch.cat([pairs.chosen, pairs.rejected]), dim=0, correction=0)
+            self.feature_mean.copy_(mean)
+            self.feature_std.copy_(std.clamp_min(MIN_STD))
 
     def encode(self, chosen: Tensor, rejected: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Posterior ``(mu, logvar)``, each ``[..., D]``, from context pairs ``chosen``/``rejected`` ``[..., C, H]``.
@@ -139,12 +153,12 @@ class VPL(nn.Module):
         ``mask`` ``[..., C]`` (bool) marks the real context pairs of a padded set (default: all).
         The result does not depend on the order of the ``C`` pairs.
         """
-        if chosen.shape != rejected.shape or chosen.dim() < 2 or chosen.shape[-1] != self.config["dim"]:
+        if chosen.shape != rejected.shape or chosen.dim() < 2 or chosen.shape[-1] != self.dim:
             raise ValueError(
-                f"context chosen and rejected must both be [..., C, {self.config['dim']}]; got "
+                f"context chosen and rejected must both be [..., C, {self.dim}]; got "
                 f"{tuple(chosen.shape)} and {tuple(rejected.shape)}"
             )
-        features = self.pair_encoder(torch.cat([chosen, rejected], dim=-1))
+        features = self.pair_encoder(torch.cat([self._standardized(chosen), self._standardized(rejected)], dim=-1))
         if mask is None:
             pooled = features.mean(dim=-2)
         else:
@@ -157,7 +171,7 @@ class VPL(nn.Module):
         """``[...]`` rewards of response embeddings ``emb`` ``[..., H]`` under latents ``z`` ``[..., D]``
         (broadcast against ``emb``'s leading dimensions)."""
         z = z.expand(*emb.shape[:-1], z.shape[-1])
-        return self.reward_net(torch.cat([emb, z], dim=-1)).squeeze(-1)
+        return self.reward_net(torch.cat([self._standardized(emb), z], dim=-1)).squeeze(-1)
 
     def predict(self, context: EmbeddedPairs, query: EmbeddedPairs) -> Tensor:
         """``[Q]`` probabilities that ``query.chosen`` beats ``query.rejected`` for the one user whose
@@ -212,6 +226,7 @@ class VPL(nn.Module):
         for each a context set of ``context_size`` of their pairs and, independently, ``target_size``
         (default ``context_size``) target pairs, all without replacement within the set. Rows with no
         user (``user_index`` -1) are not used; every user needs ``max(context_size, target_size)`` pairs.
+        With ``standardize=True`` the feature statistics are first set from these rows (population std).
 
         Returns one dict per logged step (step 0, every ``log_every`` steps and the last): ``step``,
         ``loss`` (negative ELBO per user of that step's batch), ``bt`` (mean Bradley-Terry NLL per
@@ -231,13 +246,15 @@ class VPL(nn.Module):
                 raise ValueError(f"VPL.fit: {name} must be a positive int, got {value!r}")
         if isinstance(probe_users, bool) or not isinstance(probe_users, int) or probe_users < 2:
             raise ValueError(f"VPL.fit: probe_users must be an int >= 2, got {probe_users!r}")
-        if pairs.dim != self.config["dim"]:
-            raise ValueError(f"VPL.fit: embeddings have {pairs.dim} dims, the model expects {self.config['dim']}")
+        if pairs.dim != self.dim:
+            raise ValueError(f"VPL.fit: embeddings have {pairs.dim} dims, the model expects {self.dim}")
         pairs = pairs.subset(pairs.user_index >= 0)
         pairs = dataclasses.replace(pairs, chosen=pairs.chosen.float(), rejected=pairs.rejected.float())
         rows = _UserRows(pairs, max(context_size, target_size))
         if len(rows) < 2:
             raise ValueError(f"VPL.fit needs pairs of at least 2 users, got {len(rows)}")
+        if self.standardize:
+            self._fit_feature_statistics(pairs)
         generator = torch.Generator().manual_seed(seed)
         probe = rows.sample(torch.arange(min(len(rows), probe_users)), context_size, generator)
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
@@ -267,23 +284,3 @@ class VPL(nn.Module):
             "accuracy": float(out["accuracy"].mean()),
             "active_units": self.count_active_units(pairs.chosen[probe], pairs.rejected[probe]),
         }
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (sizes) and ``model.safetensors`` (the state dict) into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> VPL:
-        """Load a model written by `save_pretrained`."""
-        directory = Path(directory)
-        config = json.loads((directory / CONFIG_NAME).read_text())
-        if config.get("model_type") != MODEL_TYPE:
-            raise ValueError(
-                f"{directory / CONFIG_NAME}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r}"
-            )
-        model = cls(config["dim"], config["latent_dim"], config["hidden"])
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
-        return model.eval()

@@ -117,6 +117,13 @@ class VPLParams:
     users_per_step: int = field(default=32, metadata={"help": "Users (episodes) per step."})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
     log_every: int = field(default=50, metadata={"help": "Log the loss, KL and active units every this many steps."})
+    standardize: bool = field(
+        default=False,
+        metadata={
+            "help": "Standardise each embedding dimension by the training pairs' mean and std (saved with the "
+            "model), for unnormalised features such as sum pooling. Not with end_to_end (the backbone moves)."
+        },
+    )
 
 
 @dataclass
@@ -573,7 +580,7 @@ def _fit_pal(pairs, p: PALParams, seed):
 def _fit_vpl(pairs, p: VPLParams, seed):
     from prefkit.models.vpl import VPL
 
-    head = VPL(pairs.dim, p.latent_dim, p.hidden)
+    head = VPL(pairs.dim, p.latent_dim, p.hidden, standardize=p.standardize)
     logged = head.fit(
         pairs,
         context_size=p.context_size,
@@ -695,6 +702,11 @@ def _new_head(method: str, p, dim: int, users: list[str]):
     if method == "mixture_bt":
         return MixtureBT(dim, p.k, hidden_size=p.hidden_size, users=users)
     if method == "vpl":
+        if p.standardize:
+            raise ConfigError(
+                "personalized.standardize (vpl) fixes feature statistics of the frozen backbone's embeddings; "
+                "with end_to_end: true the backbone trains and they would go stale: drop one of the two"
+            )
         return VPL(dim, p.latent_dim, p.hidden)
     return _new_micro(dim, len(users), p)
 
