@@ -308,3 +308,31 @@ def test_config_end_to_end_shares_the_methods_own_hyper_parameters():
     assert parse_personalized_config(config_to_dict(vpl)).end_to_end == e  # the written config reads back
     micro = parse_personalized_config({"personalized": {"method": "micro", "end_to_end": True, "steps": 9}})
     assert (micro.end_to_end.max_steps, micro.end_to_end.batch_size) == (9, micro.params.batch_size)
+
+
+def test_lora_backbone_trains_only_adapters_and_merges(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    lm = backbone(tokenizer)
+    base_before = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="FEATURE_EXTRACTION")
+    model = EndToEndRewardModel(get_peft_model(lm.model, lora), make_head("pal"), pooling="mean")
+    assert model.has_lora
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or name.startswith("head.") for name in trainable)
+    data = tokenize_pairs(opposite_records(), tokenizer, model.users)
+    history = train_end_to_end(model, data, tokenizer, epochs=10, batch_size=len(data), lr=0.05, backbone_lr=1e-2)
+    assert history[-1] < history[0]
+    batch = data.batch(list(range(len(data))), tokenizer.pad_token_id)
+    with torch.no_grad():
+        before_merge = model(batch)["loss"]
+    with pytest.raises(ValueError, match="merge them first"):
+        model.save_pretrained("unused")
+    model.merge_lora()
+    assert not model.has_lora and type(model.backbone).__name__ == "LlamaModel"
+    with torch.no_grad():
+        assert float(model(batch)["loss"]) == pytest.approx(float(before_merge), abs=1e-5)
+    merged = lm.model.state_dict()  # merged in place: the language model's decoder carries the update
+    assert set(merged) == set(base_before)
+    assert not torch.equal(merged["layers.0.self_attn.q_proj.weight"], base_before["layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["layers.0.self_attn.k_proj.weight"], base_before["layers.0.self_attn.k_proj.weight"])

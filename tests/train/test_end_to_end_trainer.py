@@ -268,3 +268,22 @@ def test_prefkit_train_resumes_an_end_to_end_run(tmp_path):
     assert main([*argv, f"output_dir={tmp_path / 'fresh'}", "--resume"]) == 2  # nothing to resume from
     off = ["train", str(EXAMPLES / "personalized_pal.yaml"), *TINY, f"output_dir={tmp_path / 'x'}", "--resume"]
     assert main(off) == 2  # frozen-embedding heads fit in one go
+
+
+def test_prefkit_train_end_to_end_with_lora(tmp_path):
+    from safetensors.torch import load_file
+
+    from prefkit.cli import main
+
+    out, report = tmp_path / "run", tmp_path / "eval"
+    argv = ["train", str(EXAMPLES / "personalized_pal.yaml"), *TINY, f"output_dir={out}", "backbone_layers=1"]
+    argv += [f"train_file={EXAMPLES / 'data' / 'groups_pairs.jsonl'}", "personalized.end_to_end=true"]
+    argv += ["personalized.epochs=1", "personalized.batch_size=64", "personalized.lora_r=4"]
+    argv += ["personalized.lora_target_modules=[q_proj,v_proj]", "personalized.backbone_lr=1e-2"]
+    assert main(argv) == 0
+    weights = load_file(str(out / "backbone" / "model.safetensors"))
+    assert not [k for k in weights if "lora" in k]  # merged: a plain backbone that AutoModel loads
+    assert main(["eval", "rm", "--model", str(out), "--data", str(out / "heldout.jsonl"), "--output", str(report)]) == 0
+    ours = json.loads((out / "eval" / "results.json").read_text())["seen"]["accuracy"]
+    assert json.loads((report / "results.json").read_text())["seen"]["accuracy"] == pytest.approx(ours)
+    assert main([*argv[:-1], "personalized.lora_r=-1"]) == 2

@@ -124,7 +124,8 @@ class EndToEndRewardModel(nn.Module):
 
     Args:
         backbone: a transformers base model (``AutoModel``) or a causal LM, whose base model is used
-            (``model.base_model``, as `embed_pairs` does), e.g. ``build_tiny_llama(...).model``.
+            (``model.base_model``, as `embed_pairs` does), e.g. ``build_tiny_llama(...).model``; or a
+            ``peft`` model around one (LoRA: only the adapters train; `merge_lora` before saving).
         head: a `PAL` or `MixtureBT` built with ``users`` set, or a `VPL` / `MiCRo`; its ``dim`` is the
             backbone's hidden size.
         pooling: ``"last"``, ``"mean"`` or ``"sum"`` (`pool_hidden_states`).
@@ -247,12 +248,26 @@ class EndToEndRewardModel(nn.Module):
         pairs = self.embed_pairs(data, tokenizer, batch_size)
         self.head.set_posterior(pairs, self.mixing_logits.detach().softmax(-1).cpu())
 
+    @property
+    def has_lora(self) -> bool:
+        """Whether the backbone carries unmerged LoRA adapters (a ``peft`` model was passed)."""
+        return callable(getattr(self.backbone, "merge_and_unload", None))
+
+    def merge_lora(self) -> None:
+        """Merge LoRA adapters into the backbone's weights (in place: a backbone shared with a language
+        model is updated for it too) and drop them; the backbone is then a plain transformers model."""
+        if not self.has_lora:
+            raise ValueError("the backbone has no LoRA adapters to merge")
+        self.backbone = self.backbone.merge_and_unload()
+
     def save_pretrained(self, folder: str) -> None:
         """``folder/backbone`` (transformers ``save_pretrained``), ``folder/head`` (the head's
         ``save_pretrained``), ``folder/end_to_end.json`` (pooling, head type, users, objective weights)
         and, for MixtureBT, ``folder/end_to_end.safetensors`` (``mixing_logits``)."""
         from safetensors.torch import save_file
 
+        if self.has_lora:
+            raise ValueError("the backbone carries LoRA adapters: merge them first (model.merge_lora())")
         os.makedirs(folder, exist_ok=True)
         self.backbone.save_pretrained(os.path.join(folder, "backbone"))
         self.head.save_pretrained(os.path.join(folder, "head"))

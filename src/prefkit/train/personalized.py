@@ -180,6 +180,18 @@ class EndToEndParams:
     )
     save_total_limit: int | None = field(default=2, metadata={"help": "End to end: checkpoints kept."})
     logging_steps: int = field(default=10, metadata={"help": "End to end: log the objective every N steps."})
+    lora_r: int = field(
+        default=0, metadata={"help": "End to end: LoRA rank on the backbone (0: train all its weights)."}
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "End to end: LoRA scale numerator (alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "End to end: dropout on the LoRA branch."})
+    lora_target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "End to end: modules given adapters (None: peft's default for the model)."}
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
 
 
 # Settings of EndToEndParams that a method's own key sets (EndToEndParams field -> method field).
@@ -649,7 +661,7 @@ def fit_end_to_end(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         head = _new_head(config.method, p, dim, users)
-        model = EndToEndRewardModel(lm, head, config.pooling, **_objective(config, users))
+        model = EndToEndRewardModel(_with_lora(lm, e), head, config.pooling, **_objective(config, users))
     data = tokenize_pairs(
         train_records, tokenizer, users, max_length=config.max_length, max_prompt_length=config.max_prompt_length
     )
@@ -687,9 +699,29 @@ def fit_end_to_end(
         seed=config.seed,
         **extra,
     )
+    if e.lora_r:
+        model.merge_lora()  # the adapters into the backbone's weights, which are saved and embed from now on
     keep = ("loss", "accuracy", "bt", "kl", "active_units", "log_likelihood", "learning_rate", "grad_norm")
     history = [{"stage": "end_to_end", "step": row["step"], **{k: row[k] for k in keep if k in row}} for row in logged]
     return model, history
+
+
+def _with_lora(lm, e: EndToEndParams):
+    """``lm``'s base model with LoRA adapters (``lora_r > 0``; its own weights frozen), or ``lm`` itself."""
+    if not e.lora_r:
+        return lm
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ConfigError(f"lora_r={e.lora_r} needs the `peft` package: pip install 'prefkit[peft]'") from err
+    lora = LoraConfig(
+        r=e.lora_r,
+        lora_alpha=e.lora_alpha,
+        lora_dropout=e.lora_dropout,
+        target_modules=e.lora_target_modules,
+        task_type="FEATURE_EXTRACTION",
+    )
+    return get_peft_model(getattr(lm, "base_model", lm), lora)
 
 
 def _new_head(method: str, p, dim: int, users: list[str]):
