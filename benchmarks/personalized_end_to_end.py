@@ -96,6 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="end to end: pairs per step")
     parser.add_argument("--head-lr", type=float, default=1e-2, help="end to end: the head's learning rate")
     parser.add_argument("--backbone-lr", type=float, default=3e-4, help="end to end: the backbone's learning rate")
+    parser.add_argument(
+        "--warm-start", action="store_true", help="end to end: fit each head on frozen embeddings first"
+    )
+    parser.add_argument(
+        "--pairs-per-user",
+        type=int,
+        default=0,
+        help="end to end, mixture_bt: batches of chunks of this many pairs of one user (--batch-size pairs in all)",
+    )
     parser.add_argument("--vpl-episodes", type=int, default=8, help="end to end: VPL episodes (users) per step")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
@@ -191,10 +200,15 @@ def end_to_end_keys(method: str, args, steps: int) -> dict[str, Any]:
     count optimizer ``steps`` (``--epochs`` worth of ``--batch-size`` batches; VPL: ``--vpl-episodes`` users
     per step), the others epochs."""
     keys: dict[str, Any] = {"end_to_end": True, "backbone_lr": args.backbone_lr, "lr": args.head_lr}
+    if args.warm_start:
+        keys["warm_start"] = True
     if method == "vpl":
         return {**keys, "steps": steps, "users_per_step": args.vpl_episodes, "log_every": 50}
     if method == "micro":
         return {**keys, "steps": steps, "batch_size": args.batch_size, "log_every": 50}
+    if method == "mixture_bt" and args.pairs_per_user:  # batches of whole chunks of users' pairs
+        chunks = max(1, args.batch_size // args.pairs_per_user)
+        return {**keys, "epochs": args.epochs, "batch_size": chunks, "pairs_per_user": args.pairs_per_user}
     return {**keys, "epochs": args.epochs, "batch_size": args.batch_size, "logging_steps": 50}
 
 

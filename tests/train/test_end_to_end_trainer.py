@@ -287,3 +287,36 @@ def test_prefkit_train_end_to_end_with_lora(tmp_path):
     ours = json.loads((out / "eval" / "results.json").read_text())["seen"]["accuracy"]
     assert json.loads((report / "results.json").read_text())["seen"]["accuracy"] == pytest.approx(ours)
     assert main([*argv[:-1], "personalized.lora_r=-1"]) == 2
+
+
+def test_pair_rows_in_user_chunks(tokenizer):
+    data = tokenize_pairs(records(5), tokenizer, USERS)  # 5 pairs per user
+    single = PairRows(data, tokenizer.pad_token_id)
+    assert len(single) == 10 and single[3] == [3]
+    chunked = PairRows(data, tokenizer.pad_token_id, pairs_per_user=2, seed=1)
+    assert [len(c) for c in chunked.chunks] == [2, 2, 1, 2, 2, 1]  # 5 = 2 + 2 + 1 for each user
+    assert sorted(r for c in chunked.chunks for r in c) == list(range(10))  # every pair exactly once
+    users = data.user_index.tolist()
+    assert all(len({users[r] for r in c}) == 1 for c in chunked.chunks)  # one user per chunk
+    assert chunked.chunks == PairRows(data, tokenizer.pad_token_id, pairs_per_user=2, seed=1).chunks
+    batch = chunked.collate([chunked[0], chunked[2]])
+    assert batch["input_ids"].shape[0] == 2 * 3 and batch["user_index"].tolist() == [users[0]] * 3
+    with pytest.raises(ValueError, match="pairs_per_user must be an int >= 0"):
+        PairRows(data, tokenizer.pad_token_id, pairs_per_user=-1)
+
+
+def test_prefkit_train_warm_start_and_user_chunks(tmp_path):
+    from prefkit.cli import main
+    from prefkit.train.config import ConfigError
+    from prefkit.train.personalized import parse_personalized_config
+
+    out = tmp_path / "run"
+    argv = ["train", str(EXAMPLES / "personalized_mixture_bt.yaml"), *TINY, f"output_dir={out}"]
+    argv += [f"train_file={EXAMPLES / 'data' / 'groups_pairs.jsonl'}", "personalized.end_to_end=true"]
+    argv += ["personalized.warm_start=true", "personalized.pairs_per_user=8", "personalized.batch_size=4"]
+    argv += ["personalized.max_steps=2", "personalized.logging_steps=1", "personalized.iters=3"]
+    assert main(argv) == 0
+    stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages[0] == "warm_start/em" and stages.count("end_to_end") == 2 and stages[-1] == "final"
+    with pytest.raises(ConfigError, match="pairs_per_user does not apply to vpl end to end"):
+        parse_personalized_config({"personalized": {"method": "vpl", "end_to_end": True, "pairs_per_user": 4}})

@@ -11,6 +11,8 @@ Batches:
 
 - PAL, MixtureBT, MiCRo (stage 1): each example is one pair (`PairRows`); a batch of ``B`` pairs is
   the ``[2B, T]`` rows of `TokenizedPairs.batch`, so ``per_device_train_batch_size`` counts pairs.
+  With ``pairs_per_user = N``, each example is a chunk of up to ``N`` pairs of one user (the batch
+  size then counts chunks), for MixtureBT, whose objective groups a user's pairs within a batch.
 - VPL: each example is one *episode* (`Episodes`): a user drawn uniformly, ``context_size`` of
   their pairs as the context set and, independently, ``target_size`` as the target set (each set
   without replacement), as `prefkit.models.vpl.VPL.fit` draws them. Episode ``i`` is a function of
@@ -46,19 +48,35 @@ __all__ = ["EndToEndTrainer", "Episodes", "PairRows", "train_end_to_end"]
 
 
 class PairRows(torch.utils.data.Dataset):
-    """Example ``i`` is row ``i`` of a `TokenizedPairs`; `collate` pads a list of them."""
+    """Pairs of a `TokenizedPairs` as training examples; `collate` pads a list of examples.
 
-    def __init__(self, data: TokenizedPairs, pad_token_id: int):
+    ``pairs_per_user`` 0: example ``i`` is pair ``i``. ``N > 0``: each user's pairs, in a seeded random
+    order, are cut into chunks of at most ``N`` and each chunk is an example, so a batch holds whole
+    chunks of a few users: an objective that couples a user's pairs (MixtureBT's marginal likelihood)
+    then sees several pairs of each user in the batch instead of about one.
+    """
+
+    def __init__(self, data: TokenizedPairs, pad_token_id: int, pairs_per_user: int = 0, seed: int = 0):
+        if isinstance(pairs_per_user, bool) or not isinstance(pairs_per_user, int) or pairs_per_user < 0:
+            raise ValueError(f"pairs_per_user must be an int >= 0, got {pairs_per_user!r}")
         self.data, self.pad_token_id = data, pad_token_id
+        if not pairs_per_user:
+            self.chunks = [[i] for i in range(len(data))]
+            return
+        generator = torch.Generator().manual_seed(seed)
+        self.chunks = []
+        for rows in data.rows_of_users():
+            shuffled = [rows[j] for j in torch.randperm(len(rows), generator=generator).tolist()]
+            self.chunks += [shuffled[k : k + pairs_per_user] for k in range(0, len(shuffled), pairs_per_user)]
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.chunks)
 
-    def __getitem__(self, i: int) -> int:
-        return i
+    def __getitem__(self, i: int) -> list[int]:
+        return self.chunks[i]
 
-    def collate(self, rows: list[int]) -> dict[str, Tensor]:
-        return self.data.batch(rows, self.pad_token_id)
+    def collate(self, chunks: list[list[int]]) -> dict[str, Tensor]:
+        return self.data.batch([row for chunk in chunks for row in chunk], self.pad_token_id)
 
 
 class Episodes(torch.utils.data.Dataset):
@@ -252,6 +270,7 @@ def train_end_to_end(
     backbone_lr: float | None = None,
     context_size: int = 4,
     target_size: int | None = None,
+    pairs_per_user: int = 0,
     resume: str | bool | None = None,
     progress: bool = False,
     **training_args: Any,
@@ -261,7 +280,8 @@ def train_end_to_end(
     ``batch_size`` pairs per device and step (VPL: episodes of ``context_size`` context and
     ``target_size`` (default ``context_size``) target pairs; VPL needs ``max_steps``: its episodes are
     drawn, not enumerated). ``lr``: the head's learning rate; ``backbone_lr``: the backbone's (default
-    ``lr``; 0 keeps it fixed). Other keyword arguments go to ``TrainingArguments`` (defaults here:
+    ``lr``; 0 keeps it fixed). ``pairs_per_user``: examples are chunks of that many pairs of one user
+    (`PairRows`; ``batch_size`` then counts chunks). Other keyword arguments go to ``TrainingArguments`` (defaults here:
     a constant learning rate, no weight decay, logging every step, no checkpoints, ``seed`` 0).
     A MixtureBT head gets ``pi`` and its responsibilities from the posterior over all of ``data`` at
     the end (`EndToEndRewardModel.set_mixture_posterior`). Leaves the model in eval mode.
@@ -296,7 +316,7 @@ def train_end_to_end(
         target = context_size if target_size is None else target_size
         dataset: PairRows | Episodes = Episodes(data, pad, length, context_size, target, args.seed)
     else:
-        dataset = PairRows(data, pad)
+        dataset = PairRows(data, pad, pairs_per_user, args.seed)
     trainer = EndToEndTrainer(model, args, dataset, processing_class=tokenizer, backbone_learning_rate=backbone_lr)
     if not progress:
         trainer.pop_callback(PrinterCallback)

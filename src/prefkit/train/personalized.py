@@ -180,6 +180,21 @@ class EndToEndParams:
     )
     save_total_limit: int | None = field(default=2, metadata={"help": "End to end: checkpoints kept."})
     logging_steps: int = field(default=10, metadata={"help": "End to end: log the objective every N steps."})
+    warm_start: bool = field(
+        default=False,
+        metadata={
+            "help": "End to end: first fit the head on the frozen backbone's embeddings with the method's own fit "
+            "(EM for mixture_bt; keys shared with end-to-end training at the method's defaults), then train it "
+            "with the backbone."
+        },
+    )
+    pairs_per_user: int = field(
+        default=0,
+        metadata={
+            "help": "End to end: 0: batches of independent pairs; N: of chunks of N pairs of one user (batch_size "
+            "then counts chunks), so mixture_bt's objective sees each user's pairs together."
+        },
+    )
     lora_r: int = field(
         default=0, metadata={"help": "End to end: LoRA rank on the backbone (0: train all its weights)."}
     )
@@ -192,6 +207,8 @@ class EndToEndParams:
     def __post_init__(self):
         if self.lora_r < 0:
             raise ConfigError(f"lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
+        if self.pairs_per_user < 0:
+            raise ConfigError(f"pairs_per_user must be >= 0 (0: independent pairs), got {self.pairs_per_user}")
 
 
 # Settings of EndToEndParams that a method's own key sets (EndToEndParams field -> method field).
@@ -201,8 +218,12 @@ END_TO_END_ALIASES: dict[str, dict[str, str]] = {
     "vpl": {"lr": "lr", "batch_size": "users_per_step", "max_steps": "steps", "logging_steps": "log_every"},
     "micro": {"lr": "lr", "batch_size": "batch_size", "max_steps": "steps", "logging_steps": "log_every"},
 }
-# Settings that do not apply to a method end to end (its own `steps` count the optimizer steps).
-END_TO_END_NOT_APPLICABLE: dict[str, tuple[str, ...]] = {"vpl": ("epochs",), "micro": ("epochs",)}
+# Settings that do not apply to a method end to end, and why.
+_STEPS = "its own steps count the optimizer steps"
+END_TO_END_NOT_APPLICABLE: dict[str, dict[str, str]] = {
+    "vpl": {"epochs": _STEPS, "pairs_per_user": "its batches are episodes of one user's pairs already"},
+    "micro": {"epochs": _STEPS},
+}
 
 METHODS: dict[str, type] = {"mixture_bt": MixtureBTParams, "pal": PALParams, "vpl": VPLParams, "micro": MiCRoParams}
 PAPERS = {
@@ -390,8 +411,9 @@ def _method_section(section: Any, source: str) -> dict[str, Any]:
     for key in given:
         if key in aliases:
             raise ConfigError(f"{source}: for {method}, {method}'s own key {aliases[key]!r} sets {key}; use it")
-        if key in END_TO_END_NOT_APPLICABLE.get(method, ()):
-            raise ConfigError(f"{source}: {key} does not apply to {method} end to end (set its steps instead)")
+        why = END_TO_END_NOT_APPLICABLE.get(method, {}).get(key)
+        if why:
+            raise ConfigError(f"{source}: {key} does not apply to {method} end to end ({why})")
     method_params = _build(METHODS[method], params, where)
     given.update({key: getattr(method_params, alias) for key, alias in aliases.items()})
     return {
@@ -658,9 +680,15 @@ def fit_end_to_end(
     users = sorted({r.user_id for r in train_records})
     p, e = config.params, config.end_to_end
     dim = getattr(lm, "base_model", lm).config.hidden_size
+    history: list[dict[str, Any]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         head = _new_head(config.method, p, dim, users)
+        if e.warm_start:
+            say(f"warm start: fitting {config.method} on the frozen backbone's embeddings first")
+            pairs = reindex_users(_embed_uncached(train_records, backbone, config))
+            head, history, _ = fit_head(pairs, _warm_start_config(config))
+            history = [{**row, "stage": f"warm_start/{row.get('stage')}"} for row in history]
         model = EndToEndRewardModel(_with_lora(lm, e), head, config.pooling, **_objective(config, users))
     data = tokenize_pairs(
         train_records, tokenizer, users, max_length=config.max_length, max_prompt_length=config.max_prompt_length
@@ -686,6 +714,7 @@ def fit_end_to_end(
         backbone_lr=e.backbone_lr,
         resume=resume,
         progress=config.progress,
+        pairs_per_user=e.pairs_per_user,
         gradient_accumulation_steps=e.gradient_accumulation_steps,
         lr_scheduler_type=e.lr_scheduler_type,
         warmup_steps=e.warmup_steps,
@@ -702,8 +731,17 @@ def fit_end_to_end(
     if e.lora_r:
         model.merge_lora()  # the adapters into the backbone's weights, which are saved and embed from now on
     keep = ("loss", "accuracy", "bt", "kl", "active_units", "log_likelihood", "learning_rate", "grad_norm")
-    history = [{"stage": "end_to_end", "step": row["step"], **{k: row[k] for k in keep if k in row}} for row in logged]
+    history += [{"stage": "end_to_end", "step": row["step"], **{k: row[k] for k in keep if k in row}} for row in logged]
     return model, history
+
+
+def _warm_start_config(config: PersonalizedConfig) -> PersonalizedConfig:
+    """``config`` for the warm-start fit: the method's keys that also set end-to-end training (PAL's
+    ``lr`` / ``batch_size`` / ``epochs``, VPL's and MiCRo's ``steps``, ...) back at the method's defaults."""
+    aliased = set(END_TO_END_ALIASES[config.method].values())
+    defaults = {f.name: f.default for f in dataclasses.fields(config.params) if f.name in aliased}
+    section = {**config.personalized, "params": dataclasses.replace(config.params, **defaults)}
+    return dataclasses.replace(config, personalized=section)
 
 
 def _with_lora(lm, e: EndToEndParams):
