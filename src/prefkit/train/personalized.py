@@ -592,11 +592,7 @@ def _fit_mixture_bt(pairs, p: MixtureBTParams, seed):
 
     head = MixtureBT(pairs.dim, p.k, hidden_size=p.hidden_size)
     objective = head.fit(pairs, p.iters, m_steps=p.m_steps, l2=p.l2, tol=p.tol, n_init=p.n_init, seed=seed)
-    history = [{"stage": "em", "iter": i, "objective": j} for i, j in enumerate(objective)]
-    with torch.no_grad():
-        accuracy = float(head.pair_correct(pairs).float().mean())
-    history.append({"stage": "final", "train_accuracy": accuracy, "mixing_weights": head.mixing_weights.tolist()})
-    return head, history, {}
+    return head, [{"stage": "em", "iter": i, "objective": j} for i, j in enumerate(objective)], {}
 
 
 def _fit_pal(pairs, p: PALParams, seed):
@@ -604,11 +600,7 @@ def _fit_pal(pairs, p: PALParams, seed):
 
     head = PAL(pairs.dim, p.k, variant=p.variant, pref_dim=p.pref_dim, hidden_size=p.hidden_size)
     losses = head.fit(pairs, p.epochs, lr=p.lr, batch_size=p.batch_size, seed=seed)
-    history = [{"stage": "bt", "epoch": i + 1, "loss": v} for i, v in enumerate(losses)]
-    with torch.no_grad():
-        accuracy = float((head.pair_logits(pairs) > 0).float().mean())
-    history.append({"stage": "final", "train_accuracy": accuracy})
-    return head, history, {}
+    return head, [{"stage": "bt", "epoch": i + 1, "loss": v} for i, v in enumerate(losses)], {}
 
 
 def _fit_vpl(pairs, p: VPLParams, seed):
@@ -805,7 +797,8 @@ def finish_end_to_end(model, train_pairs: EmbeddedPairs, config: PersonalizedCon
 
 def _final_metrics(head, pairs: EmbeddedPairs, config: PersonalizedConfig) -> dict[str, Any]:
     """The trained head on its training pairs: ``train_accuracy`` (each user's own reward, or VPL under
-    the user's latent given all their pairs, or MiCRo's routed mixture), and VPL's ``active_units``."""
+    the user's latent given all their pairs, or MiCRo's routed mixture), VPL's ``active_units`` and
+    MixtureBT's ``mixing_weights``."""
     from prefkit.models.micro import MiCRo
     from prefkit.models.vpl import VPL, active_units
 
@@ -819,7 +812,10 @@ def _final_metrics(head, pairs: EmbeddedPairs, config: PersonalizedConfig) -> di
         if isinstance(head, MiCRo):
             features = torch.eye(len(pairs.users)) if config.params.user_context else None
             return {"train_accuracy": head.accuracy(pairs, features)}
-        correct = head.pair_correct(pairs) if hasattr(head, "pair_correct") else head.pair_logits(pairs) > 0
+        if hasattr(head, "pair_correct"):  # MixtureBT: each user's most likely group's head
+            accuracy = float(head.pair_correct(pairs).float().mean())
+            return {"train_accuracy": accuracy, "mixing_weights": head.mixing_weights.tolist()}
+        correct = head.pair_logits(pairs) > 0
     return {"train_accuracy": float(correct.float().mean())}
 
 
@@ -947,6 +943,7 @@ def train_personalized(
         train_pairs = reindex_users(pairs.subset(train_rows))
         say(f"fitting {config.method} on {len(train_pairs)} pairs of {len(train_pairs.users)} users (dim {pairs.dim})")
         head, history, extra = fit_head(train_pairs, config)
+        history.append({"stage": "final", **_final_metrics(head, train_pairs, config)})
     _print_history(history, say)
 
     head.save_pretrained(str(out))
