@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -320,3 +321,28 @@ def test_prefkit_train_warm_start_and_user_chunks(tmp_path):
     assert stages[0] == "warm_start/em" and stages.count("end_to_end") == 2 and stages[-1] == "final"
     with pytest.raises(ConfigError, match="pairs_per_user does not apply to vpl end to end"):
         parse_personalized_config({"personalized": {"method": "vpl", "end_to_end": True, "pairs_per_user": 4}})
+
+
+def test_prefkit_train_end_to_end_under_accelerate(tmp_path):
+    """`accelerate launch ... prefkit train` with a personalized end-to-end config on 2 processes: both train
+    (each on half of every global batch), the main one evaluates and writes the run once."""
+    out = tmp_path / "run"
+    argv = ["-m", "prefkit.cli", "train", str(EXAMPLES / "personalized_pal.yaml"), *TINY, f"output_dir={out}"]
+    argv += [f"train_file={EXAMPLES / 'data' / 'groups_pairs.jsonl'}", "personalized.end_to_end=true"]
+    argv += ["personalized.epochs=1", "personalized.batch_size=64", "personalized.save_steps=2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [*cmd, "--main_process_port", "0", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    assert proc.stdout.count("Done. Output in") == 1
+    n_train = len(json.loads((out / "users.json").read_text())["users"])
+    assert n_train == 16
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    last = json.loads((out / "checkpoints" / checkpoints[-1] / "trainer_state.json").read_text())
+    assert last["epoch"] == pytest.approx(1.0)  # one pass over the data with 2 x 64 pairs per step
+    n_pairs = 800 - len((out / "heldout.jsonl").read_text().splitlines())  # groups_pairs.jsonl has 800 rows
+    assert last["global_step"] == math.ceil(n_pairs / 128)
+    for name in ("config.json", "model.safetensors", "backbone/model.safetensors", "eval/results.json"):
+        assert (out / name).is_file(), name
