@@ -195,3 +195,9 @@ def test_split_and_reindex_users():
     pairs = _pairs([1.0, 1.0, 1.0], ["x", "y", "z"], [0, 2, 2])
     assert reindex_users(pairs).users == ["x", "z"]
     assert reindex_users(pairs).user_index.tolist() == [0, 1, 1]
+
+
+def test_frozen_heads_refuse_a_multi_process_launch(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch / torchrun set in every process
+    assert _train(tmp_path) == 2
+    assert "heads on frozen embeddings fit in one process" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import random
 import shutil
 import sys
@@ -907,6 +908,11 @@ def train_personalized(
 ) -> PersonalizedRun:
     """Run the whole job (what ``prefkit train`` does with a ``personalized:`` config). ``resume``: continue
     end-to-end training from a checkpoint (a folder, or True: the last one in ``output_dir/checkpoints``)."""
+    if not config.end_to_end.end_to_end and _num_processes() > 1:
+        raise ConfigError(
+            "heads on frozen embeddings fit in one process (in seconds to minutes on a CPU); run prefkit train "
+            "without accelerate launch, or set end_to_end: true to train the backbone on several processes"
+        )
     if resume and not config.end_to_end.end_to_end:
         raise ConfigError(
             "--resume continues end-to-end training (end_to_end: true with save_steps); heads on frozen "
@@ -987,6 +993,11 @@ def _main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def _num_processes() -> int:
+    """Processes of the launch (``WORLD_SIZE``, set by ``accelerate launch`` / ``torchrun``; 1 without)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _save_backbone(backbone, config: PersonalizedConfig, out: Path) -> PersonalizedConfig:
