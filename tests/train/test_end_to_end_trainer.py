@@ -321,6 +321,8 @@ def test_prefkit_train_warm_start_and_user_chunks(tmp_path):
     assert stages[0] == "warm_start/em" and stages.count("end_to_end") == 2 and stages[-1] == "final"
     with pytest.raises(ConfigError, match="pairs_per_user does not apply to vpl end to end"):
         parse_personalized_config({"personalized": {"method": "vpl", "end_to_end": True, "pairs_per_user": 4}})
+    # the default value is accepted (a config switched to another method by an override)
+    parse_personalized_config({"personalized": {"method": "vpl", "end_to_end": True, "pairs_per_user": 0}})
 
 
 def test_prefkit_train_end_to_end_under_accelerate(tmp_path):

@@ -219,6 +219,7 @@ END_TO_END_ALIASES: dict[str, dict[str, str]] = {
     "vpl": {"lr": "lr", "batch_size": "users_per_step", "max_steps": "steps", "logging_steps": "log_every"},
     "micro": {"lr": "lr", "batch_size": "batch_size", "max_steps": "steps", "logging_steps": "log_every"},
 }
+_E2E_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EndToEndParams)}
 # Settings that do not apply to a method end to end, and why.
 _STEPS = "its own steps count the optimizer steps"
 END_TO_END_NOT_APPLICABLE: dict[str, dict[str, str]] = {
@@ -413,7 +414,7 @@ def _method_section(section: Any, source: str) -> dict[str, Any]:
         if key in aliases:
             raise ConfigError(f"{source}: for {method}, {method}'s own key {aliases[key]!r} sets {key}; use it")
         why = END_TO_END_NOT_APPLICABLE.get(method, {}).get(key)
-        if why:
+        if why and given[key] != _E2E_DEFAULTS[key]:  # the default value is harmless (e.g. switching method)
             raise ConfigError(f"{source}: {key} does not apply to {method} end to end ({why})")
     method_params = _build(METHODS[method], params, where)
     given.update({key: getattr(method_params, alias) for key, alias in aliases.items()})
