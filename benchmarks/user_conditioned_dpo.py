@@ -107,6 +107,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument(
+        "--pooled-beta",
+        type=float,
+        default=None,
+        help="the pooled policy's beta (default --beta); lower it to compare the two at a matched KL",
+    )
     parser.add_argument("--shots", type=int, default=8, help="pairs of an unseen user given to fit_new_user")
     parser.add_argument(
         "--samples", type=int, default=32, help="samples per prompt per group (split evenly over its users)"
@@ -155,8 +161,9 @@ def main() -> None:
         dataloader_pin_memory=False,
         disable_tqdm=True,
     )
+    pooled_args = {**train_args, "loss_params": {"beta": args.beta if args.pooled_beta is None else args.pooled_beta}}
     with tempfile.TemporaryDirectory() as runs:  # the trainers' output_dir (nothing is saved there)
-        pooled, pooled_s = train(reference, seen, train_args, False, Path(runs) / "pooled")
+        pooled, pooled_s = train(reference, seen, pooled_args, False, Path(runs) / "pooled")
         cond, cond_s = train(reference, seen, train_args, True, Path(runs) / "conditioned", args.prefix_tokens)
 
     tok, pad = reference.tokenizer, reference.tokenizer.pad_token_id
@@ -237,7 +244,9 @@ def markdown(result, groups, other) -> str:
         "# Pooled vs user-conditioned DPO (lab world `groups`)",
         "",
         f"{result['pairs']['seen']} training pairs of {sum(v['seen_users'] for v in result['groups'].values())} seen "
-        f"users; DPO beta {s['beta']}, {s['steps']} steps of {s['batch_size']} pairs, lr {s['lr']}, seed {s['seed']}; "
+        f"users; DPO beta {s['beta']}"
+        + ("" if s.get("pooled_beta") is None else f" (pooled: {s['pooled_beta']})")
+        + f", {s['steps']} steps of {s['batch_size']} pairs, lr {s['lr']}, seed {s['seed']}; "
         f"unseen users fitted on {s['shots']} pairs each (only their token row). Mean true reward of samples "
         "(temperature 1) made for each group's users: `own` is the group's reward, `other` the other group's "
         "reward of the same samples; KL to the reference per response.",
