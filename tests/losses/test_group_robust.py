@@ -109,3 +109,25 @@ def test_bad_inputs_are_refused():
         exponentiated_gradient_step(torch.tensor([0.5, 0.5]), torch.tensor([1.0, float("inf")]), present, 1.0)
     with pytest.raises(ValueError, match="bool tensor"):
         group_robust_objective(losses, torch.tensor([0.5, 0.5]), torch.tensor([1, 1]))
+
+
+def test_size_adjustment_by_hand():
+    from prefkit.losses.group_robust import size_adjusted_losses
+
+    losses = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    sizes = torch.tensor([100.0, 4.0], dtype=torch.float64)
+    # L + C / sqrt(N): 0.5 + 1/10 and 0.5 + 1/2
+    assert size_adjusted_losses(losses, sizes, 1.0).tolist() == pytest.approx([0.6, 1.0])
+    assert torch.equal(size_adjusted_losses(losses, sizes, 0.0), losses)
+    # equal losses: the adjusted step moves weight to the small group, exp(0.4) : 1 from uniform
+    alpha = exponentiated_gradient_step(
+        torch.tensor([0.5, 0.5], dtype=torch.float64),
+        size_adjusted_losses(losses, sizes, 1.0),
+        torch.tensor([1, 1]).bool(),
+        1.0,
+    )
+    assert alpha[1] / alpha[0] == pytest.approx(math.exp(0.4))
+    with pytest.raises(ValueError, match="C must be a finite number >= 0"):
+        size_adjusted_losses(losses, sizes, -1.0)
+    with pytest.raises(ValueError, match="group sizes must be positive"):
+        size_adjusted_losses(losses, torch.tensor([3.0, 0.0], dtype=torch.float64), 1.0)

@@ -215,6 +215,8 @@ def test_groups_from_a_mapping_file(tokenizer, pref_args, tmp_path):
         ({"group_robust": True}, "group_robust needs each pair's group"),
         ({"groups": "no/such/file.yaml"}, "neither lab nor a file"),
         ({"groups": "lab", "group_robust_step_size": -1.0}, "group_robust_step_size must be a finite number >= 0"),
+        ({"groups": "lab", "group_robust_size_adjustment": 1.0}, "set group_robust: true"),
+        ({"groups": "lab", "group_robust": True, "group_robust_size_adjustment": -1}, "must be a finite number >= 0"),
         ({"groups": "lab", "loss": "kto"}, "apply to pairwise policy losses"),
         ({"groups": "lab", "loss": "bt"}, "apply to pairwise policy losses"),
     ],
@@ -250,3 +252,29 @@ def test_tokenized_datasets_bring_their_user_ids(tokenizer, pref_args):
     trainer.train()
     with pytest.raises(ValueError, match=r"40 train record\(s\) have no user_id \(0-based rows 0, 1, 2, 3, 4\)"):
         make_trainer(tokenizer, pref_args, train=dataset.remove_columns("user_id"), group_robust=True)
+
+
+def test_size_adjustment_moves_alpha_with_the_adjusted_losses(tokenizer, pref_args):
+    """With group_robust_size_adjustment C, each step's alpha is the EG step on L_g + C / sqrt(N_g), N_g the
+    group's training pairs (32 majority, 8 minority)."""
+    c = 0.5
+    trainer = make_trainer(
+        tokenizer,
+        pref_args,
+        group_robust=True,
+        max_steps=4,
+        group_robust_size_adjustment=c,
+        per_device_train_batch_size=8,
+    )
+    assert trainer.group_sizes.tolist() == [32.0, 8.0]
+    trainer.train()
+    rows = [e for e in trainer.state.log_history if "group_robust/alpha/majority" in e]
+    alpha = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for row in rows:
+        losses = [row.get(f"group/{g}/loss", math.nan) for g in ("majority", "minority")]
+        present = torch.tensor([not math.isnan(v) for v in losses])
+        adjusted = torch.tensor(losses, dtype=torch.float64).nan_to_num() + c / torch.tensor([32.0, 8.0]).sqrt()
+        alpha = exponentiated_gradient_step(alpha, adjusted.double(), present, 1.0)
+        logged = [row["group_robust/alpha/majority"], row["group_robust/alpha/minority"]]
+        assert logged == pytest.approx(alpha.tolist(), rel=1e-5)
+    assert alpha[1] > 0.5

@@ -134,6 +134,29 @@ def exponentiated_gradient_step(alpha: Tensor, group_losses: Tensor, present: Te
     return new
 
 
+def size_adjusted_losses(group_losses: Tensor, group_sizes: Tensor, c: float) -> Tensor:
+    """Group losses plus a generalization adjustment that favours small groups, for alpha's update.
+
+    Formula: L~_g = L_g + C / sqrt(N_g)   (N_g: group g's number of training examples; C >= 0)
+
+    Paper: Sagawa, Koh, Hashimoto, Liang (2020), Distributionally Robust Neural Networks for Group Shifts,
+    arXiv:1911.08731 (group adjustments, Section 3.3); the optional adjustment of Group Robust Preference
+    Optimization's alpha update (Ramesh et al. 2024, arXiv:2405.20304).
+
+    A small group's mean training loss underestimates its held-out loss more than a large group's does;
+    the adjustment gives it the benefit of the doubt. ``C = 0`` returns the losses unchanged. Only the
+    weights' update uses the adjusted losses; the objective keeps ``L_g``.
+    """
+    if group_sizes.shape != group_losses.shape:
+        raise ValueError(f"group_sizes {tuple(group_sizes.shape)} and group_losses {tuple(group_losses.shape)} differ")
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 <= c < float("inf")):
+        raise ValueError(f"the adjustment C must be a finite number >= 0, got {c!r}")
+    if bool((group_sizes <= 0).any()):
+        raise ValueError(f"group sizes must be positive, got {group_sizes.tolist()}")
+    sizes = group_sizes.to(device=group_losses.device, dtype=group_losses.dtype)
+    return group_losses + c / sizes.sqrt()
+
+
 def group_robust_objective(group_losses: Tensor, alpha: Tensor, present: Tensor) -> Tensor:
     """The alpha-weighted sum of the present groups' losses: the policy's objective for fixed ``alpha``.
 

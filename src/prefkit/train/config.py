@@ -360,6 +360,13 @@ class PreferenceConfig(TrainingArguments):
             "0.01; 0 keeps alpha uniform: the mean of the group means)."
         },
     )
+    group_robust_size_adjustment: float = field(
+        default=0.0,
+        metadata={
+            "help": "group_robust: C of the group adjustment (GroupDRO, Sagawa et al. 2020): alpha's update uses "
+            "L_g + C / sqrt(N_g), N_g the group's training pairs, favouring small groups; 0: none."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -469,6 +476,11 @@ class PreferenceConfig(TrainingArguments):
         step = self.group_robust_step_size
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not (0 <= step < float("inf")):
             raise ConfigError(f"group_robust_step_size must be a finite number >= 0, got {step!r}")
+        c = self.group_robust_size_adjustment
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 <= c < float("inf")):
+            raise ConfigError(f"group_robust_size_adjustment must be a finite number >= 0, got {c!r}")
+        if c and not self.group_robust:
+            raise ConfigError("group_robust_size_adjustment adjusts group_robust's weights; set group_robust: true")
         if self.groups is None:
             if self.group_robust:
                 raise ConfigError(

@@ -56,7 +56,12 @@ from prefkit.data.collators import SHARED_PREFIX_KEYS, PairwiseCollator, Unpaire
 from prefkit.data.records import PairwiseRecord, RankedRecord, UnpairedRecord
 from prefkit.losses import PairLogps, UnpairedLogps, get_loss
 from prefkit.losses.combine import combine_losses, resolve_loss_params
-from prefkit.losses.group_robust import exponentiated_gradient_step, group_loss_sums, group_robust_objective
+from prefkit.losses.group_robust import (
+    exponentiated_gradient_step,
+    group_loss_sums,
+    group_robust_objective,
+    size_adjusted_losses,
+)
 from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
 from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
 from prefkit.train.checkpointing import STATE_FILE, CheckpointingTrainer
@@ -292,6 +297,7 @@ class PreferenceTrainer(CheckpointingTrainer):
         # -- data -------------------------------------------------------------------------------
         self.tokenization_stats: dict[str, Any] = {}
         self.group_names: list[str] | None = None  # with `groups`: set from the training data
+        self.group_sizes: Tensor | None = None  # with `groups`: training pairs per group (float64)
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
@@ -747,7 +753,8 @@ class PreferenceTrainer(CheckpointingTrainer):
             group_of = resolve_groups(args.groups, sorted(set(users)))
         except ValueError as err:
             raise ValueError(f"groups={args.groups!r}, {name} data: {err}") from err
-        if self.group_names is None:
+        first = self.group_names is None  # the training data: its groups and their sizes
+        if first:
             self.group_names = sorted(set(group_of.values()))
         unknown = sorted(set(group_of.values()) - set(self.group_names))
         if unknown:
@@ -756,9 +763,12 @@ class PreferenceTrainer(CheckpointingTrainer):
                 "every group needs training pairs"
             )
         index = {g: i for i, g in enumerate(self.group_names)}
+        column = [index[group_of[u]] for u in users]
+        if first:
+            self.group_sizes = torch.bincount(torch.tensor(column), minlength=len(self.group_names)).double()
         if GROUP_COLUMN in dataset.column_names:
             dataset = dataset.remove_columns(GROUP_COLUMN)
-        return dataset.add_column(GROUP_COLUMN, [index[group_of[u]] for u in users])
+        return dataset.add_column(GROUP_COLUMN, column)
 
     def _initial_group_weights(self, args: PreferenceConfig) -> Tensor | None:
         """group_robust's alpha at step 0: uniform over the training groups (float64, CPU); None without it."""
@@ -808,6 +818,8 @@ class PreferenceTrainer(CheckpointingTrainer):
         present = total_counts > 0
         means = (total_sums / total_counts.clamp(min=1)).cpu()
         if torch.isfinite(means[present.cpu()]).all():  # otherwise the step stops with NonFiniteLossError
+            c = float(self.args.group_robust_size_adjustment)
+            means = size_adjusted_losses(means.double(), self.group_sizes, c) if c else means
             self.group_robust_alpha = exponentiated_gradient_step(
                 self.group_robust_alpha, means, present.cpu(), float(self.args.group_robust_step_size)
             )
