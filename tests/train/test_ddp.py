@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "scripts" / "ddp_worker.py"
 DDP_CPU = ROOT / "examples" / "accelerate" / "ddp_cpu.yaml"
 TOL = 1e-5
-CASES = ("reward", "dpo", "dpo-shared")
+CASES = ("reward", "dpo", "dpo-shared", "gpm")
 UNPAIRED = ("kto", "bco")
 
 
@@ -255,8 +255,9 @@ def test_reward_scores_run_through_a_wrapper(tokenizer):
         model_scores(_Wrapper(SequenceClassifierReward(model)), ids, attn, comp)
 
 
-def test_wrapped_judge_is_refused(tokenizer):
-    """A general preference model is scored by its compare(), which would bypass a wrapper's forward."""
+def test_wrapped_judge_runs_through_the_wrapper(tokenizer):
+    """A general preference model's forward is its compare(), so under a wrapper it is called through the
+    wrapper's forward (DDP synchronises its gradients); a judge whose forward is something else is refused."""
     from prefkit.models.gpm import build_gpm
     from prefkit.models.tiny import build_tiny_llama
     from prefkit.train.reward_trainer import RewardTrainer
@@ -264,6 +265,16 @@ def test_wrapped_judge_is_refused(tokenizer):
     gpm = build_gpm(build_tiny_llama(vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2))
     ids = torch.tensor([[5, 6], [7, 8]])
     ones = torch.ones_like(ids)
-    assert RewardTrainer._judge_logits(gpm, ids, ones, ones, 1).shape == (1,)
+    calls = []
+    wrapper = _Wrapper(gpm)
+    wrapper.register_forward_hook(lambda *_: calls.append(1))
+    direct = RewardTrainer._judge_logits(gpm, ids, ones, ones, 1)
+    torch.testing.assert_close(RewardTrainer._judge_logits(wrapper, ids, ones, ones, 1), direct)
+    assert direct.shape == (1,) and calls == [1]
+
+    class OwnCompare(torch.nn.Module):  # compare() is not its forward
+        def compare(self, *args):
+            return gpm.compare(*args)
+
     with pytest.raises(NotImplementedError, match=r"compare\(\) method"):
-        RewardTrainer._judge_logits(_Wrapper(gpm), ids, ones, ones, 1)
+        RewardTrainer._judge_logits(_Wrapper(OwnCompare()), ids, ones, ones, 1)

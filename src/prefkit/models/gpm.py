@@ -130,6 +130,7 @@ class GeneralPreferenceModel(PreTrainedModel):
 
     config_class = GPMConfig
     base_model_prefix = "backbone"
+    forward_computes = "compare"  # trainers call it through a DDP / FSDP wrapper's forward
 
     def __init__(self, config: GPMConfig, backbone: nn.Module | None = None):
         super().__init__(config)

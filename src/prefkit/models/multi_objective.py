@@ -172,6 +172,7 @@ class MultiObjectiveRewardModel(PreTrainedModel):
     """
 
     config_class = MultiObjectiveConfig
+    forward_computes = "score"  # trainers call it through a DDP / FSDP wrapper's forward
     base_model_prefix = "backbone"
 
     def __init__(self, config: MultiObjectiveConfig, backbone: nn.Module | None = None):

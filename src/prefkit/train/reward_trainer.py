@@ -44,8 +44,11 @@ def model_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, co
     (A Hugging Face classifier's ``score`` attribute is its linear head, a module, not a method.)
     Under a DDP / FSDP / DeepSpeed wrapper the classifier runs through the wrapper's forward.
     """
-    method = getattr(_inner_module(model), "score", None)
+    inner = _inner_module(model)
+    method = getattr(inner, "score", None)
     if callable(method) and not isinstance(method, nn.Module):
+        if getattr(inner, "forward_computes", None) == "score":  # through the wrapper's forward
+            return model(input_ids, attention_mask, completion_mask)
         _refuse_wrapped(model, "score")
         return method(input_ids, attention_mask, completion_mask)
     return reward_scores(model, input_ids, attention_mask)
@@ -60,14 +63,17 @@ def _inner_module(model: nn.Module) -> nn.Module:
 
 def _refuse_wrapped(model: nn.Module, method: str) -> None:
     """Calling a wrapped model's own ``method`` would bypass the wrapper's forward, and with it the
-    gradient synchronisation of multi-process training: refuse instead."""
+    gradient synchronisation of multi-process training: refuse instead. (A model whose ``forward``
+    is that method says so with ``forward_computes = "score"`` / ``"compare"`` and is called through
+    the wrapper.)"""
     inner = _inner_module(model)
     if inner is not model:
         raise NotImplementedError(
             f"{type(inner).__name__} is scored by its own {method}() method, which bypasses the "
             f"{type(model).__name__} wrapper's forward (and its gradient synchronisation). Multi-process "
-            "RewardTrainer runs train one-label ...ForSequenceClassification models (build_reward_model; "
-            "losses bt, ranknet, listmle); train this model in one process (see docs/distributed.md)"
+            "RewardTrainer runs train models whose forward computes the score (one-label "
+            "...ForSequenceClassification models, the general preference model); train this model in one "
+            "process, or give it forward_computes = 'score' / 'compare' (see docs/distributed.md)"
         )
 
 
@@ -138,8 +144,11 @@ class RewardTrainer(PreferenceTrainer):
     @staticmethod
     def _judge_logits(model: nn.Module, ids: Tensor, attn: Tensor, comp: Tensor, b: int) -> Tensor:
         """``[B]`` logits that chosen (rows ``:B``) beats rejected (rows ``B:``)."""
-        compare = getattr(_inner_module(model), "compare", None)
+        inner = _inner_module(model)
+        compare = getattr(inner, "compare", None)
         if callable(compare):
+            if getattr(inner, "forward_computes", None) == "compare":  # through the wrapper's forward
+                return model(ids[:b], attn[:b], ids[b:], attn[b:], comp[:b], comp[b:])
             _refuse_wrapped(model, "compare")
             return compare(ids[:b], attn[:b], ids[b:], attn[b:], comp[:b], comp[b:])
         scores = model_scores(model, ids, attn, comp)

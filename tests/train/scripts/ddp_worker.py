@@ -7,7 +7,8 @@
 Builds everything from seeds (tiny Llama, byte tokenizer, 16 fixed preference pairs; nothing is
 downloaded) and, for each case (``reward``: `RewardTrainer` with ``bt``; ``dpo``: `PreferenceTrainer`
 with ``dpo`` and a frozen-copy reference; ``dpo-shared``: the same with ``share_prompt``; ``kto`` and
-``bco``: `PreferenceTrainer` on sixteen thumbs-up/down completions), trains
+``bco``: `PreferenceTrainer` on sixteen thumbs-up/down completions; ``gpm``: `RewardTrainer` with the
+general preference model and the ``gpm`` judge loss), trains
 ``--steps`` optimizer steps with plain SGD and a constant learning rate, and writes from the main
 process ``OUT_DIR/CASE.pt`` (``torch.save``) with
 
@@ -32,6 +33,7 @@ import tempfile
 import torch
 
 from prefkit.data.records import PairwiseRecord, UnpairedRecord
+from prefkit.models.gpm import build_gpm
 from prefkit.models.loading import TinySpec
 from prefkit.models.reward import build_reward_model
 from prefkit.models.tiny import build_byte_tokenizer, build_tiny_llama
@@ -70,19 +72,19 @@ def thumbs() -> list[UnpairedRecord]:
     ]
 
 
-CASES = ("reward", "dpo", "dpo-shared", "kto", "bco")
+CASES = ("reward", "dpo", "dpo-shared", "kto", "bco", "gpm")
 
 
 def build_trainer(case: str, batch: int, grad_accum: int, steps: int, output_dir: str):
     tokenizer = build_byte_tokenizer()
     args = PreferenceConfig(
         output_dir=output_dir,
-        loss={"reward": "bt", "kto": "kto", "bco": "bco"}.get(case, "dpo"),
+        loss={"reward": "bt", "kto": "kto", "bco": "bco", "gpm": "gpm"}.get(case, "dpo"),
         max_steps=steps,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=grad_accum,
         optim="sgd",
-        learning_rate=0.5 if case == "reward" else 5.0,
+        learning_rate=0.5 if case in ("reward", "gpm") else 5.0,
         lr_scheduler_type="constant",
         logging_steps=1,
         save_strategy="no",
@@ -98,6 +100,12 @@ def build_trainer(case: str, batch: int, grad_accum: int, steps: int, output_dir
     )
     if case == "reward":
         model = build_reward_model("tiny", tiny=TINY, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        return RewardTrainer(model, args, train_dataset=pairs(), processing_class=tokenizer)
+    if case == "gpm":  # a judge: the general preference model, trained through its forward (= compare)
+        backbone = build_tiny_llama(
+            vocab_size=len(tokenizer), hidden_size=TINY.hidden_size, num_layers=TINY.num_layers, seed=TINY.seed
+        )
+        model = build_gpm(backbone, embed_dim=4, beta=0.5, seed=0)
         return RewardTrainer(model, args, train_dataset=pairs(), processing_class=tokenizer)
     model = build_tiny_llama(
         vocab_size=len(tokenizer),
