@@ -166,7 +166,10 @@ def test_non_finite_loss_stops_before_the_step(tokenizer, tmp_path):
     with torch.no_grad():
         model.head.user_logits.fill_(float("nan"))
     data = tokenize_pairs(records(), tokenizer, USERS)
-    with pytest.raises(FloatingPointError, match="non-finite end-to-end training loss .* at global step 1"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite end-to-end training loss .* at global step 1, on the batch of rows \d+ \(id [ab]\d\)",
+    ):
         train_end_to_end(model, data, tokenizer, output_dir=str(tmp_path), epochs=1, batch_size=4)
 
 

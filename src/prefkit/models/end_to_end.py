@@ -62,11 +62,24 @@ EXTRA_WEIGHTS_FILE = "end_to_end.safetensors"
 class TokenizedPairs:
     """Pairwise records tokenized once: ``(prompt, chosen, rejected)`` ids and the user of each row.
 
-    ``user_index[i]`` indexes ``users``; every record needs a known ``user_id``.
+    ``user_index[i]`` indexes ``users``; every record needs a known ``user_id``. ``ids[i]``: record
+    ``i``'s own id (None where it has none), for error messages.
     """
 
-    def __init__(self, rows: list[tuple[list[int], list[int], list[int]]], user_index: Tensor, users: list[str]):
+    def __init__(
+        self,
+        rows: list[tuple[list[int], list[int], list[int]]],
+        user_index: Tensor,
+        users: list[str],
+        ids: list[str | None] | None = None,
+    ):
         self.rows, self.user_index, self.users = rows, user_index, users
+        self.ids = list(ids) if ids is not None else [None] * len(rows)
+
+    def describe(self, idx: Sequence[int], limit: int = 8) -> str:
+        """``"rows 3 (id a3), 17, ..."``: 0-based rows of the tokenized records, with their ids."""
+        parts = [f"{i}" + (f" (id {self.ids[i]})" if self.ids[i] is not None else "") for i in list(idx)[:limit]]
+        return "rows " + ", ".join(parts) + (" ..." if len(idx) > limit else "")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,7 +97,8 @@ class TokenizedPairs:
         prompts = [self.rows[i][0] for i in idx]
         completions = [self.rows[i][1] for i in idx] + [self.rows[i][2] for i in idx]
         batch = pad_rows(prompts + prompts, completions, pad_token_id, None)
-        batch["user_index"] = self.user_index[torch.as_tensor(list(idx), dtype=torch.long)]
+        rows = torch.as_tensor(list(idx), dtype=torch.long)
+        batch["user_index"], batch["row_index"] = self.user_index[rows], rows
         return batch
 
 
@@ -101,7 +115,7 @@ def tokenize_pairs(
     if not records:
         raise ValueError("no records to train on")
     position = {u: i for i, u in enumerate(users)}
-    rows, user_index = [], []
+    rows, user_index, ids = [], [], []
     for i, record in enumerate(records):
         if not isinstance(record, PairwiseRecord):
             raise TypeError(f"record {i} is a {type(record).__name__}; end-to-end heads take PairwiseRecord rows")
@@ -116,7 +130,8 @@ def tokenize_pairs(
             raise ValueError(f"record {i} (id {record.id!r}): {err}") from err
         rows.append((ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"]))
         user_index.append(position[record.user_id])
-    return TokenizedPairs(rows, torch.tensor(user_index, dtype=torch.long), list(users))
+        ids.append(record.id)
+    return TokenizedPairs(rows, torch.tensor(user_index, dtype=torch.long), list(users), ids)
 
 
 class EndToEndRewardModel(nn.Module):

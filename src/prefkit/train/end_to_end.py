@@ -219,9 +219,11 @@ class EndToEndTrainer(CheckpointingTrainer):
         out = model(inputs)
         loss = out.pop("loss")
         if model.training and not torch.isfinite(loss.detach()):
+            rows = sorted(set(inputs["row_index"].tolist()))
             raise FloatingPointError(
-                f"non-finite end-to-end training loss ({loss.item()}) at global step {self.state.global_step + 1}; "
-                "training stopped before the optimizer step (lower the learning rate or check the data)"
+                f"non-finite end-to-end training loss ({loss.item()}) at global step {self.state.global_step + 1}, "
+                f"on the batch of {self.train_dataset.data.describe(rows)}; training stopped before the optimizer "
+                "step, no checkpoint was written for it (lower the learning rate or check those records)"
             )
         self._store_metrics(out, "train" if model.training else "eval")
         return (loss, out) if return_outputs else loss
