@@ -351,3 +351,24 @@ def test_prefkit_train_end_to_end_under_accelerate(tmp_path):
     assert last["global_step"] == math.ceil(n_pairs / 128)
     for name in ("config.json", "model.safetensors", "backbone/model.safetensors", "eval/results.json"):
         assert (out / name).is_file(), name
+
+
+def test_evaluation_batches_its_own_records(tokenizer, tmp_path):
+    """An evaluation set's rows are its own: eval_loss is the objective on those records, not on the
+    training records with the same row numbers."""
+    model = pal_model(tokenizer)
+    train = tokenize_pairs(records(4), tokenizer, USERS)
+    held_out = [PairwiseRecord(f"other {i}?", "no", "yes please", user_id=u) for i, u in enumerate(USERS * 2)]
+    evaluation = tokenize_pairs(held_out, tokenizer, USERS)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True, max_steps=1
+    )
+    pad = tokenizer.pad_token_id
+    trainer = EndToEndTrainer(model, args, PairRows(train, pad), eval_dataset=PairRows(evaluation, pad))
+    metrics = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        expected = float(model(evaluation.batch(range(4), pad))["loss"])
+        on_train_rows = float(model(train.batch(range(4), pad))["loss"])
+    assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert abs(expected - on_train_rows) > 1e-4  # the two would be told apart

@@ -189,6 +189,14 @@ class EndToEndTrainer(CheckpointingTrainer):
             callbacks=callbacks,
         )
 
+    def _get_dataloader(self, dataset, *args, **kwargs):
+        """Each dataset batches with its own ``collate`` (an evaluation set's row indices are its own)."""
+        collator, self.data_collator = self.data_collator, getattr(dataset, "collate", self.data_collator)
+        try:
+            return super()._get_dataloader(dataset, *args, **kwargs)
+        finally:
+            self.data_collator = collator
+
     def create_optimizer(self, model=None):
         """Transformers' optimizer (``args.optim``) over the head's and (unless frozen) the backbone's
         parameters, with weight decay as transformers assigns it and the backbone's own learning rate."""
