@@ -34,6 +34,7 @@ Objectives (one per head, shared with the embedding path):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -260,8 +261,15 @@ class EndToEndRewardModel(nn.Module):
         given all of ``data`` (after training; `MixtureBT.set_posterior`)."""
         if not isinstance(self.head, MixtureBT):
             raise TypeError(f"set_mixture_posterior is for a MixtureBT head, not {type(self.head).__name__}")
-        pairs = self.embed_pairs(data, tokenizer, batch_size)
-        self.head.set_posterior(pairs, self.mixing_logits.detach().softmax(-1).cpu())
+        pairs = self.embed_pairs(data, tokenizer, batch_size)  # on the CPU
+        device = self.mixing_logits.device  # the head's (a GPU after training there)
+        pairs = dataclasses.replace(
+            pairs,
+            chosen=pairs.chosen.to(device),
+            rejected=pairs.rejected.to(device),
+            user_index=pairs.user_index.to(device),
+        )
+        self.head.set_posterior(pairs, self.mixing_logits.detach().softmax(-1))
 
     @property
     def has_lora(self) -> bool:

@@ -936,7 +936,7 @@ def train_personalized(
         model, history = fit_end_to_end([records[i] for i in train_rows], backbone, config, say, resume)
         if not _main_process():  # several processes trained together; the main one writes and evaluates
             return PersonalizedRun(out, model.head, history, None)
-        head, saved = model.head, _save_backbone(backbone, config, out)
+        head, saved = model.head.cpu(), _save_backbone(backbone, config, out)  # the head works on CPU embeddings
         say(f"embedding the pairs with the trained backbone ({config.pooling} pooling, not cached)")
         pairs = _embed_uncached(records, backbone, config)
         train_pairs = reindex_users(pairs.subset(train_rows))
