@@ -239,5 +239,38 @@ def test_judge_loss_config_trains_a_general_preference_model(tmp_path, monkeypat
     assert "general preference head (2k=4)" in (out / "README.md").read_text()
     assert main([*run, "loss=gpm", "loss_params={}", "gpm_embed_dim=3"]) == 2
     assert "gpm_embed_dim must be a positive even number" in capsys.readouterr().err
-    assert main([*run, "loss=gpm", "loss_params={}", "lora_r=4", f"output_dir={tmp_path / 'lora'}"]) == 2
-    assert "LoRA is not supported for judge losses" in capsys.readouterr().err
+
+
+def test_judge_with_lora_trains_adapters_and_head_and_saves_a_merged_model(tmp_path, monkeypatch):
+    """lora_r > 0 with the gpm loss: LoRA adapters on the backbone, the preference head trained fully; the
+    output is a whole general preference model (adapters merged), and resuming from a checkpoint (adapters
+    and head) ends where the straight run ends."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from prefkit.train.commands import build_trainer, load_run_data
+    from prefkit.train.config import load_config
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "lora"
+    run = ["train", "examples/rm_tiny.yaml", "max_steps=4", "eval_steps=2", "save_steps=2", "disable_tqdm=true"]
+    run += ["loss=gpm", "loss_params={}", "gpm_embed_dim=4", "lora_r=4"]
+    assert main([*run, f"output_dir={out}"]) == 0
+    assert not (out / "adapter_config.json").exists() and (out / "checkpoint-2" / "adapter_config.json").is_file()
+    model = load_reward_model(str(out))
+    assert isinstance(model, GeneralPreferenceModel) and not any("lora" in k for k in model.state_dict())
+
+    config = load_config("examples/rm_tiny.yaml", [*run[2:], f"output_dir={tmp_path / 'probe'}"])
+    trainer = build_trainer(config, *load_run_data(config)[:2])
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or ".head.modules_to_save." in n for n in trainable), trainable
+    assert any(".head.modules_to_save." in n for n in trainable)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")  # as if the run died after step 2
+    assert main([*run, f"output_dir={resumed}", "--resume"]) == 0
+    straight, again = load_file(str(out / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)

@@ -183,16 +183,18 @@ def build_reward_trainer(config: RunConfig, tokenizer, train_records, eval_recor
     load_kwargs = dict(_load_kwargs(m), vocab_size=len(tokenizer) if m.model == "tiny" else None)
     if config.train.loss_kind == "judge":
         model, head = _build_judge(config, load_kwargs), f"general preference head (2k={m.gpm_embed_dim})"
+        peft_config = m.lora_config(task_type=None, head="head")  # LoRA on the backbone, the head trained fully
     else:
         model = build_reward_model(m.model, pad_token_id=tokenizer.pad_token_id, **load_kwargs)
         head = "scalar reward head"
+        peft_config = m.lora_config(task_type="SEQ_CLS")
     return RewardTrainer(
         model,
         config.train,
         train_dataset=train_records,
         eval_dataset=eval_records,
         processing_class=tokenizer,
-        peft_config=m.lora_config(task_type="SEQ_CLS"),
+        peft_config=peft_config,
         callbacks=callbacks,
         run_info={"model": f"{m.model} + {head}", "data": data_description or {}},
     )
@@ -203,11 +205,6 @@ def _build_judge(config: RunConfig, load_kwargs: dict[str, Any]):
     from prefkit.models.loading import load_policy
 
     m = config.model
-    if m.use_lora:
-        raise ConfigError(
-            f"lora_r={m.lora_r}: LoRA is not supported for judge losses ({config.train.loss}); train the general "
-            "preference model's weights fully (lora_r=0)"
-        )
     backbone = load_policy(m.model, **load_kwargs)
     return build_gpm(
         backbone, embed_dim=m.gpm_embed_dim, prompt_scaled=m.gpm_prompt_scaled, beta=m.gpm_beta, seed=config.train.seed
@@ -228,9 +225,25 @@ def train_from_config(config: RunConfig, resume: str | bool | None = None, callb
     eval_metrics: dict[str, float] = {}
     if eval_records is not None:
         eval_metrics = trainer.evaluate()
-    trainer.save_model(str(out))
+    if trainer.loss_kind == "judge" and trainer.is_peft:
+        _save_merged_judge(trainer, out)
+    else:
+        trainer.save_model(str(out))
     trainer.create_model_card()
     return TrainingRun(trainer=trainer, output_dir=out, train_metrics=dict(result.metrics), eval_metrics=eval_metrics)
+
+
+def _save_merged_judge(trainer, out: Path) -> None:
+    """A general preference model trained with LoRA is saved whole, its adapters merged into the backbone
+    (its checkpoints hold the adapters and the head), so `load_reward_model` and `prefkit eval rm` read it
+    like any other; the adapter files of an earlier save are removed."""
+    if not trainer.args.should_save:
+        return
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    merged.save_pretrained(str(out))
+    trainer.processing_class.save_pretrained(str(out))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (out / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

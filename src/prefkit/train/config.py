@@ -148,9 +148,10 @@ class ModelConfig:
             seed=self.tiny_seed,
         )
 
-    def lora_config(self, task_type: str = "CAUSAL_LM"):
-        """A ``peft.LoraConfig`` (for a causal LM, or ``task_type="SEQ_CLS"`` for a reward model), or
-        None when ``lora_r == 0``."""
+    def lora_config(self, task_type: str | None = "CAUSAL_LM", *, head: str | None = None):
+        """A ``peft.LoraConfig`` (for a causal LM, ``task_type="SEQ_CLS"`` for a reward model, or None with
+        ``head`` for a model with its own head module, e.g. the general preference model's ``"head"``:
+        trained fully, not adapted), or None when ``lora_r == 0``."""
         if not self.use_lora:
             return None
         try:
@@ -159,12 +160,14 @@ class ModelConfig:
             raise ImportError(
                 f"lora_r={self.lora_r} needs the `peft` package: pip install 'prefkit[peft]' (or pip install peft)"
             ) from err
+        extra = {} if head is None else {"modules_to_save": [head], "exclude_modules": rf"^{head}(\..*)?$"}
         return LoraConfig(
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=self.lora_target_modules,
             task_type=task_type,
+            **extra,
         )
 
 
