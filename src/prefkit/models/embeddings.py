@@ -207,7 +207,7 @@ def embed_pairs(
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one (prefkit.models.loading.ensure_pad_token)")
-    rows = _tokenize_rows(records, tokenizer, max_length, max_prompt_length)
+    rows = tokenize_pair_rows(records, tokenizer, max_length, max_prompt_length)
     users = sorted({r.user_id for r in records if r.user_id is not None})
     position = {u: i for i, u in enumerate(users)}
     user_index = torch.tensor([-1 if r.user_id is None else position[r.user_id] for r in records], dtype=torch.long)
@@ -242,14 +242,17 @@ def embed_pairs(
     return EmbeddedPairs(chosen, rejected, user_index, users, prompt, meta=meta)
 
 
-def _tokenize_rows(records, tokenizer, max_length, max_prompt_length) -> list[tuple[list[int], list[int], list[int]]]:
-    """``(prompt_ids, chosen_ids, rejected_ids)`` per record."""
+def tokenize_pair_rows(
+    records, tokenizer, max_length, max_prompt_length, *, purpose: str = "embed_pairs takes"
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """``(prompt_ids, chosen_ids, rejected_ids)`` per record, tokenized by `tokenize_pairwise` (as
+    training tokenizes pairs). Errors name the record; ``purpose`` says who takes the rows."""
     if not records:
-        raise ValueError("no records to embed")
+        raise ValueError(f"no records: {purpose} PairwiseRecord rows")
     rows = []
     for i, record in enumerate(records):
         if not isinstance(record, PairwiseRecord):
-            raise TypeError(f"record {i} is a {type(record).__name__}; embed_pairs takes PairwiseRecord rows")
+            raise TypeError(f"record {i} is a {type(record).__name__}; {purpose} PairwiseRecord rows")
         try:
             ex = tokenize_pairwise(record, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
         except ValueError as err:

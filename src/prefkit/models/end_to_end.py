@@ -46,8 +46,7 @@ from transformers import AutoModel
 
 from prefkit.data.collators import pad_rows
 from prefkit.data.records import PairwiseRecord
-from prefkit.data.tokenize import tokenize_pairwise
-from prefkit.models.embeddings import POOLINGS, EmbeddedPairs, pool_hidden_states
+from prefkit.models.embeddings import POOLINGS, EmbeddedPairs, pool_hidden_states, tokenize_pair_rows
 from prefkit.models.micro import MiCRo
 from prefkit.models.mixture import MixtureBT
 from prefkit.models.pal import PAL
@@ -113,25 +112,16 @@ def tokenize_pairs(
 ) -> TokenizedPairs:
     """Tokenize ``records`` with `tokenize_pairwise` (the embedding cache's tokenization); ``users``:
     the model's user ids, which every record's ``user_id`` must be one of."""
-    if not records:
-        raise ValueError("no records to train on")
+    rows = tokenize_pair_rows(records, tokenizer, max_length, max_prompt_length, purpose="end-to-end heads take")
     position = {u: i for i, u in enumerate(users)}
-    rows, user_index, ids = [], [], []
     for i, record in enumerate(records):
-        if not isinstance(record, PairwiseRecord):
-            raise TypeError(f"record {i} is a {type(record).__name__}; end-to-end heads take PairwiseRecord rows")
         if record.user_id not in position:
             what = (
                 "has no user_id" if record.user_id is None else f"has user_id {record.user_id!r}, unknown to the model"
             )
             raise ValueError(f"record {i} (id {record.id!r}) {what}; the model's users are {list(users)[:5]}...")
-        try:
-            ex = tokenize_pairwise(record, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-        except ValueError as err:
-            raise ValueError(f"record {i} (id {record.id!r}): {err}") from err
-        rows.append((ex["prompt_input_ids"], ex["chosen_input_ids"], ex["rejected_input_ids"]))
-        user_index.append(position[record.user_id])
-        ids.append(record.id)
+    user_index = [position[r.user_id] for r in records]
+    ids = [r.id for r in records]
     return TokenizedPairs(rows, torch.tensor(user_index, dtype=torch.long), list(users), ids)
 
 

@@ -83,6 +83,18 @@ def user_rows(pairs: EmbeddedPairs, users: Sequence[str]) -> Tensor:
     return mapping.to(pairs.user_index.device)[pairs.user_index]  # on the rows' device (a GPU batch)
 
 
+def user_positions(model_users: Sequence[str], users: Sequence[str]) -> Tensor:
+    """``[len(users)]`` the position of each of ``users`` in ``model_users`` (a model's users).
+
+    Raises KeyError naming the users the model does not know.
+    """
+    position = {u: i for i, u in enumerate(model_users)}
+    unknown = [u for u in users if u not in position]
+    if unknown:
+        raise KeyError(f"users unknown to the model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    return torch.tensor([position[u] for u in users], dtype=torch.long)
+
+
 class MixtureBT(EmbeddingHead):
     """``K`` Bradley-Terry reward heads on embeddings with a latent group per user, fit by EM.
 
@@ -132,12 +144,12 @@ class MixtureBT(EmbeddingHead):
 
     def user_reward(self, emb: Tensor, users: Sequence[str]) -> Tensor:
         """``[N]`` reward of row ``i`` for user ``users[i]``: ``sum_k gamma_uk r_k(x)``."""
-        gamma = self.responsibilities[self._user_positions(users)]
+        gamma = self.responsibilities[user_positions(self.users, users)]
         return (gamma * self.reward(emb)).sum(-1)
 
     def predict_group(self, users: Sequence[str]) -> Tensor:
         """``[len(users)]`` each user's most likely group, ``argmax_k gamma_uk``."""
-        return self.responsibilities[self._user_positions(users)].argmax(-1)
+        return self.responsibilities[user_positions(self.users, users)].argmax(-1)
 
     def pair_correct(self, pairs: EmbeddedPairs) -> Tensor:
         """``[N]`` bool: the head of the row's user's most likely group ranks chosen above rejected."""
@@ -146,13 +158,6 @@ class MixtureBT(EmbeddingHead):
         with torch.no_grad():
             logits = self.pair_logits(pairs)
         return logits.gather(1, group[:, None]).squeeze(1) > 0
-
-    def _user_positions(self, users: Sequence[str]) -> Tensor:
-        position = {u: i for i, u in enumerate(self.users)}
-        unknown = [u for u in users if u not in position]
-        if unknown:
-            raise KeyError(f"users unknown to the model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-        return torch.tensor([position[u] for u in users], dtype=torch.long)
 
     # ---- EM ---------------------------------------------------------------------------------
 

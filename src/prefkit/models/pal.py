@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefkit.models.embeddings import EmbeddedPairs, EmbeddingHead
-from prefkit.models.mixture import user_rows
+from prefkit.models.mixture import user_positions, user_rows
 
 __all__ = ["PAL", "VARIANTS"]
 
@@ -105,7 +105,7 @@ class PAL(EmbeddingHead):
     def user_weights(self, users: Sequence[str] | None = None) -> Tensor:
         """``[U, K]`` simplex weights ``softmax(theta_u)`` of ``users`` (default: all, in order)."""
         weights = self.user_logits.softmax(-1)
-        return weights if users is None else weights[self._user_positions(users)]
+        return weights if users is None else weights[user_positions(self.users, users)]
 
     def mean_weights(self) -> Tensor:
         """``[K]`` the seen users' mean weights: the prior for a user with no pairs."""
@@ -141,13 +141,6 @@ class PAL(EmbeddingHead):
         if weights is None:
             weights = self.user_logits.softmax(-1)[user_rows(pairs, self.users)]
         return self.reward(pairs.chosen, weights) - self.reward(pairs.rejected, weights)
-
-    def _user_positions(self, users: Sequence[str]) -> Tensor:
-        position = {u: i for i, u in enumerate(self.users)}
-        unknown = [u for u in users if u not in position]
-        if unknown:
-            raise KeyError(f"users unknown to the model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-        return torch.tensor([position[u] for u in users], dtype=torch.long)
 
     # ---- training ---------------------------------------------------------------------------
 

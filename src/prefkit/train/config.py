@@ -750,18 +750,23 @@ def parse_config(
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a flat YAML config file and apply ``key=value`` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    mapping = read_config_file(path)
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
         raise ConfigError(f"{path}: a config is one flat YAML mapping (key: value), got {type(mapping).__name__}")
     return parse_config(mapping, overrides, source=str(path))
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The YAML value in the config file ``path``; ConfigError when the file is missing or not YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
 
 
 def _plain(value: Any) -> Any:

@@ -46,7 +46,7 @@ import yaml
 
 from prefkit.data.records import DataError
 from prefkit.models.embeddings import POOLINGS, EmbeddedPairs
-from prefkit.train.config import ConfigError, parse_overrides
+from prefkit.train.config import ConfigError, parse_overrides, read_config_file
 
 __all__ = [
     "METHODS",
@@ -454,13 +454,7 @@ def is_personalized_config(path: str | Path) -> bool:
 
 
 def load_personalized_config(path: str | Path, overrides: Sequence[str] = ()) -> PersonalizedConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    mapping = read_config_file(path)
     if not isinstance(mapping, dict):
         raise ConfigError(f"{path}: a config is one YAML mapping (key: value), got {type(mapping).__name__}")
     return parse_personalized_config(mapping, overrides, source=str(path))
@@ -797,7 +791,7 @@ def finish_end_to_end(model, train_pairs: EmbeddedPairs, config: PersonalizedCon
     return [], {}
 
 
-def _final_metrics(head, pairs: EmbeddedPairs, config: PersonalizedConfig) -> dict[str, Any]:
+def _final_metrics(head, pairs: EmbeddedPairs, config: PersonalizedConfig, extra: Mapping[str, Any]) -> dict[str, Any]:
     """The trained head on its training pairs: ``train_accuracy`` (each user's own reward, or VPL under
     the user's latent given all their pairs, or MiCRo's routed mixture), VPL's ``active_units`` and
     MixtureBT's ``mixing_weights``."""
@@ -806,7 +800,7 @@ def _final_metrics(head, pairs: EmbeddedPairs, config: PersonalizedConfig) -> di
 
     with torch.no_grad():
         if isinstance(head, VPL):
-            latents = torch.tensor(list(_vpl_latents(head, pairs).values()))
+            latents = torch.tensor([extra["user_latents"][u] for u in pairs.users])  # users.json's
             z = latents[pairs.user_index]
             correct = head.reward(pairs.chosen, z) > head.reward(pairs.rejected, z)
             units = active_units(latents) if len(latents) >= 2 else 0
@@ -942,7 +936,7 @@ def train_personalized(
         train_pairs = reindex_users(pairs.subset(train_rows))
         rows, extra = finish_end_to_end(model, train_pairs, config)
         history += rows
-        history.append({"stage": "final", **_final_metrics(head, train_pairs, config)})
+        history.append({"stage": "final", **_final_metrics(head, train_pairs, config, extra)})
     else:
         saved = config
         say(f"embedding with {config.model} ({config.pooling} pooling), cache in {config.cache_root}")
@@ -950,7 +944,7 @@ def train_personalized(
         train_pairs = reindex_users(pairs.subset(train_rows))
         say(f"fitting {config.method} on {len(train_pairs)} pairs of {len(train_pairs.users)} users (dim {pairs.dim})")
         head, history, extra = fit_head(train_pairs, config)
-        history.append({"stage": "final", **_final_metrics(head, train_pairs, config)})
+        history.append({"stage": "final", **_final_metrics(head, train_pairs, config, extra)})
     _print_history(history, say)
 
     head.save_pretrained(str(out))
