@@ -32,7 +32,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n\n", 1)[1]
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="reward model folder or Hub id ('tiny': a random tiny one)")
-    model.add_argument("--implicit", action="store_true", help="--model is a policy: score beta*log(pi/ref)")
+    model.add_argument(
+        "--implicit",
+        action="store_true",
+        help="--model is a policy: score beta*log(pi/ref) (a user-conditioned policy: its users' tokens go first)",
+    )
     model.add_argument("--ref", default=None, help="the reference model of --implicit (folder, Hub id or 'tiny')")
     model.add_argument("--beta", type=float, default=None, help="beta of the loss the policy was trained with")
     model.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: --model's)")

@@ -252,7 +252,11 @@ def _save_merged_judge(trainer, out: Path) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config: one flat mapping of keys (see docs/training.md)")
+    parser.add_argument(
+        "config",
+        help="YAML config: one flat mapping of keys (docs/training.md); with a personalized: section, a "
+        "personalized reward head, on frozen embeddings or end_to_end: true with its backbone (docs/personalized.md)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -265,7 +269,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         metavar="CHECKPOINT",
-        help="continue from CHECKPOINT, or from the latest checkpoint in output_dir when no path is given",
+        help="continue from CHECKPOINT, or from the latest checkpoint in output_dir when no path is given "
+        "(personalized end-to-end runs: output_dir/checkpoints)",
     )
 
 
