@@ -87,3 +87,33 @@ def test_only_batch_sorting_losses_are_batch_coupled():
     from prefkit.losses import list_losses
 
     assert {s.name for s in list_losses() if s.batch_coupled} == {"aot", "aot_pair"}
+
+
+def test_every_hyperparameter_has_a_declared_range():
+    for spec in list_losses():
+        assert set(spec.ranges) == set(spec.hyperparameters), spec.name
+
+
+@pytest.mark.parametrize(
+    ("loss", "params", "message"),
+    [
+        ("dpo", {"beta": -1}, "loss 'dpo': beta: expected a finite number > 0, got -1.0"),
+        ("cdpo", {"label_smoothing": 0.5}, "label_smoothing: expected a finite number in [0, 0.5), got 0.5"),
+        ("f_dpo", {"divergence": "kl"}, "divergence: expected one of reverse_kl, forward_kl"),
+        ("orpo", {"beta": float("nan")}, "beta: expected a finite number >= 0, got nan"),
+    ],
+)
+def test_resolve_refuses_a_value_outside_its_range(loss, params, message):
+    from prefkit.losses.combine import resolve_loss_params
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_loss_params([loss], params)
+
+
+def test_range_notation():
+    from prefkit.ranges import range_problem
+
+    assert range_problem(0.0, ">= 0") is None and range_problem(0.0, "> 0")
+    assert range_problem(1.0, "[0, 1]") is None and range_problem(1.0, "[0, 1)")
+    assert range_problem(True, "> 0")  # a boolean is not a number
+    assert range_problem(float("inf"), "any") and range_problem(-3, "any") is None

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prefkit.ranges import check_range
+
 KINDS = ("pairwise", "unpaired", "list", "reward_pair", "reward_list", "judge")
 
 
@@ -150,6 +152,8 @@ class LossSpec:
     # True when loss[i] does not belong to example i (e.g. AOT sorts over the batch): the
     # trainer then refuses per-example weights other than 1.
     batch_coupled: bool = False
+    # hyper-parameter -> allowed range (`prefkit.ranges`), checked when the parameters are resolved
+    ranges: dict[str, str] = field(default_factory=dict)
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -185,11 +189,15 @@ def register_loss(
     needs_reference: bool = True,
     needs_tokens: bool = False,
     batch_coupled: bool = False,
+    ranges: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Register ``fn`` under ``name``.
 
     The docstring must contain a ``Formula:`` line and a ``Paper:`` line; `prefkit losses`
-    prints both. Hyper-parameters are the function's keyword-only arguments.
+    prints both. Hyper-parameters are the function's keyword-only arguments; ``ranges`` gives each
+    one's allowed values in `prefkit.ranges` notation (``{"beta": "> 0"}``). The arguments of this
+    decorator must be literals: the configuration check reads them from the source without importing
+    torch (`prefkit.train.settings`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
@@ -201,7 +209,15 @@ def register_loss(
         citation = _docstring_field(fn.__doc__ or "", "paper")
         if not formula or not citation:
             raise ValueError(f"loss {name!r}: docstring needs 'Formula:' and 'Paper:' lines")
-        _REGISTRY[name] = LossSpec(name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled)
+        declared = dict(ranges or {})
+        params = {p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        if set(declared) != params:
+            raise ValueError(f"loss {name!r}: ranges must name each hyper-parameter once ({sorted(params)})")
+        for text in declared.values():
+            check_range(text)
+        _REGISTRY[name] = LossSpec(
+            name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled, declared
+        )
         return fn
 
     return deco

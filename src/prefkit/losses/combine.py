@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prefkit.losses.base import LossOutput, LossSpec, get_loss, list_losses
+from prefkit.ranges import range_problem
 
 
 def _specs(names: Sequence[str]) -> list[LossSpec]:
@@ -105,6 +106,9 @@ def resolve_loss_params(names: Sequence[str], params: Mapping[str, Any] | None =
         kwargs = dict(defaults)
         for key, value in {**{k: v for k, v in shared.items() if k in defaults}, **own}.items():
             kwargs[key] = _check_value(spec.name, key, value, defaults[key])
+            problem = range_problem(kwargs[key], spec.ranges[key]) if key in spec.ranges else None
+            if problem:
+                raise ValueError(f"loss {spec.name!r}: {key}: {problem}")
         missing = [k for k, v in kwargs.items() if v is inspect.Parameter.empty]
         if missing:
             raise ValueError(f"loss {spec.name!r} needs a value for {', '.join(missing)} (no default)")

@@ -94,7 +94,7 @@ def _safe_len(n: Tensor) -> Tensor:
 # DPO and its label-noise variants
 
 
-@register_loss("dpo", kind="pairwise", needs_reference=True)
+@register_loss("dpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def dpo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Direct Preference Optimization.
 
@@ -115,7 +115,7 @@ def dpo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("cdpo", kind="pairwise", needs_reference=True)
+@register_loss("cdpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "label_smoothing": "[0, 0.5)"})
 def cdpo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
     """Conservative DPO: DPO against a soft label that assumes a flip rate ``eps``.
 
@@ -145,7 +145,9 @@ def cdpo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1) -> Lo
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("robust_dpo", kind="pairwise", needs_reference=True)
+@register_loss(
+    "robust_dpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "label_smoothing": "[0, 0.5)"}
+)
 def robust_dpo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
     """Robust DPO (rDPO): an unbiased estimate of the clean DPO loss under random label flips.
 
@@ -177,7 +179,7 @@ def robust_dpo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1)
 # squared / hinge / classification forms
 
 
-@register_loss("ipo", kind="pairwise", needs_reference=True)
+@register_loss("ipo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def ipo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Identity Preference Optimization (IPO, the Psi-PO objective with identity Psi).
 
@@ -204,7 +206,7 @@ def ipo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("hinge", kind="pairwise", needs_reference=True)
+@register_loss("hinge", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def hinge(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """SLiC-style hinge (calibration) loss on reference-normalised likelihoods.
 
@@ -230,7 +232,7 @@ def hinge(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("exo", kind="pairwise", needs_reference=True)
+@register_loss("exo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "label_smoothing": "(0, 0.5)"})
 def exo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 1e-3) -> LossOutput:
     """EXO (efficient exact optimization), pairwise form: reverse KL from the policy's pair
     distribution to a smoothed label distribution.
@@ -259,7 +261,7 @@ def exo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 1e-3) -> Lo
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("nca", kind="pairwise", needs_reference=True)
+@register_loss("nca", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def nca(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Noise Contrastive Alignment (NCA), pairwise form.
 
@@ -285,7 +287,7 @@ def nca(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("bco_pair", kind="pairwise", needs_reference=True)
+@register_loss("bco_pair", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "reward_shift": "any"})
 def bco_pair(b: PairLogps, *, beta: float = 0.1, reward_shift: float = 0.0) -> LossOutput:
     """Binary Classifier Optimization on paired data: chosen as class 1, rejected as class 0.
 
@@ -310,7 +312,7 @@ def bco_pair(b: PairLogps, *, beta: float = 0.1, reward_shift: float = 0.0) -> L
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("sppo_hard", kind="pairwise", needs_reference=True)
+@register_loss("sppo_hard", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def sppo_hard(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Self-Play Preference Optimization with hard win probabilities (1 for the chosen, 0 for
     the rejected completion).
@@ -343,7 +345,13 @@ def sppo_hard(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
 # distributional (optimal-transport) alignment
 
 
-@register_loss("aot", kind="pairwise", needs_reference=True, batch_coupled=True)
+@register_loss(
+    "aot",
+    kind="pairwise",
+    needs_reference=True,
+    batch_coupled=True,
+    ranges={"beta": "> 0", "label_smoothing": "[0, 0.5)"},
+)
 def aot(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     """Alignment via Optimal Transport, unpaired form: the distribution of chosen log-ratios
     should dominate (first order) the distribution of rejected log-ratios.
@@ -377,7 +385,13 @@ def aot(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> Los
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("aot_pair", kind="pairwise", needs_reference=True, batch_coupled=True)
+@register_loss(
+    "aot_pair",
+    kind="pairwise",
+    needs_reference=True,
+    batch_coupled=True,
+    ranges={"beta": "> 0", "label_smoothing": "[0, 0.5)"},
+)
 def aot_pair(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     """Alignment via Optimal Transport, paired form: the distribution of the policy's
     chosen-minus-rejected log-prob margins should dominate the reference's.
@@ -410,7 +424,7 @@ def aot_pair(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -
 # anchored and discovered objectives
 
 
-@register_loss("apo_zero", kind="pairwise", needs_reference=True)
+@register_loss("apo_zero", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def apo_zero(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Anchored Preference Optimization, APO-zero: raise the chosen and lower the rejected
     likelihood, each anchored at the reference.
@@ -435,7 +449,7 @@ def apo_zero(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("apo_down", kind="pairwise", needs_reference=True)
+@register_loss("apo_down", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def apo_down(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Anchored Preference Optimization, APO-down: lower the chosen likelihood, and the
     rejected one more, so the margin still grows.
@@ -462,7 +476,7 @@ def apo_down(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("discopop", kind="pairwise", needs_reference=True)
+@register_loss("discopop", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "tau": "> 0"})
 def discopop(b: PairLogps, *, beta: float = 0.1, tau: float = 0.05) -> LossOutput:
     """DiscoPOP: the log-ratio modulated loss (LRML), a blend of the logistic (DPO) and the
     exponential loss gated by the scaled margin.
@@ -479,14 +493,17 @@ def discopop(b: PairLogps, *, beta: float = 0.1, tau: float = 0.05) -> LossOutpu
     The loss is non-convex and not monotone: in a narrow band around ``z = 0`` (about
     ``|z| < 0.1`` at tau = 0.05) its derivative in ``z`` is positive.
 
-    TRL: ``loss_type="discopop"`` with ``discopop_tau=tau``. Identical numerics.
+    TRL: ``loss_type="discopop"`` with ``discopop_tau=tau``. Same values wherever TRL's are finite;
+    computed in log space, so loss and gradient stay finite where TRL's form gives 0 * inf = NaN
+    (``z < -88`` in float32).
     """
     beta = _positive("beta", beta, "discopop")
     tau = _positive("tau", tau, "discopop")
     lr_w, lr_l = _logratios(b, "discopop")
     z = beta * (lr_w - lr_l)
-    m = torch.sigmoid(z / tau)
-    loss = (1.0 - m) * (-F.logsigmoid(z)) + m * torch.exp(-z)
+    # In log space: m * exp(-z) = exp(log sigma(z / tau) - z) and 1 - m = exp(log sigma(-z / tau)), so
+    # neither side is 0 * inf (NaN in float32 once z < -88) for any margin.
+    loss = torch.exp(F.logsigmoid(-z / tau)) * F.softplus(-z) + torch.exp(F.logsigmoid(z / tau) - z)
     return _out(loss, beta, lr_w, lr_l)
 
 
@@ -494,7 +511,7 @@ def discopop(b: PairLogps, *, beta: float = 0.1, tau: float = 0.05) -> LossOutpu
 # length-aware variants
 
 
-@register_loss("length_dpo", kind="pairwise", needs_reference=True)
+@register_loss("length_dpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "alpha": ">= 0"})
 def length_dpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 0.01) -> LossOutput:
     """Length-regularised DPO (R-DPO): DPO with a length term in the margin, so that part of a
     preference for the longer answer is explained by length instead of by the policy.
@@ -528,7 +545,7 @@ def length_dpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 0.01) -> LossO
     return _out(loss, beta, lr_w, lr_l)
 
 
-@register_loss("length_normalized_dpo", kind="pairwise", needs_reference=True)
+@register_loss("length_normalized_dpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def length_normalized_dpo(b: PairLogps, *, beta: float = 5.0) -> LossOutput:
     """Length-normalised DPO: DPO on per-token average log-ratios.
 
@@ -562,7 +579,9 @@ def _ld_weighted(tokens: Tensor, mask: Tensor, shared: Tensor, alpha: float) -> 
     return (tokens * head).sum(dim=1) + alpha * (tokens * tail).sum(dim=1)
 
 
-@register_loss("ld_dpo", kind="pairwise", needs_reference=True, needs_tokens=True)
+@register_loss(
+    "ld_dpo", kind="pairwise", needs_reference=True, needs_tokens=True, ranges={"beta": "> 0", "alpha": "[0, 1]"}
+)
 def ld_dpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 0.5) -> LossOutput:
     """Length-desensitised DPO (LD-DPO): token log-probs beyond the shorter completion's length
     (the "public length") are down-weighted by alpha, for policy and reference alike.
@@ -620,7 +639,16 @@ def ld_dpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 0.5) -> LossOutput
 # divergence and weighting variants
 
 
-@register_loss("f_dpo", kind="pairwise", needs_reference=True)
+@register_loss(
+    "f_dpo",
+    kind="pairwise",
+    needs_reference=True,
+    ranges={
+        "beta": "> 0",
+        "divergence": "one of reverse_kl, forward_kl, js_divergence, alpha_divergence",
+        "alpha": "[0, 1]",
+    },
+)
 def f_dpo(b: PairLogps, *, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> LossOutput:
     """f-DPO: DPO under an f-divergence regulariser; the log-ratio becomes ``f'(pi / pi_ref)``.
 
@@ -668,7 +696,7 @@ def _wpo_weight(tokens: Tensor, logsumsq: Tensor, mask: Tensor) -> Tensor:
     return torch.exp(aligned / m.sum(dim=1).clamp(min=1.0))
 
 
-@register_loss("wpo", kind="pairwise", needs_reference=True, needs_tokens=True)
+@register_loss("wpo", kind="pairwise", needs_reference=True, needs_tokens=True, ranges={"beta": "> 0"})
 def wpo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Weighted Preference Optimization: the DPO loss of each pair weighted by how likely the
     current policy is to generate both completions (a correction toward on-policy data).

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from prefkit.losses.base import LossOutput, PreferenceLogits, register_loss
 
 
-@register_loss("gpm", kind="judge", needs_reference=False)
+@register_loss("gpm", kind="judge", needs_reference=False, ranges={"use_margin": "true or false"})
 def gpm(b: PreferenceLogits, *, use_margin: bool = False) -> LossOutput:
     """General preference model loss: negative log-likelihood of the observed preference.
 

@@ -48,7 +48,12 @@ def log1m_exp(x: Tensor) -> Tensor:
     return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-@register_loss("simpo", kind="pairwise", needs_reference=False)
+@register_loss(
+    "simpo",
+    kind="pairwise",
+    needs_reference=False,
+    ranges={"beta": "> 0", "gamma_beta_ratio": "any", "label_smoothing": "[0, 0.5)"},
+)
 def simpo(
     b: PairLogps, *, beta: float = 2.0, gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0
 ) -> LossOutput:
@@ -86,7 +91,12 @@ def simpo(
     return LossOutput(loss=loss, metrics=pair_metrics(beta * avg_w, beta * avg_l))
 
 
-@register_loss("cpo", kind="pairwise", needs_reference=False)
+@register_loss(
+    "cpo",
+    kind="pairwise",
+    needs_reference=False,
+    ranges={"beta": "> 0", "cpo_alpha": ">= 0", "label_smoothing": "[0, 0.5)"},
+)
 def cpo(b: PairLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0, label_smoothing: float = 0.0) -> LossOutput:
     """Contrastive Preference Optimization: DPO with a uniform reference, plus a BC regulariser.
 
@@ -129,7 +139,7 @@ def cpo(b: PairLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0, label_smooth
     return LossOutput(loss=loss, metrics=metrics)
 
 
-@register_loss("orpo", kind="pairwise", needs_reference=False)
+@register_loss("orpo", kind="pairwise", needs_reference=False, ranges={"beta": ">= 0"})
 def orpo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Odds Ratio Preference Optimization: SFT plus a log-odds-ratio preference penalty.
 

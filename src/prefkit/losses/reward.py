@@ -20,7 +20,9 @@ from prefkit.losses.auxiliary import check_hparam
 from prefkit.losses.base import LossOutput, RewardList, RewardPair, pair_metrics, register_loss
 
 
-@register_loss("bt", kind="reward_pair", needs_reference=False)
+@register_loss(
+    "bt", kind="reward_pair", needs_reference=False, ranges={"use_margin": "true or false", "center_coef": ">= 0"}
+)
 def bt(b: RewardPair, *, use_margin: bool = False, center_coef: float = 0.0) -> LossOutput:
     """Bradley-Terry reward-model loss, with optional margin and reward centering.
 

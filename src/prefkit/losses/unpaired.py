@@ -48,7 +48,7 @@ def kto_kl_estimate(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     return (policy_kl_logps - ref_kl_logps).detach().mean().clamp(min=0)
 
 
-@register_loss("kto", kind="unpaired")
+@register_loss("kto", kind="unpaired", ranges={"beta": "> 0", "desirable_weight": ">= 0", "undesirable_weight": ">= 0"})
 def kto(
     b: UnpairedLogps, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
 ) -> LossOutput:
@@ -127,7 +127,7 @@ def bco_update_reward_shift(
     return mean.to(out_dtype), total
 
 
-@register_loss("bco", kind="unpaired")
+@register_loss("bco", kind="unpaired", ranges={"beta": "> 0"})
 def bco(b: UnpairedLogps, *, beta: float = 0.1) -> LossOutput:
     """Binary Classifier Optimization: logistic regression of "desirable" on the shifted implicit reward.
 

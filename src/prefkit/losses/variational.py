@@ -42,7 +42,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar).sum(dim=-1)
 
 
-@register_loss("vpl_elbo", kind="reward_pair", needs_reference=False)
+@register_loss("vpl_elbo", kind="reward_pair", needs_reference=False, ranges={"beta_kl": "> 0"})
 def vpl_elbo(b: LatentRewardPair, *, beta_kl: float = 1.0) -> LossOutput:
     """Negative ELBO of Variational Preference Learning: Bradley-Terry NLL under a sampled user
     latent plus the weighted KL of the latent's posterior to the standard normal prior.
