@@ -107,7 +107,7 @@ def test_per_loss_params_must_be_a_mapping():
 
 
 def test_wrong_value_type():
-    with pytest.raises(TypeError, match="beta must be a number"):
+    with pytest.raises(TypeError, match="beta: expected a number"):
         resolve_loss_params(["simpo"], {"beta": "high"})
     with pytest.raises(TypeError, match="number"):
         resolve_loss_params(["simpo"], {"beta": True})

@@ -12,7 +12,6 @@ from prefkit.losses import (
     PairLogps,
     PreferenceLogits,
     RewardList,
-    RewardPair,
     UnpairedLogps,
     get_loss,
     list_losses,

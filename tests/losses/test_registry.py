@@ -97,10 +97,10 @@ def test_every_hyperparameter_has_a_declared_range():
 @pytest.mark.parametrize(
     ("loss", "params", "message"),
     [
-        ("dpo", {"beta": -1}, "loss 'dpo': beta: expected a finite number > 0, got -1.0"),
+        ("dpo", {"beta": -1}, "beta: expected a finite number > 0, got -1.0 (loss 'dpo')"),
         ("cdpo", {"label_smoothing": 0.5}, "label_smoothing: expected a finite number in [0, 0.5), got 0.5"),
         ("f_dpo", {"divergence": "kl"}, "divergence: expected one of reverse_kl, forward_kl"),
-        ("orpo", {"beta": float("nan")}, "beta: expected a finite number >= 0, got nan"),
+        ("orpo", {"beta": float("nan")}, "beta: expected a finite number >= 0, got nan (loss 'orpo')"),
     ],
 )
 def test_resolve_refuses_a_value_outside_its_range(loss, params, message):

@@ -145,7 +145,8 @@ def test_checkpoints_are_complete_and_resume_is_exact(tokenizer, tmp_path):
     train_end_to_end(saved, data, tokenizer, output_dir=str(run), save_strategy="steps", save_steps=3, **settings)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6"]
     assert not [p for p in run.iterdir() if p.name.startswith(".staging")]
-    assert json.loads((run / "checkpoint-3" / "prefkit_state.json").read_text()) == {}
+    state = json.loads((run / "checkpoint-3" / "prefkit_state.json").read_text())
+    assert set(state) == {"checkpointing"} and state["checkpointing"]["metrics_lines"] >= 1
     assert (run / "checkpoint-3" / "model.safetensors").is_file()
     assert (run / "checkpoint-3" / "optimizer.pt").is_file()
 

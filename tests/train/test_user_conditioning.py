@@ -290,8 +290,11 @@ def test_eval_user_unseen_in_training(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"user_conditioning": True, "user_prefix_tokens": 0}, "user_prefix_tokens must be a positive integer"),
-        ({"user_conditioning": True, "user_id_missing": "drop"}, "user_id_missing must be error or shared"),
+        ({"user_conditioning": True, "user_prefix_tokens": 0}, "user_prefix_tokens: expected an integer >= 1, got 0"),
+        (
+            {"user_conditioning": True, "user_id_missing": "drop"},
+            "user_id_missing: expected one of error, shared, got 'drop'",
+        ),
         ({"user_prefix_tokens": 2}, "user_prefix_tokens is set but user_conditioning is false"),
         ({"user_conditioning": True, "loss": "bt"}, "user_conditioning trains a policy"),
     ],

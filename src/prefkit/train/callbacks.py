@@ -44,13 +44,24 @@ class MetricsJsonlCallback(TrainerCallback):
     """Append one JSON line per log event to ``output_dir/metrics.jsonl``, flushed at once.
 
     Each line is ``{"step": global_step, "split": "train" | "eval" | "summary", **logs}``. When a
-    run resumes from a checkpoint at step ``k``, lines with ``step > k`` (written after that
-    checkpoint by the interrupted run) are dropped first, so the file reads as one run; a
-    fresh (not resumed) training run empties the file first. Only the main process writes.
+    run resumes from a checkpoint, the lines written after that checkpoint (by the interrupted run,
+    or a finished run's final evaluation and summary) are dropped first, so the file reads as one
+    run; a fresh (not resumed) training run empties the file first. Only the main process writes.
     """
 
     def __init__(self, path: str | os.PathLike | None = None):
         self._path = Path(path) if path is not None else None
+        # Set by the trainer when it resumes: the file's line count when the checkpoint was written (the
+        # lines after it, e.g. a finished run's final evaluation and summary, are written again).
+        self.keep_lines: int | None = None
+
+    def line_count(self, args) -> int:
+        """How many lines the file holds now (0 when there is none)."""
+        path = self.path(args)
+        if not path.is_file():
+            return 0
+        with open(path, encoding="utf-8") as fh:
+            return sum(1 for _ in fh)
 
     def path(self, args) -> Path:
         return self._path if self._path is not None else Path(args.output_dir) / METRICS_FILE
@@ -63,7 +74,9 @@ class MetricsJsonlCallback(TrainerCallback):
         if not path.exists():
             return
         kept = []
-        if state.global_step > 0:  # resumed: keep the history up to the checkpoint
+        if state.global_step > 0 and self.keep_lines is not None:  # resumed: the lines before the checkpoint
+            kept = path.read_text(encoding="utf-8").splitlines()[: self.keep_lines]
+        elif state.global_step > 0:  # resumed from a checkpoint that does not say: keep its steps
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     step = json.loads(line).get("step", 0)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import zipfile
 from collections import defaultdict
 from typing import Any
 
@@ -31,11 +33,22 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from prefkit.train.callbacks import MetricsJsonlCallback, PreferenceProgressCallback
 
-__all__ = ["STATE_FILE", "CheckpointingTrainer"]
+__all__ = ["STATE_FILE", "CheckpointError", "CheckpointingTrainer", "TrainingStoppedError"]
 
 logger = logging.getLogger("prefkit.train")
 
 STATE_FILE = "prefkit_state.json"
+# The base class's own entry in STATE_FILE: the summed training loss so far and metrics.jsonl's length.
+RUN_STATE_KEY = "checkpointing"
+
+
+class TrainingStoppedError(RuntimeError):
+    """Training stopped because it stopped learning (a non-finite loss, or `bad_step_limit` optimizer
+    steps in a row with a non-finite or zero gradient norm). `prefkit train` exits 1 with the message."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed exactly: a file missing or unreadable (named in the message)."""
 
 
 class CheckpointingTrainer(Trainer):
@@ -50,10 +63,42 @@ class CheckpointingTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         self._metric_sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._metric_counts: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._bad_steps: list[str] = []  # the current run of optimizer steps with a non-finite or zero gradient
+        self._prior_loss_sum = 0.0  # summed per-step training loss of the steps before the resumed checkpoint
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(PreferenceProgressCallback)
-        self.add_callback(MetricsJsonlCallback())
+        self._metrics_callback = MetricsJsonlCallback()
+        self.add_callback(self._metrics_callback)
+
+    # ------------------------------------------------------------------------------------------
+    # A run that stops learning stops
+    # ------------------------------------------------------------------------------------------
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._watch_gradient(grad_norm)
+        return grad_norm
+
+    def _watch_gradient(self, grad_norm) -> None:
+        """Count optimizer steps in a row whose gradient norm is non-finite or exactly zero (no update);
+        `bad_step_limit` of them (``args.bad_step_limit``; 0: never) stop the run with `TrainingStoppedError`."""
+        limit = getattr(self.args, "bad_step_limit", 3)
+        if grad_norm is None or not limit:
+            return
+        value = float(grad_norm.item() if isinstance(grad_norm, Tensor) else grad_norm)
+        if math.isfinite(value) and value != 0.0:
+            self._bad_steps = []
+            return
+        self._bad_steps.append(f"step {self.state.global_step + 1}: grad_norm {value}")
+        if len(self._bad_steps) >= limit:
+            first = self._bad_steps[0].split(":")[0]
+            what = "zero (no update)" if value == 0.0 else "not finite"
+            raise TrainingStoppedError(
+                f"training stopped learning at {self._bad_steps[-1].split(':')[0]}: the gradient norm was {what} "
+                f"for {limit} optimizer steps in a row since {first} ({'; '.join(self._bad_steps)}). Lower "
+                "learning_rate, check the data for extreme weights or margins, or set bad_step_limit: 0 to "
+                "train on regardless."
+            )
 
     # ------------------------------------------------------------------------------------------
     # Metrics
@@ -105,8 +150,11 @@ class CheckpointingTrainer(Trainer):
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             logs.update(self._pop_metrics("train"))
             logs.update(self._extra_train_logs())
-        if self._resumed_complete and "train_runtime" in logs:
-            logs.pop("train_loss", None)  # no step was taken: transformers reports 0.0
+        if "train_runtime" in logs and "train_loss" in logs:
+            # transformers averages the steps of this call only; the run's mean counts every step since step 0
+            new_steps = 0 if self._resumed_complete else self.state.global_step - self._initial_global_step
+            total = self._prior_loss_sum + logs["train_loss"] * new_steps
+            logs["train_loss"] = total / max(self.state.global_step, 1)
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -161,11 +209,17 @@ class CheckpointingTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
+        pending = self._tr_loss.detach() if isinstance(getattr(self, "_tr_loss", None), Tensor) else None
+        pending_loss = self.accelerator.gather(pending.reshape(1)).mean().item() if pending is not None else 0.0
         self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
+        run_state = {
+            "loss_sum": self._prior_loss_sum + self._total_loss_scalar + pending_loss,
+            "metrics_lines": self._metrics_callback.line_count(self.args),
+        }
         with open(os.path.join(staged, STATE_FILE), "w", encoding="utf-8") as fh:
-            json.dump(self.prefkit_state(), fh)
+            json.dump({**self.prefkit_state(), RUN_STATE_KEY: run_state}, fh)
         if self.state.best_model_checkpoint and os.path.abspath(self.state.best_model_checkpoint) == os.path.abspath(
             staged
         ):
@@ -222,13 +276,91 @@ class CheckpointingTrainer(Trainer):
         if resume_from_checkpoint:
             if not os.path.isdir(resume_from_checkpoint):
                 raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} does not exist")
+            self._check_checkpoint(resume_from_checkpoint)
             self.load_prefkit_state(resume_from_checkpoint)
+            self._load_run_state(resume_from_checkpoint)
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint or None,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+
+    # ------------------------------------------------------------------------------------------
+    # What a resume needs
+    # ------------------------------------------------------------------------------------------
+    def _required_checkpoint_files(self) -> list[str]:
+        """Files without which a resume would not continue the same run (plain single-device / DDP
+        checkpoints; DeepSpeed and FSDP keep the optimizer in their own layout)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return ["trainer_state.json"]
+        return ["trainer_state.json", "optimizer.pt", "scheduler.pt"]
+
+    def _check_checkpoint(self, checkpoint: str) -> None:
+        """Refuse a checkpoint that would not resume exactly: a required file missing, or any file that
+        does not read (a truncated or corrupt file is named, not a traceback)."""
+        for name in self._required_checkpoint_files():
+            if not os.path.isfile(os.path.join(checkpoint, name)):
+                why = {
+                    "optimizer.pt": "the optimizer's moments would restart from zero",
+                    "scheduler.pt": "the learning-rate schedule would restart",
+                    "trainer_state.json": "the step, epoch and log history are in it",
+                }[name]
+                raise CheckpointError(
+                    f"{os.path.join(checkpoint, name)}: missing, so the run cannot resume exactly ({why}); restore "
+                    "the file or resume from an earlier checkpoint (--resume PATH)"
+                )
+        weights = [n for n in os.listdir(checkpoint) if n.endswith((".safetensors", ".bin", ".pt", ".pth"))]
+        if not any(n.startswith(("model", "adapter_model", "pytorch_model")) for n in weights) and not (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled
+        ):
+            raise CheckpointError(f"{checkpoint}: no model weights (model.safetensors) in the checkpoint")
+        for name in sorted(os.listdir(checkpoint)):
+            problem = _unreadable(os.path.join(checkpoint, name))
+            if problem:
+                raise CheckpointError(f"{os.path.join(checkpoint, name)}: {problem}; resume from another checkpoint")
+
+    def _load_run_state(self, checkpoint: str) -> None:
+        """The summed loss before the checkpoint (for the run's mean train_loss) and metrics.jsonl's
+        length at the checkpoint (lines after it are dropped on resume)."""
+        path = os.path.join(checkpoint, STATE_FILE)
+        state = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                state = json.load(fh).get(RUN_STATE_KEY, {})
+        self._prior_loss_sum = float(state.get("loss_sum", 0.0))
+        self._metrics_callback.keep_lines = state.get("metrics_lines")
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the checkpoint file ``path`` does not read (None when it does): JSON that does not parse, a
+    torch zip archive whose entries fail their CRC check, a safetensors file shorter than its header says."""
+    if os.path.isdir(path):
+        return None
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as fh:
+                json.load(fh)
+        elif path.endswith((".pt", ".pth", ".bin")):
+            if not zipfile.is_zipfile(path):
+                return "not a torch checkpoint (not a zip archive: truncated or overwritten?)"
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"corrupt (entry {bad} fails its checksum)"
+        elif path.endswith(".safetensors"):
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return "truncated (no safetensors header)"
+                n = int.from_bytes(head, "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if os.path.getsize(path) < 8 + n + end:
+                return "truncated (shorter than its safetensors header says)"
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, zipfile.BadZipFile) as err:
+        return f"does not read ({type(err).__name__}: {err})"
+    return None
 
 
 def _fsync_tree(folder: str) -> None:

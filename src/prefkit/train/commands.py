@@ -17,10 +17,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefkit.data.records import DataError
-from prefkit.train.config import REWARD_KINDS, ConfigError, RunConfig, load_config, write_config
+from prefkit.train.settings import ConfigError
+
+if TYPE_CHECKING:
+    from prefkit.train.config import RunConfig
 
 logger = logging.getLogger("prefkit.train")
 
@@ -75,7 +78,7 @@ def _prepare_output_dir(config: RunConfig, resume: str | bool | None) -> Path:
             )
         for path in existing:
             shutil.rmtree(path)
-        for stale in ("metrics.jsonl",):
+        for stale in ("metrics.jsonl", "history.jsonl"):
             if (out / stale).exists():
                 (out / stale).unlink()
         logger.warning("overwrite_output_dir: deleted %d checkpoint(s) and metrics.jsonl in %s", len(existing), out)
@@ -213,6 +216,8 @@ def _build_judge(config: RunConfig, load_kwargs: dict[str, Any]):
 
 def train_from_config(config: RunConfig, resume: str | bool | None = None, callbacks=None) -> TrainingRun:
     """Run a whole training job from a `RunConfig` (what `prefkit train` does)."""
+    from prefkit.train.config import write_config
+
     args = config.train
     # Under a multi-process launch (accelerate) the saving process prepares output_dir; the others wait.
     with args.main_process_first(local=args.save_on_each_node, desc="preparing output_dir"):
@@ -292,21 +297,32 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
         overrides.append(resume)
         resume = True
-    # --- personalized heads on embeddings (a `personalized:` section): prefkit.train.personalized ---
-    from prefkit.train.personalized import is_personalized_config, run_personalized
+    from prefkit.train.settings import is_personalized_config, read_settings
 
+    # --- personalized heads on embeddings (a `personalized:` section): prefkit.train.personalized ---
     if is_personalized_config(args.config):
+        from prefkit.train.personalized import run_personalized
+
         return run_personalized(args.config, overrides, resume)
-    # --- end personalized ---
-    from prefkit.train.trainer import NonFiniteLossError
+    # Every setting is checked before torch and transformers are imported (a bad one answers at once).
+    try:
+        read_settings(args.config, overrides)
+    except ConfigError as err:
+        print(f"prefkit train: error: {err}", file=sys.stderr)
+        return 2
+    from prefkit.train.checkpointing import CheckpointError, TrainingStoppedError
+    from prefkit.train.config import REWARD_KINDS, load_config
+    from prefkit.train.resume import resume_config
 
     try:
         config = load_config(args.config, overrides)
+        if resume:
+            config = resume_config(config, resume)
         run_ = train_from_config(config, resume=resume)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as err:
         print(f"prefkit train: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
+    except TrainingStoppedError as err:
         print(f"prefkit train: stopped: {err}", file=sys.stderr)
         return 1
     _end_process_group()

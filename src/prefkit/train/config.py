@@ -15,7 +15,6 @@ unknown key is an error that names the closest valid key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,7 @@ import yaml
 from transformers import TrainingArguments
 
 from prefkit.models.loading import TinySpec
+from prefkit.train.settings import ConfigError, flat_values, read_config_file
 
 __all__ = [
     "ConfigError",
@@ -46,10 +46,6 @@ __all__ = [
 # Loss kinds that train a reward model (RewardTrainer), and the record kind each reads.
 REWARD_KINDS = ("reward_pair", "reward_list", "judge")
 RECORD_KINDS = {"reward_pair": "pairwise", "judge": "pairwise", "reward_list": "ranked"}
-
-
-class ConfigError(ValueError):
-    """A bad config: unknown key (with a suggestion), bad value or bad override."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -370,6 +366,13 @@ class PreferenceConfig(TrainingArguments):
             "L_g + C / sqrt(N_g), N_g the group's training pairs, favouring small groups; 0: none."
         },
     )
+    bad_step_limit: int = field(
+        default=3,
+        metadata={
+            "help": "Stop the run (exit 1, naming the steps) after this many optimizer steps in a row whose "
+            "gradient norm is not finite or exactly zero, i.e. when training has stopped learning; 0: never."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -585,6 +588,8 @@ PREFKIT_TRAIN_FIELDS = (
     "groups",
     "group_robust",
     "group_robust_step_size",
+    "group_robust_size_adjustment",
+    "bad_step_limit",
     "overwrite_output_dir",
 )
 
@@ -609,12 +614,6 @@ def config_fields() -> dict[str, tuple[str, dataclasses.Field]]:
                 raise RuntimeError(f"config key {f.name!r} is owned by both {out[f.name][0]} and {section}")
             out[f.name] = (section, f)
     return out
-
-
-def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{where}.{hint} See docs/training.md for every key.")
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -670,68 +669,21 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _set_dotted(mapping: dict[str, Any], dotted: str, value: Any, valid: Mapping[str, Any]) -> None:
-    head, *rest = dotted.split(".")
-    if head not in valid:
-        raise _unknown_key(head, list(valid), " in override")
-    if not rest:
-        mapping[head] = value
-        return
-    current = mapping.get(head)
-    if current is None:
-        current = {}
-        default = valid[head][1]
-        if default.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            current = dict(default.default_factory())  # type: ignore[misc]
-    if not isinstance(current, dict):
-        raise ConfigError(f"override {dotted!r}: {head!r} is not a mapping (it is {current!r})")
-    node = current = dict(current)
-    for part in rest[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a mapping (it is {child!r})")
-        node[part] = child = dict(child)
-        node = child
-    node[rest[-1]] = value
-    mapping[head] = current
-
-
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     """``["loss=ipo", "loss_params.beta=0.2"]`` -> ``[("loss", "ipo"), ("loss_params.beta", 0.2)]``."""
-    out = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"override {item!r} has no key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
-        out.append((key, value))
-    return out
+    from prefkit.train.settings import parse_overrides as parse
+
+    return parse(overrides)
 
 
 def parse_config(
     mapping: Mapping[str, Any] | None, overrides: Sequence[str] = (), *, source: str | None = None
 ) -> RunConfig:
-    """Build a `RunConfig` from a flat mapping plus ``key=value`` overrides."""
-    valid = config_fields()
+    """Build a `RunConfig` from a flat mapping plus ``key=value`` overrides. Every value is checked first
+    (`prefkit.train.settings.flat_values`: TRL aliases, unknown keys, types and ranges, losses, paths)."""
     where = f" in {source}" if source else ""
-    values: dict[str, Any] = {}
-    for key, value in dict(mapping or {}).items():
-        if not isinstance(key, str):
-            raise ConfigError(f"config keys must be strings, got {key!r}{where}")
-        if key not in valid:
-            raise _unknown_key(key, list(valid), where)
-        values[key] = value
-    for key, value in parse_overrides(overrides):
-        _set_dotted(values, key, value, valid)
-
+    values = flat_values(mapping, overrides, source=source)
+    valid = config_fields()
     per_section: dict[str, dict[str, Any]] = {name: {} for name, _ in SECTIONS}
     hints = {name: _type_hints(cls) for name, cls in SECTIONS}
     for key, value in values.items():
@@ -750,23 +702,7 @@ def parse_config(
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a flat YAML config file and apply ``key=value`` overrides."""
-    mapping = read_config_file(path)
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{path}: a config is one flat YAML mapping (key: value), got {type(mapping).__name__}")
-    return parse_config(mapping, overrides, source=str(path))
-
-
-def read_config_file(path: str | Path) -> Any:
-    """The YAML value in the config file ``path``; ConfigError when the file is missing or not YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return parse_config(read_config_file(path), overrides, source=str(path))
 
 
 def _plain(value: Any) -> Any:

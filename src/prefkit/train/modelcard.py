@@ -52,6 +52,7 @@ class ModelCardInfo:
     global_step: int | None = None
     prefkit_version: str = ""
     reward_model: bool = False  # a reward model (RewardTrainer) rather than a policy: no reference
+    history: list[dict[str, Any]] = field(default_factory=list)  # resumes that changed settings (history.jsonl)
 
 
 def _fmt(value: Any) -> str:
@@ -126,6 +127,15 @@ def render_model_card(info: ModelCardInfo) -> str:
     out.append("")
     out.append("All settings are in `config.yaml`; every logged value is in `metrics.jsonl`.")
     out.append("")
+    if info.history:
+        out.append("## Resumes that changed settings")
+        out.append("")
+        out.append("The run was resumed with these settings changed (`history.jsonl`):")
+        out.append("")
+        for entry in info.history:
+            changes = ", ".join(f"{k}: {v.get('from')} -> {v.get('to')}" for k, v in entry.get("changed", {}).items())
+            out.append(f"- {entry.get('time', '')}: {changes}")
+        out.append("")
     out.append("## Final metrics")
     out.append("")
     if not info.train_metrics and not info.eval_metrics:

@@ -47,6 +47,7 @@ import yaml
 from prefkit.data.records import DataError
 from prefkit.models.embeddings import POOLINGS, EmbeddedPairs
 from prefkit.train.config import ConfigError, parse_overrides, read_config_file
+from prefkit.train.settings import is_personalized_config  # noqa: F401 - re-exported
 
 __all__ = [
     "METHODS",
@@ -441,16 +442,6 @@ def parse_personalized_config(
             values[key] = value
     values["personalized"] = _method_section(section, source)
     return _build(PersonalizedConfig, values, f" in {source}")
-
-
-def is_personalized_config(path: str | Path) -> bool:
-    """Whether ``path`` is a YAML mapping with a ``personalized`` key (False for anything unreadable:
-    `prefkit.train.config.load_config` then says what is wrong)."""
-    try:
-        mapping = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return False
-    return isinstance(mapping, dict) and "personalized" in mapping
 
 
 def load_personalized_config(path: str | Path, overrides: Sequence[str] = ()) -> PersonalizedConfig:
@@ -1037,13 +1028,15 @@ def _write_model_card(out: Path, config, n_pairs: int, users, history, evaluatio
 
 def run_personalized(config_path: str, overrides: Sequence[str], resume=None) -> int:
     """The ``prefkit train`` entry for a ``personalized:`` config; exit status (2: bad config or data)."""
+    from prefkit.train.checkpointing import TrainingStoppedError
+
     try:
         config = load_personalized_config(config_path, overrides)
         run = train_personalized(config, resume=resume)
     except (ConfigError, DataError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"prefkit train: error: {err}", file=sys.stderr)
         return 2
-    except FloatingPointError as err:
+    except (FloatingPointError, TrainingStoppedError) as err:
         print(f"prefkit train: stopped: {err}", file=sys.stderr)
         return 1
     if not _main_process():

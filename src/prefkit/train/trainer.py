@@ -64,7 +64,7 @@ from prefkit.losses.group_robust import (
 )
 from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
 from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
-from prefkit.train.checkpointing import STATE_FILE, CheckpointingTrainer
+from prefkit.train.checkpointing import STATE_FILE, CheckpointingTrainer, TrainingStoppedError
 from prefkit.train.config import PreferenceConfig
 from prefkit.train.logps import LogpOutput, completion_logps, shared_prefix_logps
 from prefkit.train.reference_cache import (
@@ -76,6 +76,7 @@ from prefkit.train.reference_cache import (
     model_hash,
     reference_dtype,
 )
+from prefkit.train.resume import read_history
 
 logger = logging.getLogger("prefkit.train")
 
@@ -103,7 +104,7 @@ RECORD_CLASS = {
 REF_POINT = {"kto": "kl", "bco": "reward_shift"}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingStoppedError):
     """The training loss became NaN or infinite; raised before the optimizer step."""
 
 
@@ -950,6 +951,7 @@ class PreferenceTrainer(CheckpointingTrainer):
             lora=lora,
             global_step=self.state.global_step,
             prefkit_version=__version__,
+            history=read_history(self.args.output_dir),
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
