@@ -18,11 +18,13 @@ from prefkit.data.formats import (
     split_message_pair,
 )
 from prefkit.data.loaders import (
+    ValidationReport,
     apply_column_map,
     detect_kind,
     load_records,
     parse_column_map,
     read_rows,
+    validate_source,
     write_records,
 )
 from prefkit.data.records import (
@@ -39,7 +41,7 @@ from prefkit.data.records import (
     record_to_dict,
     render_text,
 )
-from prefkit.data.validate import ValidationReport, validate_record, validate_rows, validate_source
+from prefkit.data.validate import validate_record, validate_rows
 
 __all__ = [
     "KINDS",

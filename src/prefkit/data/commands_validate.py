@@ -11,9 +11,8 @@ import argparse
 import sys
 
 from prefkit.data.formats import LAYOUTS
-from prefkit.data.loaders import parse_column_map
+from prefkit.data.loaders import parse_column_map, validate_source
 from prefkit.data.records import KINDS
-from prefkit.data.validate import validate_source
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:

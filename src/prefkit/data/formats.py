@@ -170,11 +170,44 @@ def split_implicit_prompt(row: dict, file: str | None, row_number: int | None) -
                 "with an assistant message",
                 "conversations with no shared turns before the replies",
             ) from None
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        try:
+            prompt, chosen, rejected = split_text_pair(chosen, rejected)
+        except ValueError:
+            raise DataError(
+                file,
+                row_number,
+                "prompt",
+                "a prompt, or chosen and rejected texts that begin with the same prompt (TRL's implicit-prompt form)",
+                "no prompt, and texts that differ from their first word",
+            ) from None
     else:
         return row
     out = dict(row)
     out.update(prompt=prompt, chosen=chosen, rejected=rejected)
     return out
+
+
+def split_text_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit-prompt pair of plain strings as ``(prompt, chosen, rejected)``.
+
+    The prompt is the longest common prefix, moved back to the start of the word where the two texts
+    first differ, so both completions start with that whitespace (``"Q: 2+2? A: 4"`` / ``"Q: 2+2? A: 5"``
+    -> ``"Q: 2+2? A:"``, ``" 4"``, ``" 5"``). TRL cuts at the first differing character instead (``"The
+    ca"`` + ``"t"`` / ``"r"``); cutting at a word keeps the completions' tokens what the model would
+    write. ``ValueError`` when the texts share no word (or one is a prefix of the other).
+    """
+    k = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        k += 1
+    if k == len(chosen) or k == len(rejected):
+        raise ValueError("one text is a prefix of the other: no completion is left to compare")
+    cut = max(chosen.rfind(ch, 0, k + 1) for ch in (" ", "\n", "\t"))
+    if cut <= 0:
+        raise ValueError("the texts share no prompt")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 # ---- LLMBar -------------------------------------------------------------------------------------

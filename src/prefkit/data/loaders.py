@@ -31,6 +31,7 @@ import re
 import shlex
 import sys
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from prefkit.data.records import (
     record_from_dict,
     record_to_dict,
 )
+from prefkit.data.validate import validate_rows
 
 # file name ending -> reader format
 SUFFIXES: dict[str, str] = {
@@ -149,24 +151,67 @@ def _read_list(rows: list, label: str, errors: list[DataError] | None) -> Iterat
 
 def _open_text(path: Path):
     if str(path).lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def _open_binary(path: Path):
+    if str(path).lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _undecodable_line(path: Path) -> tuple[int, int] | None:
+    """``(line, column)`` (1-based) of the first bytes of ``path`` that are not UTF-8, or None."""
+    try:
+        with _open_binary(path) as handle:
+            for n, raw in enumerate(handle, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return n, exc.start + 1
+    except (OSError, EOFError, zlib.error):
+        return None
+    return None
 
 
 @contextmanager
-def _decode_guard(label: str):
-    """Turn decoding problems of a whole file into a file-level `DataError`."""
+def _decode_guard(label: str, path: Path | None = None, rows_are_lines: bool = True):
+    """Turn decoding problems of a whole file into one `DataError` naming the row (or line) where
+    the bytes stop being UTF-8, or the gzip stream breaks."""
     try:
         yield
     except UnicodeDecodeError as exc:
-        raise DataError(label, None, None, "UTF-8 text", "undecodable bytes", hint=str(exc)) from exc
-    except (gzip.BadGzipFile, EOFError) as exc:
-        raise DataError(label, None, None, "a valid gzip file", hint=str(exc)) from exc
+        where = _undecodable_line(path) if path is not None else None
+        if where is None:
+            raise DataError(label, None, None, "UTF-8 text", "undecodable bytes", hint=str(exc)) from exc
+        line, column = where
+        if rows_are_lines:
+            raise DataError(label, line, None, "UTF-8 text", f"bytes that are not UTF-8 at column {column}") from None
+        raise DataError(
+            label, None, None, "UTF-8 text", f"bytes that are not UTF-8 at line {line}, column {column}"
+        ) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(
+            label, None, None, "a valid gzip file", "a corrupt or truncated gzip stream", hint=str(exc)
+        ) from None
+    except RecursionError:
+        raise DataError(label, None, None, "JSON nested at most a few hundred levels deep", "deeper nesting") from None
 
 
 def _read_jsonl(path: Path, label: str, errors: list[DataError] | None) -> Iterator[tuple[int, dict]]:
-    with _decode_guard(label), _open_text(path) as handle:
-        for n, line in enumerate(handle, start=1):
+    with _decode_guard(label, path), _open_binary(path) as handle:
+        for n, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _row_problem(
+                    DataError(label, n, None, "UTF-8 text", f"bytes that are not UTF-8 at column {exc.start + 1}"),
+                    errors,
+                )
+                continue
+            if n == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as CSV readers accept it
             if not line.strip():
                 continue
             try:
@@ -182,6 +227,11 @@ def _read_jsonl(path: Path, label: str, errors: list[DataError] | None) -> Itera
                     errors,
                 )
                 continue
+            except RecursionError:
+                _row_problem(
+                    DataError(label, n, None, "JSON nested at most a few hundred levels deep", "deeper nesting"), errors
+                )
+                continue
             if not isinstance(row, dict):
                 _row_problem(DataError(label, n, None, "one JSON object per line", row), errors)
                 continue
@@ -189,7 +239,7 @@ def _read_jsonl(path: Path, label: str, errors: list[DataError] | None) -> Itera
 
 
 def _read_json(path: Path, label: str, errors: list[DataError] | None) -> Iterator[tuple[int, dict]]:
-    with _decode_guard(label), _open_text(path) as handle:
+    with _decode_guard(label, path, rows_are_lines=False), _open_text(path) as handle:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as exc:
@@ -226,7 +276,7 @@ def _read_csv(path: Path, label: str, errors: list[DataError] | None) -> Iterato
     old_limit = csv.field_size_limit()
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long dialogues exceed the 128 KiB default
     try:
-        with _decode_guard(label), open(path, encoding="utf-8-sig", newline="") as handle:
+        with _decode_guard(label, path, rows_are_lines=False), open(path, encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             try:
                 header = next(reader)
@@ -281,6 +331,16 @@ def _is_saved_dataset(path: Path) -> bool:
 def _read_folder(
     path: Path, split: str | None, label: str, errors: list[DataError] | None
 ) -> Iterator[tuple[int, dict]]:
+    if not _is_saved_dataset(path) and not any(
+        p.is_file() and (file_format(p) is not None or p.suffix in (".arrow", ".txt")) for p in path.rglob("*")
+    ):
+        raise DataError(
+            label,
+            None,
+            None,
+            f"a datasets folder (save_to_disk) or a folder holding data files ({', '.join(SUFFIXES)})",
+            "a folder with no data files",
+        )
     if _is_saved_dataset(path):
         import datasets
 
@@ -629,13 +689,58 @@ def load_records(
     prepared = prepare_rows(source, kind=kind, column_map=column_map, split=split, layout=layout)
     errors = list(prepared.errors)
     if validate:
-        from prefkit.data.validate import validate_rows
-
         errors.extend(validate_rows(prepared.rows, prepared.kind, prepared.file))
         errors.sort(key=lambda e: e.row or 0)
     if errors:
         raise first_error_with_summary(errors, validate_command(source, kind, column_map, split, layout))
     return [record_from_dict(prepared.kind, row, prepared.file, n) for n, row in prepared.rows]
+
+
+# ---- validation of a whole source -----------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    """The result of `validate_source`: the file's kind, how many rows, and every problem.
+
+    ``kind`` is ``None`` when it could not be determined (then ``errors`` holds the file-level
+    problem). Row-less errors (``row is None``) are file-level.
+    """
+
+    file: str
+    kind: str | None
+    n_rows: int
+    errors: list[DataError] = field(default_factory=list)
+
+    @property
+    def bad_rows(self) -> list[int]:
+        """The 1-based numbers of the rows with at least one problem, in order."""
+        return sorted({e.row for e in self.errors if e.row is not None})
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no problem at all."""
+        return not self.errors
+
+
+def validate_source(
+    source: Any,
+    kind: str | None = None,
+    column_map: dict[str, str] | None = None,
+    split: str | None = None,
+    layout: str | None = None,
+) -> ValidationReport:
+    """Read a file (or any source `load_records` accepts) and collect every problem in it.
+
+    File-level problems (missing file, unknown format, a column map onto a missing column, an
+    undetectable kind) end the check early and are reported as one row-less error.
+    """
+    try:
+        prepared = prepare_rows(source, kind=kind, column_map=column_map, split=split, layout=layout)
+    except DataError as err:
+        return ValidationReport(file=err.file or source_label(source, split), kind=None, n_rows=0, errors=[err])
+    errors = list(prepared.errors)
+    errors.extend(validate_rows(prepared.rows, prepared.kind, prepared.file))
+    errors.sort(key=lambda e: e.row if e.row is not None else 0)
+    return ValidationReport(file=prepared.file, kind=prepared.kind, n_rows=prepared.n_rows, errors=errors)
 
 
 # ---- writing ------------------------------------------------------------------------------------

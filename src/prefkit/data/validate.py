@@ -2,9 +2,9 @@
 
 `validate_record` checks one row (a plain dict, after column mapping and HH-RLHF prompt
 splitting) against the rules of its kind and returns all the problems it finds;
-`validate_rows` does the same for many rows; `validate_source` runs the whole loading pipeline of
-a file (reading, column map, kind detection, prompt splitting) and collects every problem on the
-way. Nothing here raises for bad data and nothing ever writes.
+`validate_rows` does the same for many rows (`prefkit.data.loaders.validate_source` runs the whole
+loading pipeline of a file and collects every problem on the way). Nothing here raises for bad data
+and nothing ever writes.
 
 Rules (docs/data.md has the full list):
 
@@ -14,14 +14,17 @@ Rules (docs/data.md has the full list):
 * text is a ``str`` or a non-empty list of ``{"role", "content"}`` messages with a known role and
   string content; within a record all texts are plain strings or all are chat messages;
 * ``chosen`` and ``rejected`` differ after rendering (surrounding whitespace ignored);
+* text is valid Unicode: no lone surrogate (``"\\ud800"`` in JSON), which no tokenizer can encode;
 * numbers (``weight``, ``margin``, ``chosen_score``, ``rejected_score``, ratings, scores, step
-  labels) are finite real numbers, not booleans; ``weight`` is not negative;
+  labels) are finite real numbers, not booleans, and finite in float32 (``|x| <= 3.4e38``: training
+  computes in float32 or narrower); ``weight`` is not negative;
 * ``label`` is a bool; the integers 0 and 1 are accepted (and become ``False``/``True``); strings
   are refused (CSV cells are converted before validation, see `prefkit.data.loaders`);
 * ``ratings`` is a non-empty dict of attribute name -> finite number (a ``None`` value means "not
   rated" and is dropped; at least one rating must remain);
 * ranked: at least 2 completions, and ``ranking`` (a permutation of ``0..n-1``, best first)
-  and/or ``scores`` (one finite number per completion);
+  and/or ``scores`` (one finite number per completion); the same text twice in one list must have
+  the same score (and cannot be at two places of a ``ranking``);
 * stepwise: at least one step and one label per step (bool or finite number);
 * ``user_id`` and ``id`` are strings (integers are accepted and become strings).
 """
@@ -30,13 +33,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
 from prefkit.data.records import KINDS, KNOWN_ROLES, MISSING, DataError, render_text
 
 TEXT_EXPECTED = "a string or a non-empty list of chat messages {'role', 'content'}"
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def surrogate_position(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (None when it encodes as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 _ROLES = ", ".join(repr(r) for r in KNOWN_ROLES)
 
 
@@ -71,6 +85,8 @@ class _RowChecker:
             if not allow_empty and not value.strip():
                 self.error(name, "non-empty text", value)
                 return False
+            if not self.unicode(name, value):
+                return False
             self.text_styles[style_key or name] = "plain"
             return True
         if isinstance(value, list):
@@ -91,10 +107,19 @@ class _RowChecker:
                 if not isinstance(content, str):
                     self.error(f"{where}.content", "a string", content if content is not None else MISSING)
                     ok = False
+                elif not self.unicode(f"{where}.content", content):
+                    ok = False
             if ok:
                 self.text_styles[style_key or name] = "chat"
             return ok
         self.error(name, TEXT_EXPECTED, value)
+        return False
+
+    def unicode(self, name: str, text: str) -> bool:
+        at = surrogate_position(text)
+        if at is None:
+            return True
+        self.error(name, "valid Unicode text", f"a lone surrogate {text[at]!r} at character {at}")
         return False
 
     def text_field(self, name: str, *, allow_empty: bool) -> bool:
@@ -146,6 +171,9 @@ class _RowChecker:
             return False
         if not math.isfinite(float(value)):
             self.error(name, "a finite number", value)
+            return False
+        if abs(float(value)) > FLOAT32_MAX:
+            self.error(name, "a number finite in float32 (|x| <= 3.4e38)", value)
             return False
         if non_negative and value < 0:
             self.error(name, "a number >= 0", value)
@@ -226,6 +254,38 @@ def _check_ranked_order(c: _RowChecker, n: int | None) -> None:
             c.error("scores", f"{n} numbers (one per completion)", f"{len(scores)} numbers: {scores!r}")
         for i, s in enumerate(scores):
             c.number(f"scores[{i}]", s)
+    _check_repeated_texts(c, n)
+
+
+def _check_repeated_texts(c: _RowChecker, n: int | None) -> None:
+    """The same completion text twice in one list is one answer: it cannot have two scores, or two places."""
+    completions = c.get("completions")
+    if n is None or not isinstance(completions, list):
+        return
+    first: dict[str, int] = {}
+    scores, ranking = c.get("scores"), c.get("ranking")
+    for i, item in enumerate(completions):
+        try:
+            key = render_text(item).strip()
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return  # reported as a bad text already
+        if key not in first:
+            first[key] = i
+            continue
+        j = first[key]
+        if isinstance(scores, list) and len(scores) == n and scores[i] != scores[j]:
+            c.error(
+                f"completions[{i}]",
+                f"one score per distinct text: it repeats completions[{j}] with another score "
+                f"({scores[j]!r} and {scores[i]!r})",
+                "the same text twice",
+            )
+        elif isinstance(ranking, list) and not isinstance(scores, list):
+            c.error(
+                f"completions[{i}]",
+                f"distinct texts in a ranking: it repeats completions[{j}], ranked at two places",
+                "the same text twice",
+            )
 
 
 def _check_step_labels(c: _RowChecker, n: int | None) -> None:
@@ -317,51 +377,3 @@ def validate_rows(
             row_number, row = index, item
         errors.extend(validate_record(row, kind, file, row_number))
     return errors
-
-
-@dataclass
-class ValidationReport:
-    """The result of `validate_source`: the file's kind, how many rows, and every problem.
-
-    ``kind`` is ``None`` when it could not be determined (then ``errors`` holds the file-level
-    problem). Row-less errors (``row is None``) are file-level.
-    """
-
-    file: str
-    kind: str | None
-    n_rows: int
-    errors: list[DataError] = field(default_factory=list)
-
-    @property
-    def bad_rows(self) -> list[int]:
-        """The 1-based numbers of the rows with at least one problem, in order."""
-        return sorted({e.row for e in self.errors if e.row is not None})
-
-    @property
-    def ok(self) -> bool:
-        """True when there is no problem at all."""
-        return not self.errors
-
-
-def validate_source(
-    source: Any,
-    kind: str | None = None,
-    column_map: dict[str, str] | None = None,
-    split: str | None = None,
-    layout: str | None = None,
-) -> ValidationReport:
-    """Read a file (or any source `load_records` accepts) and collect every problem in it.
-
-    File-level problems (missing file, unknown format, a column map onto a missing column, an
-    undetectable kind) end the check early and are reported as one row-less error.
-    """
-    from prefkit.data.loaders import prepare_rows, source_label
-
-    try:
-        prepared = prepare_rows(source, kind=kind, column_map=column_map, split=split, layout=layout)
-    except DataError as err:
-        return ValidationReport(file=err.file or source_label(source, split), kind=None, n_rows=0, errors=[err])
-    errors = list(prepared.errors)
-    errors.extend(validate_rows(prepared.rows, prepared.kind, prepared.file))
-    errors.sort(key=lambda e: e.row if e.row is not None else 0)
-    return ValidationReport(file=prepared.file, kind=prepared.kind, n_rows=prepared.n_rows, errors=errors)

@@ -103,6 +103,8 @@ def load_run_data(config: RunConfig):
             f"{config.train.loss_kind} and trains on {config.train.record_kind} records; choose a loss for "
             f"{kind} records (`prefkit losses`) or convert the data explicitly (`prefkit data convert`)"
         )
+    if "listmle" in config.train.loss:
+        _refuse_tied_lists(data.train_file, data, "listmle")
     description: dict[str, Any] = {"train_file": data.train_file, "kind": kind}
     held_out = None
     if data.eval_file:
@@ -117,6 +119,24 @@ def load_run_data(config: RunConfig):
     if data.column_map:
         description["column_map"] = data.column_map
     return train, held_out, description
+
+
+def _refuse_tied_lists(source: str, data, loss: str) -> None:
+    """``loss`` is the Plackett-Luce likelihood of one strict order: a ranked row whose scores tie has
+    none, and would stop training at its first batch. Name the first such row now."""
+    from prefkit.data.loaders import prepare_rows
+
+    prepared = prepare_rows(source, kind=data.data_kind, column_map=data.column_map, split=data.train_split)
+    for n, row in prepared.rows:
+        scores = row.get("scores")
+        if row.get("ranking") is None and isinstance(scores, list) and len(set(scores)) < len(scores):
+            raise DataError(
+                prepared.file,
+                n,
+                "scores",
+                f"distinct scores: loss {loss} needs one strict order of each list (ranknet accepts ties)",
+                scores,
+            )
 
 
 def build_trainer(config: RunConfig, train_records, eval_records=None, *, data_description=None, callbacks=None):
