@@ -11,7 +11,7 @@
    unseen users) and ``groups.json`` (user -> group), as the study splits them.
 2. For each method (pooled BT = mixture of BT with one component, mixture of BT with two, PAL's mixture
    variant, VPL, MiCRo) and each mode it runs what ``prefkit train`` runs for a ``personalized:`` config
-   (`prefkit.train.personalized.train_personalized`; the resolved configs are kept in
+   (`prefkit.eval.personalized.train_and_evaluate`; the resolved configs are kept in
    ``WORK/METHOD/MODE/personalized.yaml``): ``frozen`` fits the head on frozen embeddings of the world's
    reference policy (``model: lab:groups:SEED``), ``end_to_end`` trains the same backbone with the head
    (``end_to_end: true``). Both modes use the same backbone, ``--pooling`` and ``--backbone-layers``
@@ -41,11 +41,11 @@ import torch
 import transformers
 
 from prefkit.data.loaders import write_records
-from prefkit.eval.personalized import PersonalizedModel
+from prefkit.eval.personalized import PersonalizedModel, train_and_evaluate
 from prefkit.lab import pluralism
 from prefkit.lab.world import World, make_world
 from prefkit.models.embeddings import embed_pairs
-from prefkit.train.personalized import load_backbone, parse_personalized_config, train_personalized
+from prefkit.train.personalized import load_backbone, parse_personalized_config
 
 ROOT = Path(__file__).resolve().parent
 MODES = ("frozen", "end_to_end")
@@ -263,7 +263,7 @@ def run_one(name: str, mode: str, args, feedback: Feedback, work: Path, log) -> 
     mapping = run_mapping(name, mode, args, feedback, work)
     config = parse_personalized_config(mapping, source=f"{name} {mode} seed {feedback.seed}")
     start = time.perf_counter()
-    run = train_personalized(config, say=log)
+    run = train_and_evaluate(config, say=log)
     seconds = time.perf_counter() - start
     correct, rows = seen_correct(run.output_dir, feedback)
     scores = true_preference_scores(correct, feedback.eval_group[rows], feedback.eval_truth[rows], feedback.groups)

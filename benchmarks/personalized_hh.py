@@ -7,7 +7,7 @@
    ``--users-per-group`` users each, pairs split between the groups by ``--shares`` (each value of the
    repeatable option is one setting; default 0.5,0.5 and 0.8,0.2).
 2. For each setting it runs what ``prefkit train`` runs for a ``personalized:`` config
-   (`prefkit.train.personalized.train_personalized`; the resolved configs are kept in the work folder,
+   (`prefkit.eval.personalized.train_and_evaluate`; the resolved configs are kept in the work folder,
    ``prefkit train WORK/SETTING/METHOD/personalized.yaml`` re-runs one): pooled Bradley-Terry (a mixture of
    BT with one component, i.e. one linear head for everybody), mixture of BT by EM, PAL, VPL and MiCRo, all
    on frozen embeddings of Karpathy's pretrained stories260K (``--backbone``, a llama2.c file), 20 % of each
@@ -40,14 +40,13 @@ import torch
 
 from prefkit.data.loaders import write_records
 from prefkit.data.recipes import HH_GROUPS, TwoGroupSet, hh_two_groups, parse_shares, response_length
-from prefkit.eval.personalized import PersonalizedModel
+from prefkit.eval.personalized import PersonalizedModel, train_and_evaluate
 from prefkit.models.mixture import MixtureBT
 from prefkit.train.personalized import (
     embed_records,
     load_backbone,
     parse_personalized_config,
     split_users,
-    train_personalized,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -265,7 +264,7 @@ def run_setting(args, setting: Setting, log) -> dict:
     for name in args.methods:
         start = time.time()
         config = setting.config(args, METHODS[name], args.pooling, layers, name.split()[0].lower())
-        run = train_personalized(config, say=log)
+        run = train_and_evaluate(config, say=log)
         model = PersonalizedModel.load(run.output_dir)
         out["seen"][name] = breakdown(model.seen_correct(test), g, c)
         unseen = run.evaluation["unseen"]["by_k"]

@@ -44,10 +44,10 @@ import transformers
 
 from prefkit.lab import BradleyTerry, GroupMix, draw_dataset, make_world
 from prefkit.lab.policy import reference_policy
-from prefkit.online.sampling import completion_log_probs, sample_completions
+from prefkit.online.sampling import completion_log_probs, sample_completions, sample_for_user
 from prefkit.train.config import PreferenceConfig
 from prefkit.train.trainer import PreferenceTrainer
-from prefkit.train.user_conditioning import add_new_user, fit_user, sample_for_user
+from prefkit.train.user_conditioning import add_new_user, fit_user
 
 OUT = Path(__file__).resolve().parent / "results" / "user_conditioned"
 USERS_PER_GROUP = 10

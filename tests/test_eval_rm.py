@@ -85,7 +85,7 @@ def test_judge_gets_pairwise_metrics_and_skips_scalar_ones(tokenizer):
 
 def test_best_of_4_with_ties(tokenizer):
     rows = [
-        {"prompt": "q", "chosen": ["aaa"], "rejected": ["a", "aaa", "aa"], "subset": "s"},  # tie at the top: 1/2
+        {"prompt": "q", "chosen": ["aaa"], "rejected": ["a", "bbb", "aa"], "subset": "s"},  # tie at the top: 1/2
         {"prompt": "q", "chosen": ["aaaa"], "rejected": ["a", "a", "a"], "subset": "t"},  # alone at the top: 1
     ]
     ev = evaluate_reward_model(LengthReward(), tokenizer, load_eval_set([(None, rows)], layout="rewardbench2"), OPTIONS)

@@ -238,7 +238,7 @@ def test_judge_loss_config_trains_a_general_preference_model(tmp_path, monkeypat
     assert model.config.embed_dim == 4 and model.config.beta == 0.5
     assert "general preference head (2k=4)" in (out / "README.md").read_text()
     assert main([*run, "loss=gpm", "loss_params={}", "gpm_embed_dim=3"]) == 2
-    assert "gpm_embed_dim must be a positive even number" in capsys.readouterr().err
+    assert "gpm_embed_dim: expected an even integer >= 2, got 3" in capsys.readouterr().err
 
 
 def test_judge_with_lora_trains_adapters_and_head_and_saves_a_merged_model(tmp_path, monkeypatch):
@@ -270,6 +270,7 @@ def test_judge_with_lora_trains_adapters_and_head_and_saves_a_merged_model(tmp_p
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")  # as if the run died after step 2
+    shutil.copy(out / "config.yaml", resumed / "config.yaml")
     assert main([*run, f"output_dir={resumed}", "--resume"]) == 0
     straight, again = load_file(str(out / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert straight.keys() == again.keys()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from prefkit.eval.implicit import ImplicitReward
 from prefkit.models.base import RewardScorer
-from prefkit.models.implicit import ImplicitReward
 from prefkit.models.tiny import build_tiny_llama
 
 SIZES = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -69,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
+    if args.command == "train":
+        from prefkit.train.settings import is_personalized_config
+
+        if is_personalized_config(args.config):
+            # A `personalized:` config trains a head and then evaluates it per user and group
+            # (prefkit.eval.personalized, above the trainers).
+            from prefkit.eval.personalized import run_personalized
+
+            overrides, resume = list(args.overrides), args.resume
+            if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+                overrides.append(resume)
+                resume = True
+            return run_personalized(args.config, overrides, resume)
     return int(args._run(args) or 0)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from prefkit.data.records import PairwiseRecord
 from prefkit.models.tiny import build_byte_tokenizer, build_tiny_llama
+from prefkit.online.sampling import sample_for_user
 from prefkit.train.config import ConfigError, PreferenceConfig, parse_config
 from prefkit.train.logps import completion_logps
 from prefkit.train.trainer import PreferenceTrainer
@@ -26,7 +27,6 @@ from prefkit.train.user_conditioning import (
     fit_user,
     load_user_tokens,
     pair_margins,
-    sample_for_user,
     user_token_names,
 )
 

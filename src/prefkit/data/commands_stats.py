@@ -106,7 +106,7 @@ def compute_stats(
         raise ValueError(f"records of several kinds {sorted(kinds)}")
     kind = kinds.pop()
     if tokenizer is None:
-        from prefkit.models.tiny import build_byte_tokenizer
+        from prefkit.data.byte_tokenizer import build_byte_tokenizer
 
         tokenizer, tokenizer_name = build_byte_tokenizer(), BYTE_TOKENIZER_NAME
     rows = [record_to_dict(r) for r in records]

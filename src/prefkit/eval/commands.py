@@ -146,7 +146,7 @@ def _load_model(args: argparse.Namespace, device: str):
     if args.implicit:
         if args.ref is None or args.beta is None:
             raise ValueError("--implicit needs --ref (the reference model) and --beta (the loss's beta)")
-        from prefkit.models.implicit import ImplicitReward
+        from prefkit.eval.implicit import ImplicitReward
 
         kwargs = {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
         policy, reference = load_policy(args.model, **kwargs), load_reference(args.ref, **kwargs)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,8 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
+from prefkit.data.groups import LAB_USER, resolve_groups  # noqa: F401 - re-exported
 from prefkit.models.embeddings import EmbeddedPairs
 from prefkit.models.mixture import worst_group
 
@@ -48,7 +47,6 @@ __all__ = [
 ]
 
 MODEL_TYPES = {"prefkit_mixture_bt": "mixture_bt", "prefkit_pal": "pal", "prefkit_vpl": "vpl", "prefkit_micro": "micro"}
-LAB_USER = re.compile(r"^group:(?P<group>.+)/\d+$")
 
 
 def _model_type(folder: str | Path) -> str | None:
@@ -166,30 +164,6 @@ def _head_class(method: str):
 # ------------------------------------------------------------------------------------------
 # Groups and summaries
 # ------------------------------------------------------------------------------------------
-
-
-def resolve_groups(spec: str, users: Sequence[str]) -> dict[str, str]:
-    """``{user_id: group}`` for ``users``: ``spec = "lab"`` reads lab user ids ``group:NAME/K``; otherwise
-    ``spec`` is a JSON or YAML file mapping user ids to group names. Every user needs a group."""
-    if spec == "lab":
-        groups = {}
-        for user in users:
-            match = LAB_USER.match(user)
-            if match is None:
-                raise ValueError(f"--groups lab: user_id {user!r} is not a lab user id (group:NAME/K)")
-            groups[user] = match["group"]
-        return groups
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"--groups {spec}: no such file (give 'lab' or a JSON/YAML mapping user_id -> group)")
-    mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a mapping user_id -> group, got {type(mapping).__name__}")
-    mapping = {str(k): str(v) for k, v in mapping.items()}
-    missing = [u for u in users if u not in mapping]
-    if missing:
-        raise ValueError(f"{path}: no group for {len(missing)} user(s), e.g. {missing[:5]}")
-    return {u: mapping[u] for u in users}
 
 
 def summarize(counts: Mapping[str, tuple[int, int]], groups: Mapping[str, str] | None) -> dict[str, Any]:
@@ -480,4 +454,51 @@ def run(args: argparse.Namespace) -> int:
         return 2
     plot = ", accuracy_vs_k.png" if (report.parent / "accuracy_vs_k.png").exists() else ""
     print(f"wrote {report} (and results.json{plot}) in {report.parent}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# Train, then evaluate (`prefkit train` with a personalized: config)
+# ------------------------------------------------------------------------------------------
+def evaluate_fitted_head(config, head, users: Sequence[str], extra: Mapping[str, Any], eval_pairs, out: Path, say):
+    """Per-user / per-group / k-shot accuracy of a freshly fitted head on ``eval_pairs``, written to
+    ``out/eval`` (what `train_personalized` calls as its ``evaluate``)."""
+    model = PersonalizedModel(config, head, users, extra)
+    groups = resolve_groups(config.groups, eval_pairs.users) if config.groups else None
+    evaluation = evaluate_pairs(model, eval_pairs, groups, config.shots, config.shot_draws, config.seed)
+    write_evaluation(evaluation, Path(out) / "eval", say)
+    return evaluation
+
+
+def train_and_evaluate(config, say: Callable[[str], None] = print, resume: str | bool | None = None):
+    """`prefkit.train.personalized.train_personalized`, then the held-out evaluation (`evaluate_fitted_head`)."""
+    from prefkit.train.personalized import train_personalized
+
+    return train_personalized(config, say=say, resume=resume, evaluate=evaluate_fitted_head)
+
+
+def run_personalized(config_path: str, overrides: Sequence[str], resume=None) -> int:
+    """The ``prefkit train`` entry for a ``personalized:`` config; exit status (2: bad config or data)."""
+    from prefkit.data.records import DataError
+    from prefkit.train.checkpointing import TrainingStoppedError
+    from prefkit.train.personalized import CONFIG_FILE, load_personalized_config, main_process
+    from prefkit.train.settings import ConfigError
+
+    try:
+        config = load_personalized_config(config_path, overrides)
+        run = train_and_evaluate(config, resume=resume)
+    except (ConfigError, DataError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"prefkit train: error: {err}", file=sys.stderr)
+        return 2
+    except (FloatingPointError, TrainingStoppedError) as err:
+        print(f"prefkit train: stopped: {err}", file=sys.stderr)
+        return 1
+    if not main_process():
+        return 0
+    print(f"\nDone. Output in {run.output_dir}/")
+    print("  config.json, model.safetensors  the head (from_pretrained); users.json: the seen users")
+    print(f"  {CONFIG_FILE}  the resolved config (prefkit train it to re-run)")
+    print("  metrics.jsonl  the fit's history; README.md  the model card")
+    if run.evaluation is not None:
+        print("  eval/          report.md, results.json, accuracy_vs_k.png")
     return 0

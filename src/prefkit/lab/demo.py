@@ -151,12 +151,12 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo and return its results (also written to ``output_dir/results.json``)."""
+    from prefkit.eval.implicit import ImplicitReward
     from prefkit.lab import draw_dataset, make_world, save_dataset
     from prefkit.lab.evaluate import evaluate_policy, reward_model_agreement, score_responses, truth_pairs
     from prefkit.lab.plots import reward_vs_kl, training_curves
     from prefkit.lab.policy import reference_policy
     from prefkit.lab.runs import TruthCallback, train_policy, train_reward_model
-    from prefkit.models.implicit import ImplicitReward
 
     problem = _check(loss, steps, beta, world)
     if problem:

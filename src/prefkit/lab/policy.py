@@ -238,3 +238,21 @@ def reference_policy(
     model, tokenizer, info = pretrain_reference(world, seed, spec, progress)
     _save_atomically(folder, model, tokenizer, info)
     return LabPolicy(model, tokenizer, folder, info)
+
+
+def lab_backbone(spec: str, *, progress: bool = True):
+    """``(model, tokenizer)`` for the model spec ``lab:WORLD`` or ``lab:WORLD:SEED``: the world's reference
+    policy (pre-trained once, then cached). Registered as the ``lab`` model source (entry point
+    ``prefkit.model_sources``), so personalized heads can take it as their backbone."""
+    from prefkit.lab.world import make_world
+
+    scheme, _, rest = spec.partition(":")
+    world, _, seed = rest.partition(":")
+    if scheme != "lab" or not world:
+        raise ValueError("expected lab:WORLD or lab:WORLD:SEED")
+    try:
+        seed_value = int(seed or 0)
+        reference = reference_policy(make_world(world, seed_value), seed_value, progress=progress)
+    except ValueError as err:
+        raise ValueError(f"expected lab:WORLD or lab:WORLD:SEED ({err})") from err
+    return reference.model, reference.tokenizer

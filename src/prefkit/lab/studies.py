@@ -131,8 +131,8 @@ def _train(
 
 def _agreement(world: World, policy, reference, tokenizer, pairs) -> float:
     """Share of ``pairs`` the policy's log-ratio ``log pi - log ref`` orders as the true preference does."""
+    from prefkit.eval.implicit import ImplicitReward
     from prefkit.lab.evaluate import reward_model_agreement, score_responses
-    from prefkit.models.implicit import ImplicitReward
 
     # beta only scales the implicit reward; 1 gives the plain log-ratio (a ranking is all that is used)
     implicit = ImplicitReward(policy, copy.deepcopy(reference), beta=1.0)

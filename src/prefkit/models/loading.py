@@ -159,6 +159,26 @@ def load_policy(
     return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **load_kwargs)
 
 
+MODEL_SOURCES_GROUP = "prefkit.model_sources"
+
+
+def model_source(spec: str):
+    """The loader for a ``SCHEME:REST`` model spec that an installed package registers under the entry-point
+    group ``prefkit.model_sources`` (prefkit's own: ``lab`` -> `prefkit.lab.policy.lab_backbone`, a lab
+    world's pre-trained reference policy), or None for any other spec. A loader takes ``(spec, progress=...)``
+    and returns ``(model, tokenizer)``; ``ValueError`` for a bad spec. Registering by entry point keeps the
+    packages that load models below the lab that makes them."""
+    from importlib.metadata import entry_points
+
+    scheme, sep, _ = spec.partition(":")
+    if not sep or not scheme.isidentifier():
+        return None
+    for entry in entry_points(group=MODEL_SOURCES_GROUP):
+        if entry.name == scheme:
+            return entry.load()
+    return None
+
+
 def load_reference(name_or_path: str, **kwargs: Any):
     """`load_policy`, then frozen: eval mode and ``requires_grad=False`` on every parameter."""
     return freeze(load_policy(name_or_path, **kwargs))

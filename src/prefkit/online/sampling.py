@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,10 @@ from prefkit.data.batching import batches_by_length, module_device, run_batched
 from prefkit.data.collators import pad_rows
 from prefkit.data.tokenize import tokenize_prompt
 
-__all__ = ["Completion", "completion_log_probs", "sample_completions"]
+if TYPE_CHECKING:
+    from prefkit.train.user_conditioning import UserTokens
+
+__all__ = ["Completion", "completion_log_probs", "sample_completions", "sample_for_user"]
 
 
 @dataclass
@@ -83,7 +86,7 @@ def sample_completions(
     """``n`` completions of each prompt (text or chat messages), prompt-major: the completions of
     ``prompts[i]`` are items ``i*n .. i*n + n - 1``. Sampling is ancestral at ``temperature`` (> 0).
     ``prompt_ids``: the prompts' token ids, used instead of tokenizing ``prompts`` (e.g. with a user's
-    soft-prompt tokens in front, `prefkit.train.user_conditioning.sample_for_user`)."""
+    soft-prompt tokens in front, `sample_for_user`)."""
     _check_positive("n", n)
     _check_positive("max_new_tokens", max_new_tokens)
     _check_positive("batch_size", batch_size)
@@ -164,3 +167,25 @@ def completion_log_probs(
         return run_batched(one, batches_by_length(lengths, batch_size), len(completions), desc, progress)
     finally:
         model.train(was_training)
+
+
+def sample_for_user(
+    model: nn.Module,
+    tokenizer,
+    tokens: UserTokens,
+    user_id: str | None,
+    prompts: Sequence[Any],
+    *,
+    max_prompt_length: int | None = None,
+    **sampling,
+):
+    """`prefkit.online.sample_completions` of ``prompts`` with ``user_id``'s tokens in front of each
+    prompt (tokenized as training tokenizes them). ``sampling``: ``n``, ``max_new_tokens``,
+    ``temperature``, ``seed``, ``batch_size``, ``progress``, ``desc``."""
+    prompt_ids = [
+        tokens.prefix(
+            tokenize_prompt(p, tokenizer, max_prompt_length=max_prompt_length), user_id, tokenizer.bos_token_id
+        )
+        for p in prompts
+    ]
+    return sample_completions(model, tokenizer, prompts, prompt_ids=prompt_ids, **sampling)

@@ -317,13 +317,8 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
         overrides.append(resume)
         resume = True
-    from prefkit.train.settings import is_personalized_config, read_settings
+    from prefkit.train.settings import read_settings
 
-    # --- personalized heads on embeddings (a `personalized:` section): prefkit.train.personalized ---
-    if is_personalized_config(args.config):
-        from prefkit.train.personalized import run_personalized
-
-        return run_personalized(args.config, overrides, resume)
     # Every setting is checked before torch and transformers are imported (a bad one answers at once).
     try:
         read_settings(args.config, overrides)

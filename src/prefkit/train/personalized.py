@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -63,7 +62,6 @@ __all__ = [
     "load_backbone",
     "load_personalized_config",
     "parse_personalized_config",
-    "run_personalized",
     "train_personalized",
 ]
 
@@ -467,22 +465,18 @@ def config_to_dict(config: PersonalizedConfig) -> dict[str, Any]:
 
 
 def load_backbone(config: PersonalizedConfig):
-    """``(model, tokenizer)`` of ``config.model``: 'lab:WORLD[:SEED]', 'tiny', a folder or a Hub id."""
+    """``(model, tokenizer)`` of ``config.model``: 'lab:WORLD[:SEED]' (or another registered
+    `prefkit.models.loading.model_source`), 'tiny', a folder or a Hub id."""
     from prefkit.models.embeddings import truncated_backbone
-    from prefkit.models.loading import TinySpec, ensure_pad_token, load_policy, load_tokenizer
+    from prefkit.models.loading import TinySpec, ensure_pad_token, load_policy, load_tokenizer, model_source
 
-    if config.model.startswith("lab:"):
-        from prefkit.lab import make_world
-        from prefkit.lab.policy import reference_policy
-
-        world, _, seed = config.model[4:].partition(":")
+    source = model_source(config.model)
+    if source is not None:  # e.g. lab:WORLD[:SEED], registered by prefkit.lab (an entry point)
         try:
-            reference = reference_policy(make_world(world, int(seed or 0)), int(seed or 0), progress=config.progress)
+            model, tokenizer = source(config.model, progress=config.progress)
         except ValueError as err:
-            raise ConfigError(f"model {config.model!r}: expected lab:WORLD or lab:WORLD:SEED ({err})") from err
-        return truncated_backbone(reference.model, config.backbone_layers), ensure_pad_token(
-            reference.tokenizer, config.model
-        )
+            raise ConfigError(f"model {config.model!r}: {err}") from err
+        return truncated_backbone(model, config.backbone_layers), ensure_pad_token(tokenizer, config.model)
     tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
     spec = TinySpec(hidden_size=config.tiny_hidden_size, num_layers=config.tiny_num_layers, seed=config.tiny_seed)
     model = load_policy(
@@ -890,10 +884,16 @@ def _load_train_records(config: PersonalizedConfig):
 
 
 def train_personalized(
-    config: PersonalizedConfig, say: Callable[[str], None] = print, resume: str | bool | None = None
+    config: PersonalizedConfig,
+    say: Callable[[str], None] = print,
+    resume: str | bool | None = None,
+    evaluate: Callable[..., dict[str, Any]] | None = None,
 ) -> PersonalizedRun:
     """Run the whole job (what ``prefkit train`` does with a ``personalized:`` config). ``resume``: continue
-    end-to-end training from a checkpoint (a folder, or True: the last one in ``output_dir/checkpoints``)."""
+    end-to-end training from a checkpoint (a folder, or True: the last one in ``output_dir/checkpoints``).
+    ``evaluate(config, head, users, extra, eval_pairs, out, say) -> results`` scores the held-out pairs
+    (`prefkit.eval.personalized.evaluate_fitted_head`, which `train_and_evaluate` passes); None: no
+    evaluation."""
     if not config.end_to_end.end_to_end and _num_processes() > 1:
         raise ConfigError(
             "heads on frozen embeddings fit in one process (in seconds to minutes on a CPU); run prefkit train "
@@ -904,8 +904,8 @@ def train_personalized(
             "--resume continues end-to-end training (end_to_end: true with save_steps); heads on frozen "
             "embeddings fit in one go: drop --resume"
         )
+    from prefkit.data.groups import resolve_groups
     from prefkit.data.loaders import load_records, write_records
-    from prefkit.eval.personalized import PersonalizedModel, evaluate_pairs, resolve_groups, write_evaluation
 
     out = _prepare_output_dir(config)
     records = _load_train_records(config)
@@ -919,7 +919,7 @@ def train_personalized(
     backbone = load_backbone(config)
     if config.end_to_end.end_to_end:
         model, history = fit_end_to_end([records[i] for i in train_rows], backbone, config, say, resume)
-        if not _main_process():  # several processes trained together; the main one writes and evaluates
+        if not main_process():  # several processes trained together; the main one writes and evaluates
             return PersonalizedRun(out, model.head, history, None)
         head, saved = model.head.cpu(), _save_backbone(backbone, config, out)  # the head works on CPU embeddings
         say(f"embedding the pairs with the trained backbone ({config.pooling} pooling, not cached)")
@@ -953,7 +953,9 @@ def train_personalized(
         fh.writelines(json.dumps(row) + "\n" for row in history)
 
     evaluation, eval_data = None, None
-    if config.eval_file:
+    if evaluate is None:
+        pass
+    elif config.eval_file:
         eval_data = config.eval_file
         eval_records = load_records(eval_data, kind="pairwise", column_map=config.column_map)
         eval_pairs = (
@@ -966,16 +968,13 @@ def train_personalized(
         write_records([records[i] for i in held_rows], eval_data)
         eval_pairs = pairs.subset(held_rows)
     if eval_data is not None:
-        model = PersonalizedModel(config, head, train_pairs.users, extra)
-        groups = resolve_groups(config.groups, eval_pairs.users) if config.groups else None
-        evaluation = evaluate_pairs(model, eval_pairs, groups, config.shots, config.shot_draws, config.seed)
+        evaluation = evaluate(config, head, train_pairs.users, extra, eval_pairs, out, say)
         evaluation["data"] = [eval_data]
-        write_evaluation(evaluation, out / "eval", say)
     _write_model_card(out, config, len(train_pairs), train_pairs.users, history, evaluation)
     return PersonalizedRun(out, head, history, evaluation)
 
 
-def _main_process() -> bool:
+def main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
@@ -1024,27 +1023,3 @@ def _write_model_card(out: Path, config, n_pairs: int, users, history, evaluatio
     if evaluation and evaluation.get("seen"):
         lines += ["", f"Held-out accuracy of seen users: {evaluation['seen']['accuracy']:.3f}."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
-
-
-def run_personalized(config_path: str, overrides: Sequence[str], resume=None) -> int:
-    """The ``prefkit train`` entry for a ``personalized:`` config; exit status (2: bad config or data)."""
-    from prefkit.train.checkpointing import TrainingStoppedError
-
-    try:
-        config = load_personalized_config(config_path, overrides)
-        run = train_personalized(config, resume=resume)
-    except (ConfigError, DataError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"prefkit train: error: {err}", file=sys.stderr)
-        return 2
-    except (FloatingPointError, TrainingStoppedError) as err:
-        print(f"prefkit train: stopped: {err}", file=sys.stderr)
-        return 1
-    if not _main_process():
-        return 0
-    print(f"\nDone. Output in {run.output_dir}/")
-    print("  config.json, model.safetensors  the head (from_pretrained); users.json: the seen users")
-    print(f"  {CONFIG_FILE}  the resolved config (prefkit train it to re-run)")
-    print("  metrics.jsonl  the fit's history; README.md  the model card")
-    if run.evaluation is not None:
-        print("  eval/          report.md, results.json, accuracy_vs_k.png")
-    return 0

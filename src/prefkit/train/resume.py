@@ -27,6 +27,7 @@ HISTORY_FILE = "history.jsonl"
 # Settings a resumed run may change on purpose: its length, and its logging, saving and evaluation.
 MAY_CHANGE = frozenset(
     {
+        "output_dir",  # the folder was moved or copied: its config.yaml is the one read
         "max_steps",
         "num_train_epochs",
         "logging_steps",

@@ -747,7 +747,7 @@ class PreferenceTrainer(CheckpointingTrainer):
         groups are those of the first dataset prepared (the training data), in sorted order."""
         if args.groups is None or dataset is None:
             return dataset
-        from prefkit.eval.personalized import resolve_groups
+        from prefkit.data.groups import resolve_groups
 
         users = _user_ids(dataset, name)
         try:

@@ -16,8 +16,8 @@ its frozen copy is then user-dependent.)
 
 A new user after training (`fit_new_user` = `add_new_user` + `fit_user`): their token starts at the
 mean of the seen users' rows, and only that embedding row is optimised, on their few pairs, with the
-loss; every other weight stays as it is. `sample_for_user` samples completions with a user's tokens
-in front of the prompt.
+loss; every other weight stays as it is. `prefkit.online.sampling.sample_for_user` samples completions
+with a user's tokens in front of the prompt.
 
 The mapping user -> tokens -> ids is a `UserTokens`; the trainer writes it as ``users.json`` next to
 the model and tokenizer (`load_user_tokens` reads it back). docs/personalized.md, "User-conditioned
@@ -52,7 +52,6 @@ __all__ = [
     "fit_user",
     "load_user_tokens",
     "pair_margins",
-    "sample_for_user",
     "setup_user_conditioning",
     "user_token_names",
 ]
@@ -529,28 +528,3 @@ def _optimise_rows(policy: nn.Module, ids: list[int], objective, *, steps: int, 
     with torch.no_grad():
         weight[index] = rows.detach().to(weight.dtype)
     return float(value.detach())
-
-
-def sample_for_user(
-    model: nn.Module,
-    tokenizer,
-    tokens: UserTokens,
-    user_id: str | None,
-    prompts: Sequence[Any],
-    *,
-    max_prompt_length: int | None = None,
-    **sampling,
-):
-    """`prefkit.online.sample_completions` of ``prompts`` with ``user_id``'s tokens in front of each
-    prompt (tokenized as training tokenizes them). ``sampling``: ``n``, ``max_new_tokens``,
-    ``temperature``, ``seed``, ``batch_size``, ``progress``, ``desc``."""
-    from prefkit.data.tokenize import tokenize_prompt
-    from prefkit.online.sampling import sample_completions
-
-    prompt_ids = [
-        tokens.prefix(
-            tokenize_prompt(p, tokenizer, max_prompt_length=max_prompt_length), user_id, tokenizer.bos_token_id
-        )
-        for p in prompts
-    ]
-    return sample_completions(model, tokenizer, prompts, prompt_ids=prompt_ids, **sampling)
