@@ -171,3 +171,16 @@ def test_damaged_checkpoint_copy_is_not_needed_for_a_fresh_run(tmp_path):
     shutil.rmtree(tmp_path / "run" / "checkpoint-2")
     assert main(["train", str(cfg), "overwrite_output_dir=true"]) == 0
     assert not (tmp_path / "run" / "history.jsonl").exists()
+
+
+# ---- the ecosystem reads what prefkit writes --------------------------------------------------------
+def test_a_lora_adapter_folder_loads_with_peft_auto_class(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    cfg = _config(tmp_path, max_steps=1, save_steps=100, lora_r=4)
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "run"
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((out / "base_model").resolve())
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert type(model).__name__ == "PeftModelForCausalLM"

@@ -173,6 +173,33 @@ def _user_prefix(folder: str, tokenizer, reference):
     return lambda prompt_ids, user_id: tokens.prefix(prompt_ids, user_id, tokenizer.bos_token_id)
 
 
+def training_data_warnings(model: str, data: list[str]) -> list[str]:
+    """A warning for each ``data`` file that the model in folder ``model`` was trained on (its config.yaml's
+    train_file): accuracy there is training accuracy, not held-out."""
+    import yaml
+
+    config = Path(model) / "config.yaml"
+    if not config.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return []
+    train_file = saved.get("train_file") if isinstance(saved, dict) else None
+    if not isinstance(train_file, str) or not Path(train_file).exists():
+        return []
+    out = []
+    for path in data:
+        if Path(path).exists() and Path(path).resolve() == Path(train_file).resolve():
+            held = saved.get("eval_fraction")
+            note = f" (eval_fraction {held} of it was held out; the rest was trained on)" if held else ""
+            out.append(
+                f"{path} is the file {model} was trained on (train_file in {config}){note}: its accuracy here is "
+                "training accuracy, not a held-out measure"
+            )
+    return out
+
+
 def evaluate_from_args(args: argparse.Namespace) -> Path:
     """Load the data and the model named by ``args``, evaluate, write the report; returns report.md's path."""
     import torch
@@ -200,6 +227,8 @@ def evaluate_from_args(args: argparse.Namespace) -> Path:
         split=args.split,
         subset_column=args.subset_column,
     )
+    for warning in training_data_warnings(args.model, [parse_data_argument(v)[1] for v in args.data]):
+        print(f"warning: {warning}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, options.prompt_prefix = _load_model(args, device)
     evaluation = evaluate_reward_model(model, tokenizer, eval_set, options)
@@ -210,6 +239,14 @@ def evaluate_from_args(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print where the report is; 2 on bad input (message on stderr)."""
+    from prefkit.train.settings import ConfigError, check_model_path
+
+    try:  # a mistyped local folder is named at once, not after a minute of Hub retries
+        for flag, value in (("--model", args.model), ("--ref", args.ref), ("--tokenizer", args.tokenizer)):
+            check_model_path(flag, value)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from prefkit.eval import personalized  # --- personalized heads: prefkit.eval.personalized ---
 
     if personalized.is_personalized_model(args.model) or personalized.options_given(args):

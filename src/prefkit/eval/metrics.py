@@ -291,8 +291,20 @@ def spearman(x: Any, y: Any) -> float | None:
     return pearson(_ranks(_vector(x, "x")), _ranks(_vector(y, "y")))
 
 
-def length_bias(chosen: Any, rejected: Any, chosen_lengths: Any, rejected_lengths: Any) -> dict[str, Any]:
+def length_bias(
+    chosen: Any,
+    rejected: Any,
+    chosen_lengths: Any,
+    rejected_lengths: Any,
+    full_chosen_lengths: Any = None,
+    full_rejected_lengths: Any = None,
+) -> dict[str, Any]:
     """How much a reward model's pairwise decisions follow response length.
+
+    The lengths are the response tokens the model scored, i.e. after truncation to ``max_length``.
+    With ``full_*_lengths`` (the untruncated responses' tokens), ``longer_wins_accuracy_full_text`` is
+    the same baseline on the full texts: truncation can make two long responses equally long, which the
+    truncated baseline counts as a tie.
 
     ``pearson`` / ``spearman``: correlation of reward with length over all ``2N`` responses.
     ``accuracy_chosen_shorter`` / ``accuracy_chosen_longer``: pairwise accuracy on the pairs whose
@@ -315,4 +327,14 @@ def length_bias(chosen: Any, rejected: Any, chosen_lengths: Any, rejected_length
         "n_chosen_shorter": int(shorter.sum()),
         "n_chosen_longer": int(longer.sum()),
         "n_equal": int((lc == lr).sum()),
+        "longer_wins_accuracy_full_text": (
+            None
+            if full_chosen_lengths is None
+            else float(
+                (
+                    _vector(full_chosen_lengths, "full_chosen_lengths")
+                    > _vector(full_rejected_lengths, "full_rejected_lengths")
+                ).mean()
+            )
+        ),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ def headline(results: dict[str, Any]) -> list[tuple[str, Any]]:
         ("length: Spearman rho(reward, tokens)", _get(m, "length_bias", "spearman")),
         ("accuracy when chosen is shorter", _get(m, "length_bias", "accuracy_chosen_shorter")),
         ("accuracy when chosen is longer", _get(m, "length_bias", "accuracy_chosen_longer")),
-        ("baseline: longer response wins", _get(m, "length_bias", "longer_wins_accuracy")),
+        ("baseline: longer response wins (lengths after truncation)", _get(m, "length_bias", "longer_wins_accuracy")),
+        ("baseline: longer response wins (full texts)", _get(m, "length_bias", "longer_wins_accuracy_full_text")),
         ("ranking accuracy of the policy (log-likelihood)", _get(m, "ranking_accuracy", "policy")),
         ("ranking accuracy of the reference", _get(m, "ranking_accuracy", "reference")),
         ("idealized ranking accuracy", _get(m, "ranking_accuracy", "idealized")),
@@ -107,6 +109,23 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value: Any, nulls: dict[str, str], path: str = "") -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN), each such place recorded in
+    ``nulls`` (dotted path -> why), so results.json is strict JSON that any parser reads."""
+    if isinstance(value, float) and not math.isfinite(value):
+        nulls[path] = (
+            "undefined (NaN): e.g. a correlation over constant values, or a mean over no items"
+            if math.isnan(value)
+            else f"infinite ({value})"
+        )
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v, nulls, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v, nulls, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
 def write_report(evaluation: Evaluation, output_dir: str | Path, **extra: Any) -> Path:
     """Write ``results.json`` (``evaluation.results`` plus ``extra`` and the plot names),
     ``scores.jsonl``, the plots and ``report.md`` to ``output_dir``; returns the report's path."""
@@ -114,10 +133,14 @@ def write_report(evaluation: Evaluation, output_dir: str | Path, **extra: Any) -
     out.mkdir(parents=True, exist_ok=True)
     results = {**extra, **evaluation.results}
     results["plots"] = _plots(evaluation, out)
-    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    nulls: dict[str, str] = {}
+    results = strict_json(results, nulls)
+    if nulls:
+        results["null_reasons"] = nulls
+    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     with open(out / "scores.jsonl", "w") as handle:
-        for item in evaluation.items:
-            handle.write(json.dumps(item) + "\n")
+        for i, item in enumerate(evaluation.items):
+            handle.write(json.dumps(strict_json(item, {}, f"scores[{i}]"), allow_nan=False) + "\n")
     report = out / "report.md"
     report.write_text(_markdown(results))
     return report

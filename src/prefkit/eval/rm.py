@@ -164,7 +164,11 @@ def _pairs(eval_set: EvalSet, scorer: _Scorer, options: EvalOptions, out: dict, 
     out["calibration"] = M.expected_calibration_error(probs, outcomes, options.n_bins)
     len_c, len_r = chosen_tokens.response_lengths, rejected_tokens.response_lengths
     if chosen is not None:
-        out["length_bias"] = M.length_bias(chosen, rejected, len_c, len_r)
+        full_c, full_r = len_c, len_r
+        if chosen_tokens.n_truncated or rejected_tokens.n_truncated:  # the baseline on the untruncated texts too
+            full_c = tokenize_items([(r.prompt, r.chosen) for r in records], scorer.tokenizer).response_lengths
+            full_r = tokenize_items([(r.prompt, r.rejected) for r in records], scorer.tokenizer).response_lengths
+        out["length_bias"] = M.length_bias(chosen, rejected, len_c, len_r, full_c, full_r)
         out["mean_reward"] = {"chosen": float(chosen.mean()), "rejected": float(rejected.mean())}
     if scorer.kind == "implicit":
         _likelihood_ranking(eval_set, scorer, options, out, skipped)

@@ -154,6 +154,8 @@ def build_trainer(config: RunConfig, train_records, eval_records=None, *, data_d
         return build_reward_trainer(config, tokenizer, train_records, eval_records, data_description, callbacks)
     load_kwargs = _load_kwargs(m)
     policy = load_policy(m.model, vocab_size=len(tokenizer) if m.model == "tiny" else None, **load_kwargs)
+    if m.use_lora:
+        _name_the_base(policy, tokenizer, config)
     ref_model = None
     if m.ref_model is not None:
         if config.train.reference_free:
@@ -178,6 +180,20 @@ def build_trainer(config: RunConfig, train_records, eval_records=None, *, data_d
         callbacks=callbacks,
         run_info=run_info,
     )
+
+
+def _name_the_base(model, tokenizer, config: RunConfig) -> None:
+    """LoRA saves only adapters, whose ``adapter_config.json`` names the base model to load them onto
+    (``base_model_name_or_path``, read by ``peft.AutoPeftModelForCausalLM``). A base built here (``tiny``)
+    has no name: save it to ``output_dir/base_model`` and name that folder, so the adapters load anywhere."""
+    if getattr(model, "name_or_path", None):
+        return
+    folder = (Path(config.train.output_dir) / "base_model").resolve()
+    if config.train.should_save:
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+    model.name_or_path = str(folder)
+    model.config._name_or_path = str(folder)
 
 
 def _load_kwargs(m) -> dict[str, Any]:
