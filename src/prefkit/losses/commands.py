@@ -53,6 +53,8 @@ def format_spec(spec: LossSpec, width: int) -> list[str]:
     lines += _field("formula", spec.formula, width)
     lines += _field("paper", spec.citation, width)
     lines += _field("params", format_params(spec), width)
+    if spec.ranges:
+        lines += _field("ranges", ", ".join(f"{k} {v}" for k, v in spec.ranges.items()), width)
     return lines
 
 
@@ -79,6 +81,8 @@ def render_one(spec: LossSpec, width: int) -> str:
     lines += _field("formula", spec.formula, width, 0)
     lines += _field("paper", spec.citation, width, 0)
     lines += _field("params", format_params(spec), width, 0)
+    if spec.ranges:
+        lines += _field("ranges", ", ".join(f"{k} {v}" for k, v in spec.ranges.items()), width, 0)
     doc = inspect.cleandoc(spec.fn.__doc__ or "")
     lines += ["", doc]
     return "\n".join(lines)
