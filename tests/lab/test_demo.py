@@ -48,6 +48,7 @@ def test_report_and_files(demo):
     assert len((out / "train.jsonl").read_text().splitlines()) == 100 * 32
     report = (out / "report.md").read_text()
     assert "True-reward gain" in report and "reward_vs_kl.png" in report
+    assert "synthetic world's words" in report
     saved = json.loads((out / "results.json").read_text())
     assert saved["true_reward_gain"] == pytest.approx(result["true_reward_gain"])
     assert [h["step"] for h in saved["trace"]] == [0, 20, 40, 60, 80, 100]
@@ -71,3 +72,26 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(ValueError, match="unknown world"):
         run_demo(out, world="mars")
+
+
+def test_training_curves_label_every_axis_and_keep_margins_apart(tmp_path, monkeypatch):
+    from prefkit.lab import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    policy = [{"step": s, "loss": 0.7 - s / 100, "rewards/margins": s / 10} for s in range(1, 4)]
+    rm = [{"step": s, "loss": 0.6, "rewards/margins": 5.0 * s, "rewards/accuracies": 0.8} for s in range(1, 4)]
+    plots.training_curves(
+        {"policy": policy, "rm": rm},
+        ["loss", "rewards/accuracies", "rewards/margins"],
+        tmp_path / "c.png",
+        per_run=["rewards/margins"],
+        ylabels={"rewards/margins|policy": "implicit-reward margin"},
+    )
+    axes = figures[0].axes
+    assert len(axes) == 4  # loss, accuracy, and one margins panel per run
+    assert all(ax.get_ylabel() for ax in axes)
+    assert axes[2].get_ylabel() == "implicit-reward margin" and [t.get_text() for t in axes[2].get_legend().texts] == [
+        "policy"
+    ]
+    assert [t.get_text() for t in axes[3].get_legend().texts] == ["rm"]

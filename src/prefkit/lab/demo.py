@@ -275,6 +275,11 @@ def run_demo(
             {f"policy ({loss})": policy_trainer.state.log_history, "reward model (bt)": rm_trainer.state.log_history},
             ["loss", "rewards/accuracies", "rewards/margins"],
             out / "training_curves.png",
+            per_run=["rewards/margins"],  # implicit-reward margins and reward-model margins are on other scales
+            ylabels={
+                f"rewards/margins|policy ({loss})": "implicit margin, β·Δ log-ratio",
+                "rewards/margins|reward model (bt)": "r(chosen) − r(rejected)",
+            },
         ),
         "reward_vs_kl": reward_vs_kl(
             {
@@ -369,6 +374,9 @@ def write_report(results: dict[str, Any], world, before, final, out: Path) -> Pa
         "![training curves](training_curves.png)",
         "",
         "## Samples (first sample of a few prompts)",
+        "",
+        "Prompts and samples are made of the synthetic world's words (its own small vocabulary, with a known "
+        "true reward), not English: read them for length and word choice, not for meaning.",
         "",
         *_examples(before, final),
         "",

@@ -23,18 +23,46 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Sequence[str], path: str | Path) -> Path:
+# y-axis labels of the metrics trainers log
+METRIC_LABELS = {
+    "loss": "training loss",
+    "rewards/accuracies": "pairwise accuracy",
+    "rewards/margins": "reward(chosen) - reward(rejected)",
+}
+
+
+def training_curves(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    metrics: Sequence[str],
+    path: str | Path,
+    *,
+    per_run: Sequence[str] = (),
+    ylabels: Mapping[str, str] | None = None,
+) -> Path:
     """One panel per metric; in each, the metric against the step for every run (``runs[name]`` is a
     Trainer ``log_history``: entries without the metric are skipped), and its held-out value
-    (``eval_<metric>``, dashed) where the run logged one."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for i, (name, history) in enumerate(runs.items()):
+    (``eval_<metric>``, dashed) where the run logged one. A metric in ``per_run`` gets one panel per run
+    instead (values on different scales, e.g. a policy's implicit-reward margins and a reward model's
+    margins). ``ylabels``: axis label per metric, or per ``"metric|run"`` for ``per_run`` panels."""
+    labels = {**METRIC_LABELS, **(ylabels or {})}
+    panels: list[tuple[str, list[tuple[int, str]]]] = []
+    for metric in metrics:
+        if metric in per_run:
+            panels += [(metric, [(i, name)]) for i, name in enumerate(runs)]
+        else:
+            panels.append((metric, list(enumerate(runs))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (metric, members) in zip(axes[0], panels):
+        for i, name in members:
+            history = runs[name]
             for key, label, style in ((metric, name, "-"), (f"eval_{metric}", f"{name}, held-out", "--")):
                 points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
                 if points:
                     ax.plot(*zip(*points), style, color=f"C{i}", marker=".", label=label)
-        ax.set(xlabel="step", title=metric)
+        own = len(members) == 1 and metric in per_run
+        title = f"{metric} ({members[0][1]})" if own else metric
+        ylabel = labels.get(f"{metric}|{members[0][1]}") if own else None
+        ax.set(xlabel="step", ylabel=ylabel or labels.get(metric, metric), title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -105,7 +133,7 @@ def metric_panels(
     for ax, (metric, series) in zip(axes[0], panels.items()):
         for name, s in series.items():
             ax.errorbar(x, s["y"], yerr=s.get("se"), marker="o", markersize=4, capsize=3, label=name)
-        ax.set(xlabel=xlabel, title=metric)
+        ax.set(xlabel=xlabel, ylabel=METRIC_LABELS.get(metric, metric), title=metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
