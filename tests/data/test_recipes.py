@@ -10,7 +10,7 @@ import pytest
 from prefkit.cli import main as prefkit_main
 from prefkit.data import DataError, load_records
 from prefkit.data.recipes import hh_two_groups, parse_shares, response_length
-from prefkit.eval.personalized import resolve_groups
+from prefkit.data.groups import resolve_groups
 
 PROMPT = "\n\nHuman: How do I {i}?\n\nAssistant:"
 # (chosen length, rejected length) of the replies, in characters; rows 3 and 8 are ties

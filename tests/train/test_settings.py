@@ -64,6 +64,17 @@ BAD = [
     ("learning_rat=1e-3", "unknown config key 'learning_rat' in override. Did you mean 'learning_rate'?"),
     ("loss_type=sigmoid", "loss_type: not a prefkit key (TRL's name)"),
     ("rpo_alpha=1.0", "loss: [dpo, sft] with loss_weights"),
+    ("lr_scheduler_type=cosine_wobble", "lr_scheduler_type: expected one of linear, cosine"),
+    ("optim=sgdd", "optim: expected one of adamw_torch"),
+    ("eval_strategy=sometimes", "eval_strategy: expected one of no, steps, epoch, got 'sometimes'"),
+    ("data_kind=weird", "data_kind: expected one of pairwise, unpaired, rated, ranked, stepwise, got 'weird'"),
+    ("column_map=5", "column_map: expected a mapping prefkit field -> file column"),
+    ("lora_target_modules=5", "lora_target_modules: expected all-linear or a list of module names"),
+    ("model=", "model: expected tiny, a local folder or a Hub model id, got None"),
+    ("train_file=", "train_file: expected the feedback file to train on"),
+    ("groups=nofile.yaml", "groups: expected lab or a YAML/JSON file mapping user_id -> group, got 'nofile.yaml'"),
+    ("user_prefix_tokens=2", "user_prefix_tokens: set, but user_conditioning is false"),
+    ("seed=-1", "seed: expected an integer >= 0, got -1"),
 ]
 
 
@@ -128,3 +139,18 @@ def test_the_loss_catalog_read_from_source_is_the_registry():
     live = {s.name: (s.kind, s.hyperparameters, s.ranges, s.batch_coupled) for s in list_losses()}
     read = {e.name: (e.kind, e.hyperparameters, e.ranges, e.batch_coupled) for e in loss_catalog().values()}
     assert read == live
+
+
+def test_save_strategy_no_is_the_word_not_false(monkeypatch):
+    monkeypatch.chdir(REPO)
+    values = read_settings(DPO_TINY, ["save_strategy=no", "eval_strategy=no"])
+    assert values["save_strategy"] is False  # YAML 1.1; the dataclass gets "no" back (prefkit.train.config)
+
+
+@pytest.mark.parametrize("override", ["report_to=foo", "attn_implementation=foo"])
+def test_values_only_transformers_can_check_are_one_line_too(override, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    assert main(["train", str(DPO_TINY), override, "max_steps=1", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("prefkit train: error: building the trainer failed (ValueError)") and "Traceback" not in err

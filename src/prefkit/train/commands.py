@@ -261,7 +261,13 @@ def train_from_config(config: RunConfig, resume: str | bool | None = None, callb
             write_config(config, _prepare_output_dir(config, resume) / "config.yaml")
     out = Path(args.output_dir)
     train_records, eval_records, description = load_run_data(config)
-    trainer = build_trainer(config, train_records, eval_records, data_description=description, callbacks=callbacks)
+    try:
+        trainer = build_trainer(config, train_records, eval_records, data_description=description, callbacks=callbacks)
+    except (ConfigError, DataError):
+        raise
+    except (ValueError, OSError, ImportError) as err:  # a model, tokenizer or TrainingArguments value refused
+        message = " ".join(str(err).split())
+        raise ConfigError(f"building the trainer failed ({type(err).__name__}): {message}") from err
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics: dict[str, float] = {}
     if eval_records is not None:

@@ -161,6 +161,32 @@ def known_keys() -> dict[str, str]:
     return keys
 
 
+# transformers' enumerations of some TrainingArguments values: key -> (file, enum class)
+TRANSFORMERS_CHOICES: dict[str, tuple[str, str]] = {
+    "lr_scheduler_type": ("trainer_utils.py", "SchedulerType"),
+    "optim": ("training_args.py", "OptimizerNames"),
+    "eval_strategy": ("trainer_utils.py", "IntervalStrategy"),
+    "logging_strategy": ("trainer_utils.py", "IntervalStrategy"),
+    "save_strategy": ("trainer_utils.py", "SaveStrategy"),
+}
+
+
+@functools.cache
+def _enum_values(file: str, class_name: str) -> tuple[str, ...]:
+    """The string values of the enum ``class_name`` in transformers' ``file``, read with `ast`."""
+    tree = ast.parse(_transformers_file(file).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return tuple(
+                item.value.value
+                for item in node.body
+                if isinstance(item, ast.Assign)
+                and isinstance(item.value, ast.Constant)
+                and isinstance(item.value.value, str)
+            )
+    return ()
+
+
 # ------------------------------------------------------------------------------------------
 # Losses, read from prefkit/losses/*.py
 # ------------------------------------------------------------------------------------------
@@ -286,6 +312,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prompt_truncation": ("keep_end", "keep_start"),
     "completion_truncation": ("keep_start", "keep_end"),
     "user_id_missing": ("error", "shared"),
+    "data_kind": ("pairwise", "unpaired", "rated", "ranked", "stepwise"),
 }
 BOOLEANS = (
     "share_prompt",
@@ -489,8 +516,30 @@ def check_settings(values: Mapping[str, Any], source: str | None = None, *, path
         if not (math.isfinite(x) and (x >= 1 and float(x).is_integer() or 0 < x < 1)):
             raise _fail(key, "an integer >= 1 (steps) or a fraction of the run in (0, 1)", get(key))
     for key, choices in CHOICES.items():
-        if key in values and get(key) not in choices:
+        if get(key) is not None and get(key) not in choices:
             raise _fail(key, "one of " + ", ".join(choices), get(key))
+    for key, (file, enum) in TRANSFORMERS_CHOICES.items():
+        choices, value = _enum_values(file, enum), get(key)
+        if isinstance(value, bool):  # YAML 1.1 reads `no` as false; the text field gets the word back
+            value = "yes" if value else "no"
+        if value is not None and choices and value not in choices:
+            raise _fail(key, "one of " + ", ".join(choices), value)
+    column_map = get("column_map")
+    if column_map is not None and (
+        not isinstance(column_map, Mapping) or not all(isinstance(v, str) for v in column_map.values())
+    ):
+        raise _fail("column_map", "a mapping prefkit field -> file column ({prompt: question})", column_map)
+    targets = get("lora_target_modules")
+    if targets is not None and not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise _fail("lora_target_modules", "all-linear or a list of module names ([q_proj, v_proj])", targets)
+    if "model" in values and not (isinstance(get("model"), str) and get("model").strip()):
+        raise _fail("model", "tiny, a local folder or a Hub model id", get("model"))
+    if not get("user_conditioning"):
+        changed = [k for k, d in (("user_prefix_tokens", 1), ("user_id_missing", "error")) if get(k, d) != d]
+        if changed:
+            raise ConfigError(f"{changed[0]}: set, but user_conditioning is false; set user_conditioning: true")
     for key in BOOLEANS:
         if key in values and not isinstance(get(key), bool):
             raise _fail(key, "true or false", get(key))
@@ -523,6 +572,11 @@ def check_settings(values: Mapping[str, Any], source: str | None = None, *, path
     check_losses(values)
     if not paths:
         return
+    if not get("train_file"):
+        raise _fail("train_file", "the feedback file to train on (docs/training.md)", get("train_file"))
+    groups = get("groups")
+    if groups is not None and groups != "lab" and not Path(str(groups)).is_file():
+        raise _fail("groups", "lab or a YAML/JSON file mapping user_id -> group", groups)
     for key in MODEL_KEYS:
         check_model_path(key, get(key))
     for key in DATA_KEYS:
