@@ -141,51 +141,23 @@ def split_message_pair(chosen: list[Message], rejected: list[Message]) -> tuple[
 
 
 def split_implicit_prompt(row: dict, file: str | None, row_number: int | None) -> dict:
-    """If a pairwise ``row`` has no prompt and its chosen/rejected hold one (HH-RLHF text or chat
-    messages), return a copy with ``prompt``, ``chosen`` and ``rejected`` split; otherwise return
-    the row unchanged. Raises `DataError` when the layout is recognised but the split fails."""
+    """If a pairwise ``row`` has no prompt and its chosen/rejected hold one (HH-RLHF text, chat
+    messages, or TRL's plain strings that begin with the same prompt), return a copy with ``prompt``,
+    ``chosen`` and ``rejected`` split; otherwise return the row unchanged. Raises `DataError` when the
+    layout is recognised but the split fails."""
     if row.get("prompt") is not None:
         return row
     chosen, rejected = row.get("chosen"), row.get("rejected")
-    if looks_like_hh(chosen) and looks_like_hh(rejected):
-        try:
-            prompt, chosen, rejected = split_hh_pair(chosen, rejected)
-        except ValueError:
-            raise DataError(
-                file,
-                row_number,
-                "chosen",
-                "HH-RLHF dialogues that share a prefix ending with '\\n\\nAssistant:' (the prompt)",
-                "dialogues that differ before any shared assistant turn",
-            ) from None
-    elif _is_message_list(chosen) and _is_message_list(rejected):
-        try:
-            prompt, chosen, rejected = split_message_pair(chosen, rejected)
-        except ValueError:
-            raise DataError(
-                file,
-                row_number,
-                "chosen",
-                "chat-message conversations that share the prompt turns and then both continue "
-                "with an assistant message",
-                "conversations with no shared turns before the replies",
-            ) from None
-    elif isinstance(chosen, str) and isinstance(rejected, str):
-        try:
-            prompt, chosen, rejected = split_text_pair(chosen, rejected)
-        except ValueError:
-            raise DataError(
-                file,
-                row_number,
-                "prompt",
-                "a prompt, or chosen and rejected texts that begin with the same prompt (TRL's implicit-prompt form)",
-                "no prompt, and texts that differ from their first word",
-            ) from None
-    else:
-        return row
-    out = dict(row)
-    out.update(prompt=prompt, chosen=chosen, rejected=rejected)
-    return out
+    for applies, split, field_name, expected, got in _IMPLICIT_PROMPT_LAYOUTS:  # first match wins
+        if applies(chosen) and applies(rejected):
+            try:
+                prompt, chosen, rejected = split(chosen, rejected)
+            except ValueError:
+                raise DataError(file, row_number, field_name, expected, got) from None
+            out = dict(row)
+            out.update(prompt=prompt, chosen=chosen, rejected=rejected)
+            return out
+    return row
 
 
 def split_text_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -208,6 +180,32 @@ def split_text_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
     if cut <= 0:
         raise ValueError("the texts share no prompt")
     return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+# (both texts look like this, splitter, field, expected, got) for rows without a prompt
+_IMPLICIT_PROMPT_LAYOUTS = (
+    (
+        looks_like_hh,
+        split_hh_pair,
+        "chosen",
+        "HH-RLHF dialogues that share a prefix ending with '\\n\\nAssistant:' (the prompt)",
+        "dialogues that differ before any shared assistant turn",
+    ),
+    (
+        _is_message_list,
+        split_message_pair,
+        "chosen",
+        "chat-message conversations that share the prompt turns and then both continue with an assistant message",
+        "conversations with no shared turns before the replies",
+    ),
+    (
+        lambda text: isinstance(text, str),
+        split_text_pair,
+        "prompt",
+        "a prompt, or chosen and rejected texts that begin with the same prompt (TRL's implicit-prompt form)",
+        "no prompt, and texts that differ from their first word",
+    ),
+)
 
 
 # ---- LLMBar -------------------------------------------------------------------------------------
