@@ -188,6 +188,13 @@ def test_prefkit_train_under_accelerate(tmp_path):
     assert state["epoch"] == pytest.approx(16 / 36)
     for name in ("config.yaml", "README.md", "model.safetensors", "tokenizer.json", "ref_logps/train.safetensors"):
         assert (out / name).is_file(), name
+    # --resume under the same launch: every process checks the saved config.yaml alike (local_rank, which
+    # differs per process, is the launch's, not a setting)
+    proc = accelerate_launch(["-m", "prefkit.cli", "train", str(config), "max_steps=6", "--resume"], cwd=tmp_path)
+    assert proc.stdout.count("Done. Output in") == 1
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert history == [history[0]] and history[0]["changed"] == {"max_steps": {"from": 4, "to": 6}}
 
 
 @pytest.mark.parametrize("name", ["ddp_cpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])

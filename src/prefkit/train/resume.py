@@ -51,10 +51,16 @@ MAY_CHANGE = frozenset(
 )
 
 
+# Filled in from the launch, not chosen: each process of a multi-process launch has its own.
+FROM_THE_LAUNCH = frozenset({"local_rank"})
+
+
 def _flat(config: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for group in config_to_dict(config).values():
         out.update(group)
+    for key in FROM_THE_LAUNCH:
+        out.pop(key, None)
     return out
 
 
