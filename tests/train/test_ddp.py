@@ -188,8 +188,7 @@ def test_prefkit_train_under_accelerate(tmp_path):
     assert state["epoch"] == pytest.approx(16 / 36)
     for name in ("config.yaml", "README.md", "model.safetensors", "tokenizer.json", "ref_logps/train.safetensors"):
         assert (out / name).is_file(), name
-    # --resume under the same launch: every process checks the saved config.yaml alike (local_rank, which
-    # differs per process, is the launch's, not a setting)
+    # --resume under the same launch: every process checks the saved config.yaml and continues alike
     proc = accelerate_launch(["-m", "prefkit.cli", "train", str(config), "max_steps=6", "--resume"], cwd=tmp_path)
     assert proc.stdout.count("Done. Output in") == 1
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6

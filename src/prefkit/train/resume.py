@@ -51,7 +51,7 @@ MAY_CHANGE = frozenset(
 )
 
 
-# Filled in from the launch, not chosen: each process of a multi-process launch has its own.
+# Belongs to the launch, not to the run (transformers versions have filled it from LOCAL_RANK per process).
 FROM_THE_LAUNCH = frozenset({"local_rank"})
 
 
