@@ -295,7 +295,7 @@ def test_eval_user_unseen_in_training(tmp_path):
             {"user_conditioning": True, "user_id_missing": "drop"},
             "user_id_missing: expected one of error, shared, got 'drop'",
         ),
-        ({"user_prefix_tokens": 2}, "user_prefix_tokens is set but user_conditioning is false"),
+        ({"user_prefix_tokens": 2}, "user_prefix_tokens: set, but user_conditioning is false"),
         ({"user_conditioning": True, "loss": "bt"}, "user_conditioning trains a policy"),
     ],
 )
