@@ -9,8 +9,8 @@ import pytest
 
 from prefkit.cli import main as prefkit_main
 from prefkit.data import DataError, load_records
-from prefkit.data.recipes import hh_two_groups, parse_shares, response_length
 from prefkit.data.groups import resolve_groups
+from prefkit.data.recipes import hh_two_groups, parse_shares, response_length
 
 PROMPT = "\n\nHuman: How do I {i}?\n\nAssistant:"
 # (chosen length, rejected length) of the replies, in characters; rows 3 and 8 are ties

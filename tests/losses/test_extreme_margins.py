@@ -1,7 +1,8 @@
 """Every registered loss at |margin| = 1e4: finite loss and finite gradients (float32).
 
 A margin this large is where a naive formula computes 0 * inf (NaN) or exp(88+) (inf): DiscoPOP's
-exponential branch did before it moved to log space.
+exponential branch did before it moved to log space. For policy-gradient losses the advantage plays the
+margin's part (advantages of +-1e4).
 """
 
 import pytest
@@ -80,6 +81,18 @@ def _batch(kind: str, sign: float):
     if kind == "judge":
         logits = _leaf([sign * BIG, -sign * BIG])
         return PreferenceLogits(logits=logits, margin=torch.tensor([1.0, 1.0])), [logits]
+    if kind == "policy":
+        from prefkit.losses.policy_gradient import PolicyLogps
+
+        logps = _leaf([[-0.5, -1.5, 0.0], [-2.0, -0.1, -0.3]])
+        batch = PolicyLogps(
+            logps=logps,
+            advantages=torch.tensor([sign * BIG, -sign * BIG]),
+            mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
+            old_logps=logps.detach() + 0.1,
+            ref_logps=logps.detach() - 0.2,
+        )
+        return batch, [logps]
     if kind == "list":
         policy = _leaf([[sign * BIG, 0.0], [0.0, sign * BIG]])
         batch = ListLogps(policy=policy, ranking=torch.tensor([[0, 1], [1, 0]]), length=torch.ones(2, 2))

@@ -2,8 +2,10 @@
 
 # Importing the loss modules registers their losses.
 from prefkit.losses import (  # noqa: E402,F401
+    advantages,
     auxiliary,
     pairwise,
+    policy_gradient,
     preference_models,
     reference_free,
     reward,
@@ -16,6 +18,7 @@ from prefkit.losses.base import (
     LossOutput,
     LossSpec,
     PairLogps,
+    PolicyLogps,
     PreferenceLogits,
     RewardList,
     RewardPair,
@@ -31,6 +34,7 @@ __all__ = [
     "LossOutput",
     "LossSpec",
     "PairLogps",
+    "PolicyLogps",
     "PreferenceLogits",
     "RewardList",
     "RewardPair",

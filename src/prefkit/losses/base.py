@@ -20,7 +20,7 @@ from torch import Tensor
 
 from prefkit.ranges import check_range
 
-KINDS = ("pairwise", "unpaired", "list", "reward_pair", "reward_list", "judge")
+KINDS = ("pairwise", "unpaired", "list", "reward_pair", "reward_list", "judge", "policy")
 
 
 @dataclass
@@ -128,6 +128,27 @@ class PreferenceLogits:
     margin: Tensor | None = None
 
 
+@dataclass
+class PolicyLogps:
+    """Per-token log-probs of sampled completions, ``[B, T]`` each (0 where ``mask`` is 0).
+
+    ``advantages`` is ``[B]`` (one per completion) or ``[B, T]``. ``old_logps``: the sampling
+    policy's log-probs (None: on-policy, taken as ``logps.detach()``). ``ref_logps``: the reference's,
+    needed when ``beta > 0``. ``max_completion_length``: Dr. GRPO's constant normaliser (None: ``T``).
+    """
+
+    logps: Tensor
+    advantages: Tensor
+    mask: Tensor
+    old_logps: Tensor | None = None
+    ref_logps: Tensor | None = None
+    max_completion_length: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.logps.shape[0]
+
+
 BATCH_TYPES = {
     "pairwise": PairLogps,
     "unpaired": UnpairedLogps,
@@ -135,6 +156,7 @@ BATCH_TYPES = {
     "reward_pair": RewardPair,
     "reward_list": RewardList,
     "judge": PreferenceLogits,
+    "policy": PolicyLogps,
 }
 
 

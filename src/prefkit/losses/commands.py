@@ -15,15 +15,9 @@ import sys
 import textwrap
 
 from prefkit.losses import KINDS, LossSpec, get_loss, list_losses
+from prefkit.losses.base import BATCH_TYPES
 
-BATCH_NAMES = {
-    "pairwise": "PairLogps",
-    "unpaired": "UnpairedLogps",
-    "list": "ListLogps",
-    "reward_pair": "RewardPair",
-    "reward_list": "RewardList",
-    "judge": "PreferenceLogits",
-}
+BATCH_NAMES = {kind: cls.__name__ for kind, cls in BATCH_TYPES.items()}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

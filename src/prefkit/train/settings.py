@@ -484,6 +484,12 @@ def check_losses(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"loss_params.{err}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"loss_params: {err}") from None
+    if loss_catalog()[names[0]].kind == "policy":
+        raise ConfigError(
+            f"loss: {', '.join(names)} are policy-gradient losses over completions sampled during training; "
+            "prefkit's online trainer that runs them is not built yet (use them from Python: "
+            "prefkit.losses.policy_gradient)"
+        )
 
 
 def check_settings(values: Mapping[str, Any], source: str | None = None, *, paths: bool = True) -> None:
