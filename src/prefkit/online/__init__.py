@@ -1,15 +1,21 @@
-"""Online preference learning: sampling from a policy, best-of-N (more in later issues)."""
+"""Online preference learning: sampling from a policy, best-of-N, reward functions (the online trainer
+is to come)."""
 
 from prefkit.online.best_of_n import BestOfN, best_of_n, best_of_n_expectation, best_of_n_kl, best_of_n_weights
-from prefkit.online.sampling import Completion, completion_log_probs, sample_completions
+from prefkit.online.rewards import CombinedReward, RewardError, build_reward
+from prefkit.online.sampling import Completion, completion_log_probs, sample_completions, sample_for_user
 
 __all__ = [
     "BestOfN",
+    "CombinedReward",
     "Completion",
+    "RewardError",
     "best_of_n",
     "best_of_n_expectation",
     "best_of_n_kl",
     "best_of_n_weights",
+    "build_reward",
     "completion_log_probs",
     "sample_completions",
+    "sample_for_user",
 ]

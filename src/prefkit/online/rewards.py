@@ -1,0 +1,250 @@
+"""Reward functions for online training: ``(prompts, completions, **record_fields) -> list[float | None]``.
+
+One protocol for every source of reward. ``record_fields`` are the prompt records' other columns, one
+list per column aligned with the completions (``answer=[...]`` for GSM8K), so a verifier reads its
+reference from the data. ``None`` means "cannot score this one" (e.g. a reference that does not parse);
+a completion that no reward scores is left out of the advantage baseline by the trainer.
+
+Built-ins (`REWARDS`, each built by name with its parameters by `build_reward`):
+
+==================  =================================================================================
+``math``            1 when the completion's final answer equals the reference (``math-verify``: GSM8K
+                    ``#### 42`` and LaTeX ``\\boxed{42}`` answers, numbers, fractions, expressions), else 0
+``exact_match``     1 when the completion (stripped) equals the reference field, else 0
+``regex``           1 when ``pattern`` matches the completion (``fullmatch`` or search), else 0
+``length``          DAPO's soft overlong penalty on the completion's word count: 0 up to
+                    ``max_words - buffer_words``, falling linearly to -1 at ``max_words``, -1 beyond
+``bleu``            sentence BLEU against the reference field / 100 (BLEUBERI, with ``sacrebleu``)
+``callable``        any Python function ``module:function`` with this protocol
+==================  =================================================================================
+
+`CombinedReward` sums several with weights, keeps each one's values for logging, and stops with
+`RewardError` (naming the reward and the rows) when one raises, returns the wrong count or a non-finite
+value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "REWARDS",
+    "CombinedReward",
+    "RewardError",
+    "RewardFunction",
+    "build_reward",
+    "extract_final_answer",
+]
+
+
+class RewardFunction(Protocol):
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str], **fields: Sequence[Any]) -> list:
+        """One reward (a float, or None: not scorable) per completion."""
+
+
+class RewardError(ValueError):
+    """A reward function failed, returned the wrong number of values or a non-finite one."""
+
+
+def _reference(fields: Mapping[str, Sequence[Any]], name: str, reward: str, n: int) -> Sequence[Any]:
+    if name not in fields:
+        raise RewardError(
+            f"reward {reward!r} reads the field {name!r} of each prompt record, but the records have only "
+            f"{sorted(fields) or 'no other fields'}; set its reference_field"
+        )
+    values = fields[name]
+    if len(values) != n:
+        raise RewardError(f"reward {reward!r}: field {name!r} has {len(values)} values for {n} completions")
+    return values
+
+
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def extract_final_answer(text: str) -> str:
+    """The part of ``text`` that states its final answer: what follows the last ``####`` (GSM8K's mark)
+    when there is one, else the whole text (``math-verify`` then finds the last ``\\boxed{}`` or number)."""
+    if "####" in text:
+        match = _GSM8K_ANSWER.search(text[text.rfind("####") :])
+        if match:
+            return match.group(1)
+    return text
+
+
+@dataclass
+class MathReward:
+    """1.0 when the completion's final answer equals the reference's (checked by ``math-verify``), 0.0 when
+    not, None when the reference itself does not parse."""
+
+    reference_field: str = "answer"
+
+    def __call__(self, prompts, completions, **fields) -> list[float | None]:
+        try:
+            from math_verify import parse, verify
+        except ImportError as err:  # pragma: no cover - a dependency of prefkit
+            raise RewardError("reward 'math' needs the math-verify package: pip install math-verify") from err
+        references = _reference(fields, self.reference_field, "math", len(completions))
+        out: list[float | None] = []
+        for completion, reference in zip(completions, references):
+            gold = parse(extract_final_answer(str(reference)))
+            if not gold:
+                out.append(None)
+                continue
+            answer = parse(extract_final_answer(completion))
+            out.append(1.0 if answer and verify(gold, answer) else 0.0)
+        return out
+
+
+@dataclass
+class ExactMatchReward:
+    reference_field: str = "answer"
+    ignore_case: bool = False
+
+    def __call__(self, prompts, completions, **fields) -> list[float]:
+        references = _reference(fields, self.reference_field, "exact_match", len(completions))
+
+        def norm(text: str) -> str:
+            text = " ".join(str(text).split())
+            return text.lower() if self.ignore_case else text
+
+        return [1.0 if norm(c) == norm(r) else 0.0 for c, r in zip(completions, references)]
+
+
+@dataclass
+class RegexReward:
+    pattern: str = ""
+    fullmatch: bool = False
+
+    def __post_init__(self):
+        if not self.pattern:
+            raise RewardError("reward 'regex' needs a pattern")
+        try:
+            self._compiled = re.compile(self.pattern, re.S)
+        except re.error as err:
+            raise RewardError(f"reward 'regex': pattern {self.pattern!r} is not a regular expression ({err})") from err
+
+    def __call__(self, prompts, completions, **fields) -> list[float]:
+        match = self._compiled.fullmatch if self.fullmatch else self._compiled.search
+        return [1.0 if match(c) else 0.0 for c in completions]
+
+
+@dataclass
+class LengthReward:
+    """DAPO's soft overlong punishment, on words: 0 while ``|y| <= max_words - buffer_words``, then
+    ``(max_words - buffer_words - |y|) / buffer_words`` down to -1 at ``max_words``, and -1 beyond (Yu et al.
+    2025, "DAPO", arXiv:2503.14476, eq. 13)."""
+
+    max_words: int = 256
+    buffer_words: int = 64
+
+    def __post_init__(self):
+        if not 0 < self.buffer_words <= self.max_words:
+            raise RewardError(
+                f"reward 'length': expected 0 < buffer_words <= max_words, got {self.buffer_words}, {self.max_words}"
+            )
+
+    def __call__(self, prompts, completions, **fields) -> list[float]:
+        free = self.max_words - self.buffer_words
+        out = []
+        for c in completions:
+            n = len(c.split())
+            out.append(0.0 if n <= free else max(-1.0, (free - n) / self.buffer_words))
+        return out
+
+
+@dataclass
+class BleuReward:
+    """Sentence BLEU of the completion against the reference field, on 0..1 (BLEUBERI: Chang et al. 2025,
+    "BLEUBERI: BLEU is a surprisingly effective reward for instruction following", arXiv:2505.11080)."""
+
+    reference_field: str = "reference"
+
+    def __call__(self, prompts, completions, **fields) -> list[float]:
+        try:
+            from sacrebleu.metrics import BLEU
+        except ImportError as err:  # pragma: no cover - a dependency of prefkit
+            raise RewardError("reward 'bleu' needs the sacrebleu package: pip install sacrebleu") from err
+        bleu = BLEU(effective_order=True)
+        references = _reference(fields, self.reference_field, "bleu", len(completions))
+        out = []
+        for c, r in zip(completions, references):
+            refs = [str(x) for x in r] if isinstance(r, (list, tuple)) else [str(r)]
+            out.append(bleu.sentence_score(c, refs).score / 100.0)
+        return out
+
+
+def _callable(function: str = "") -> RewardFunction:
+    module_name, sep, attr = function.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardError(f"reward 'callable': expected function: module:function, got {function!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RewardError(f"reward 'callable': cannot import {function!r} ({err})") from err
+    if not callable(fn):
+        raise RewardError(f"reward 'callable': {function!r} is not callable")
+    return fn
+
+
+REWARDS: dict[str, Callable[..., RewardFunction]] = {
+    "math": MathReward,
+    "exact_match": ExactMatchReward,
+    "regex": RegexReward,
+    "length": LengthReward,
+    "bleu": BleuReward,
+    "callable": _callable,
+}
+
+
+def build_reward(name: str, **params: Any) -> RewardFunction:
+    """The reward ``name`` of `REWARDS` built with ``params``; `RewardError` for an unknown name or parameter."""
+    if name not in REWARDS:
+        raise RewardError(
+            f"unknown reward {name!r}; expected one of {', '.join(REWARDS)} (or callable: module:function)"
+        )
+    try:
+        return REWARDS[name](**params)
+    except TypeError as err:
+        raise RewardError(f"reward {name!r}: {err}") from err
+
+
+@dataclass
+class CombinedReward:
+    """``sum_k weight_k * reward_k`` per completion over ``rewards = [(name, function, weight), ...]``;
+    `__call__` returns the totals (None where every reward returned None; Nones count 0 otherwise, as TRL's
+    nansum) and each reward's own values (``per_reward[name]``) for logging."""
+
+    rewards: list[tuple[str, RewardFunction, float]]
+
+    def __call__(self, prompts, completions, **fields) -> tuple[list[float | None], dict[str, list]]:
+        n = len(completions)
+        per_reward: dict[str, list] = {}
+        for name, fn, _weight in self.rewards:
+            try:
+                values = fn(prompts, completions, **fields)
+            except RewardError:
+                raise
+            except Exception as err:  # a user's function: name it, whatever it raised
+                raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
+            values = list(values) if values is not None else []
+            if len(values) != n:
+                raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions")
+            bad = [
+                i
+                for i, v in enumerate(values)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v))
+            ]
+            if bad:
+                shown = ", ".join(f"row {i}: {values[i]!r}" for i in bad[:5])
+                raise RewardError(f"reward {name!r} returned values that are not finite numbers ({shown})")
+            per_reward[name] = values
+        totals: list[float | None] = []
+        for i in range(n):
+            scored = [(w, per_reward[name][i]) for name, _, w in self.rewards if per_reward[name][i] is not None]
+            totals.append(sum(w * float(v) for w, v in scored) if scored else None)
+        return totals, per_reward
