@@ -3,12 +3,16 @@ is to come)."""
 
 from prefkit.online.best_of_n import BestOfN, best_of_n, best_of_n_expectation, best_of_n_kl, best_of_n_weights
 from prefkit.online.rewards import CombinedReward, RewardError, build_reward
+from prefkit.online.rollouts import HFRollouts, Rollout, SamplingSettings
 from prefkit.online.sampling import Completion, completion_log_probs, sample_completions, sample_for_user
 
 __all__ = [
     "BestOfN",
     "CombinedReward",
     "Completion",
+    "HFRollouts",
+    "Rollout",
+    "SamplingSettings",
     "RewardError",
     "best_of_n",
     "best_of_n_expectation",
