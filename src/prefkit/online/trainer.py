@@ -1,0 +1,221 @@
+"""`OnlineTrainer`: sample from the policy, score the samples, update the policy (the GRPO family).
+
+Every training step takes a batch of prompt records and, for each prompt, draws ``num_generations``
+completions from the current policy (`prefkit.online.rollouts.HFRollouts`), scores them with the rewards
+(`prefkit.online.rewards.CombinedReward`), turns the rewards into advantages (an estimator of
+`prefkit.losses.advantages`, e.g. ``grpo``: group-normalised) and takes a gradient step on a policy loss
+of kind ``policy`` (``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``gspo``, ``cispo``). The per-token
+log-probs of the policy (and of the frozen reference when the loss's ``beta`` is > 0) come from the
+chunked engine (`prefkit.train.logps.completion_logps`), never from ``[B, T, vocab]`` logits.
+
+It runs on the shared `prefkit.train.checkpointing.CheckpointingTrainer` base: atomic checkpoints,
+exact resume (the rollouts of step ``k`` are seeded by ``seed`` and ``k``, so a resumed run samples what
+the uninterrupted one did), metric windows, the progress line and ``metrics.jsonl``.
+
+This first version updates once per rollout batch (``num_iterations = 1``): the sampling policy is the
+policy being trained, so the importance ratios are 1 and the losses' clipping is inactive; rollouts are
+sampled at ``temperature`` and scored by the engine at temperature 1 (use temperature 1 for the exact
+on-policy gradient). A command-line ``online:`` configuration, vLLM rollouts and several updates per
+rollout batch are still to come.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from prefkit.data.collators import pad_rows
+from prefkit.data.tokenize import tokenize_prompt
+from prefkit.losses import PolicyLogps, get_loss
+from prefkit.losses.advantages import get_advantage
+from prefkit.losses.combine import resolve_loss_params
+from prefkit.online.rewards import CombinedReward, RewardError
+from prefkit.online.rollouts import HFRollouts, SamplingSettings
+from prefkit.train.checkpointing import CheckpointingTrainer, TrainingStoppedError
+from prefkit.train.logps import completion_logps
+
+__all__ = ["OnlineArguments", "OnlineTrainer"]
+
+
+@dataclass
+class OnlineArguments(TrainingArguments):
+    """``TrainingArguments`` plus what to sample, how to score and which loss to train.
+
+    ``per_device_train_batch_size`` counts prompts; each gets ``num_generations`` completions.
+    """
+
+    loss: str = field(default="grpo", metadata={"help": "A policy-gradient loss (`prefkit losses --kind policy`)."})
+    loss_params: dict[str, Any] = field(default_factory=dict, metadata={"help": "The loss's hyper-parameters."})
+    advantage: str = field(default="grpo", metadata={"help": "Advantage estimator (prefkit.losses.advantages)."})
+    advantage_params: dict[str, Any] = field(default_factory=dict, metadata={"help": "The estimator's parameters."})
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (G)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest completion, in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Cut prompts to their last N tokens."})
+    rollout_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the prompt records are read."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    bad_step_limit: int = field(default=3, metadata={"help": "Stop after N steps in a row with no update."})
+
+    def __post_init__(self):
+        spec = get_loss(self.loss)
+        if spec.kind != "policy":
+            raise ValueError(f"loss {self.loss!r} is of kind {spec.kind!r}; the online trainer takes a policy loss")
+        resolve_loss_params([self.loss], self.loss_params)
+        advantage = get_advantage(self.advantage)
+        if advantage.needs_groups and self.num_generations < 2:
+            raise ValueError(
+                f"advantage {self.advantage!r} compares completions of one prompt: num_generations must be >= 2, "
+                f"got {self.num_generations}"
+            )
+        SamplingSettings(
+            n=self.num_generations,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+        )
+        super().__post_init__()
+
+
+def _collate(records: Sequence[dict]) -> dict[str, Any]:
+    return {"records": list(records)}
+
+
+class OnlineTrainer(CheckpointingTrainer):
+    """See the module docstring. ``train_dataset``: prompt records (dicts with ``prompt`` and any fields the
+    rewards read, e.g. ``answer``); ``rewards``: a `CombinedReward`; ``ref_model``: the frozen reference
+    for the loss's KL term (None: a frozen copy of the initial policy, made only when ``beta`` > 0)."""
+
+    def __init__(
+        self,
+        model,
+        args: OnlineArguments,
+        *,
+        train_dataset: Sequence[dict],
+        processing_class,
+        rewards: CombinedReward,
+        ref_model=None,
+        callbacks=None,
+    ):
+        records = list(train_dataset)
+        for i, record in enumerate(records):
+            if not isinstance(record, dict) or record.get("prompt") is None:
+                raise ValueError(f"prompt record {i + 1}: expected a dict with a 'prompt', got {record!r}")
+        self.rewards = rewards
+        self.loss_kwargs = resolve_loss_params([args.loss], args.loss_params)[args.loss]
+        self.advantage_fn = get_advantage(args.advantage)
+        if self.loss_kwargs.get("beta", 0.0) > 0 and ref_model is None:
+            ref_model = copy.deepcopy(model)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=records,
+            data_collator=_collate,
+            processing_class=processing_class,
+            callbacks=callbacks,
+        )
+        self.sampling = SamplingSettings(
+            n=args.num_generations,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+        )
+
+    # The records are not tensors: hand them to compute_loss as they are.
+    def _prepare_inputs(self, inputs):
+        return inputs
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0  # the batch holds prompt records, not token ids
+
+    def _rollouts(self, records: list[dict]):
+        tok = self.processing_class
+        prompt_ids = [tokenize_prompt(r["prompt"], tok, max_prompt_length=self.args.max_prompt_length) for r in records]
+        policy = self.accelerator.unwrap_model(self.model)
+        settings = SamplingSettings(
+            **{
+                **self.sampling.__dict__,
+                "seed": self.args.seed * 1_000_003
+                + self.state.global_step * 101
+                + 7919 * self.accelerator.process_index,
+            }
+        )
+        return HFRollouts(policy, tok, batch_size=self.args.rollout_batch_size).generate(prompt_ids, settings)
+
+    def _scores(self, records: list[dict], rollouts) -> tuple[torch.Tensor, dict[str, float]]:
+        g = self.args.num_generations
+        prompts = [records[r.prompt_index]["prompt"] for r in rollouts]
+        texts = [r.text for r in rollouts]
+        keys = sorted({k for rec in records for k in rec if k != "prompt"})
+        fields = {k: [records[r.prompt_index].get(k) for r in rollouts] for k in keys}
+        try:
+            totals, per_reward = self.rewards(prompts, texts, **fields)
+        except RewardError as err:
+            first = records[0].get("id", "")
+            raise RewardError(f"{err} (step {self.state.global_step + 1}; batch starting at record {first!r})") from err
+        rewards = torch.tensor([math.nan if t is None else t for t in totals], dtype=torch.float32)
+        scorable = ~torch.isnan(rewards)
+        filled = torch.where(scorable, rewards, torch.zeros_like(rewards))
+        groups = filled.view(-1, g)
+        # an unscorable completion takes its group's mean, so it neither moves the baseline nor gets an advantage
+        group_mean = torch.nan_to_num(torch.nanmean(rewards.view(-1, g), dim=1, keepdim=True))
+        filled = torch.where(scorable.view(-1, g), groups, group_mean).view(-1)
+        advantages = self.advantage_fn(filled, g, **self.args.advantage_params)
+        advantages = torch.where(scorable, advantages, torch.zeros_like(advantages))
+        metrics = {"reward": float(torch.nanmean(rewards)) if scorable.any() else math.nan}
+        for name, values in per_reward.items():
+            scored = [v for v in values if v is not None]
+            if scored:
+                metrics[f"rewards/{name}"] = sum(scored) / len(scored)
+        return advantages, metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        records = inputs["records"]
+        rollouts = self._rollouts(records)
+        advantages, metrics = self._scores(records, rollouts)
+        pad = self.processing_class.pad_token_id
+        pad = self.processing_class.eos_token_id if pad is None else pad
+        batch = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
+        device = self.accelerator.device
+        ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
+        out = completion_logps(model, ids, attn, comp, per_token=True)
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref = completion_logps(self.ref_model, ids, attn, comp, per_token=True).per_token
+        policy = PolicyLogps(
+            logps=out.per_token,
+            advantages=advantages.to(device),
+            mask=comp.to(out.per_token.dtype),
+            ref_logps=ref,
+            max_completion_length=self.args.max_new_tokens,
+        )
+        result = get_loss(self.args.loss)(policy, **self.loss_kwargs)
+        loss = result.loss.mean()
+        if not torch.isfinite(loss.detach()):
+            raise TrainingStoppedError(
+                f"non-finite {self.args.loss} loss ({loss.item()}) at step {self.state.global_step + 1}"
+            )
+        lengths = torch.tensor([float(len(r)) for r in rollouts])
+        stored = {k: torch.tensor([v]) for k, v in metrics.items() if not math.isnan(v)}
+        stored["completion_length"] = lengths
+        stored["finished"] = torch.tensor([float(r.finish_reason != "length") for r in rollouts])
+        for key, value in result.metrics.items():
+            stored[key] = value.detach().float().cpu()
+        self._store_metrics(stored, "train")
+        return (loss, result) if return_outputs else loss
