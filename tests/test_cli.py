@@ -125,7 +125,13 @@ def test_example_configs_parse():
     from prefkit.train.config import load_config
     from prefkit.train.personalized import is_personalized_config, load_personalized_config
 
+    from prefkit.train.online_settings import is_online_config, read_online_settings
+
     for path in sorted((REPO / "examples").glob("*.yaml")):
+        if is_online_config(path):  # online training (prefkit.online): top-level keys and an online: section
+            values, online = read_online_settings(path)
+            assert Path(REPO, online["prompts_file"]).is_file() and values["output_dir"].startswith("runs/"), path
+            continue
         if is_personalized_config(path):  # personalized heads have their own config (prefkit.train.personalized)
             cfg = load_personalized_config(path)
             assert Path(REPO, cfg.train_file).is_file() and cfg.output_dir.startswith("runs/"), path

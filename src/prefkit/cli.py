@@ -63,6 +63,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_and_overrides(args: argparse.Namespace) -> tuple[list[str], str | bool | None]:
+    """``prefkit train CFG --resume key=value``: argparse gives the override to --resume; it is not a path."""
+    overrides, resume = list(args.overrides), args.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        overrides.append(resume)
+        resume = True
+    return overrides, resume
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -71,17 +80,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "train":
+        from prefkit.train.online_settings import is_online_config
         from prefkit.train.settings import is_personalized_config
 
+        if is_online_config(args.config):
+            # An `online:` config samples from the policy and trains on rewards (prefkit.online, above the
+            # trainers); its settings are checked before torch is imported.
+            from prefkit.train.online_settings import read_online_settings
+            from prefkit.train.settings import ConfigError
+
+            overrides, resume = _resume_and_overrides(args)
+            try:
+                read_online_settings(args.config, overrides)
+            except ConfigError as err:
+                print(f"prefkit train: error: {err}", file=sys.stderr)
+                return 2
+            from prefkit.online.commands import run_online
+
+            return run_online(args.config, overrides, resume)
         if is_personalized_config(args.config):
             # A `personalized:` config trains a head and then evaluates it per user and group
             # (prefkit.eval.personalized, above the trainers).
             from prefkit.eval.personalized import run_personalized
 
-            overrides, resume = list(args.overrides), args.resume
-            if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
-                overrides.append(resume)
-                resume = True
+            overrides, resume = _resume_and_overrides(args)
             return run_personalized(args.config, overrides, resume)
     return int(args._run(args) or 0)
 

@@ -1,5 +1,6 @@
-"""Online preference learning: sampling from a policy, best-of-N, reward functions (the online trainer
-is to come)."""
+"""Online preference learning: sampling from a policy, best-of-N, rollouts, reward functions and the
+online trainer (docs/online.md). The ``online:`` configuration is read by `prefkit.train.online_settings`
+(torch-free)."""
 
 from prefkit.online.best_of_n import BestOfN, best_of_n, best_of_n_expectation, best_of_n_kl, best_of_n_weights
 from prefkit.online.rewards import CombinedReward, RewardError, build_reward
@@ -11,9 +12,9 @@ __all__ = [
     "CombinedReward",
     "Completion",
     "HFRollouts",
+    "RewardError",
     "Rollout",
     "SamplingSettings",
-    "RewardError",
     "best_of_n",
     "best_of_n_expectation",
     "best_of_n_kl",

@@ -15,7 +15,7 @@ Built-ins (`REWARDS`, each built by name with its parameters by `build_reward`):
 ``length``          DAPO's soft overlong penalty on the completion's word count: 0 up to
                     ``max_words - buffer_words``, falling linearly to -1 at ``max_words``, -1 beyond
 ``bleu``            sentence BLEU against the reference field / 100 (BLEUBERI, with ``sacrebleu``)
-``callable``        any Python function ``module:function`` with this protocol
+``callable``        any Python function with this protocol: ``module:function`` or ``file.py:function``
 ==================  =================================================================================
 
 `CombinedReward` sums several with weights, keeps each one's values for logging, and stops with
@@ -26,10 +26,12 @@ value.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = [
@@ -179,13 +181,26 @@ class BleuReward:
 
 
 def _callable(function: str = "") -> RewardFunction:
-    module_name, sep, attr = function.partition(":")
+    """``module:function`` (an importable module) or ``path/to/file.py:function`` (a Python file, read
+    relative to the current folder): a function with the reward protocol."""
+    module_name, sep, attr = function.rpartition(":")
     if not sep or not module_name or not attr:
-        raise RewardError(f"reward 'callable': expected function: module:function, got {function!r}")
+        raise RewardError(
+            f"reward 'callable': expected function: module:function or file.py:function, got {function!r}"
+        )
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise RewardError(f"reward 'callable': cannot import {function!r} ({err})") from err
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise RewardError(f"reward 'callable': {function!r}: no such file {module_name!r}")
+            spec = importlib.util.spec_from_file_location(f"prefkit_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        fn = getattr(module, attr)
+    except (ImportError, AttributeError, SyntaxError) as err:
+        raise RewardError(f"reward 'callable': cannot import {function!r} ({type(err).__name__}: {err})") from err
     if not callable(fn):
         raise RewardError(f"reward 'callable': {function!r} is not callable")
     return fn

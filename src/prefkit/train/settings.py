@@ -38,6 +38,7 @@ __all__ = [
     "TRL_HINTS",
     "check_model_path",
     "check_settings",
+    "check_values",
     "known_keys",
     "loss_catalog",
     "parse_value",
@@ -492,17 +493,9 @@ def check_losses(values: Mapping[str, Any]) -> None:
         )
 
 
-def check_settings(values: Mapping[str, Any], source: str | None = None, *, paths: bool = True) -> None:
-    """Check every value of a flat training config that can be checked without torch; raise `ConfigError`
-    (``KEY: expected ..., got ...``) at the first bad one. ``paths``: also check that model and data paths
-    exist (or are Hub names) and that ``output_dir`` can be written."""
-    where = f" in {source}" if source else ""
-    valid = known_keys()
-    for key in values:
-        if not isinstance(key, str):
-            raise ConfigError(f"config keys must be strings, got {key!r}{where}")
-        if key not in valid:
-            raise unknown_key_error(key, where)
+def check_values(values: Mapping[str, Any]) -> None:
+    """The checks of single values and of pairs of them (types, ranges, choices, tiny sizes,
+    ``max_length`` against ``max_prompt_length``) that apply to every training configuration."""
     get = values.get
     for key, rng in NUMBERS.items():
         if get(key) is not None:
@@ -575,6 +568,21 @@ def check_settings(values: Mapping[str, Any], source: str | None = None, *, path
             f"max_length: expected more than max_prompt_length ({max_prompt}) to leave room for the completion, "
             f"got {max_length}"
         )
+
+
+def check_settings(values: Mapping[str, Any], source: str | None = None, *, paths: bool = True) -> None:
+    """Check every value of a flat training config that can be checked without torch; raise `ConfigError`
+    (``KEY: expected ..., got ...``) at the first bad one. ``paths``: also check that model and data paths
+    exist (or are Hub names) and that ``output_dir`` can be written."""
+    where = f" in {source}" if source else ""
+    valid = known_keys()
+    for key in values:
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys must be strings, got {key!r}{where}")
+        if key not in valid:
+            raise unknown_key_error(key, where)
+    check_values(values)
+    get = values.get
     check_losses(values)
     if not paths:
         return

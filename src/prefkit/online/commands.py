@@ -1,0 +1,180 @@
+"""``prefkit train CONFIG.yaml`` for a config with an ``online:`` section (`prefkit.train.online_settings`).
+
+Reads and checks the config before torch loads, loads the prompt records (each row needs a prompt;
+other columns are passed to the rewards), the policy (`ModelConfig` keys), the rewards, and trains with
+`prefkit.online.trainer.OnlineTrainer`. Leaves in ``output_dir``: ``config.yaml`` (the config as run),
+``metrics.jsonl``, ``checkpoint-N/`` folders and the final model and tokenizer. ``--resume`` continues
+the run in ``output_dir`` with the saved config; a setting that differs from it is refused, except those
+`prefkit.train.resume.MAY_CHANGE` lists.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefkit.data.records import DataError
+from prefkit.train.settings import ConfigError
+
+__all__ = ["load_prompt_records", "run_online"]
+
+
+def load_prompt_records(path: str, prompt_field: str = "prompt") -> list[dict[str, Any]]:
+    """The rows of ``path`` as prompt records (``prompt`` plus every other column); a row without a prompt
+    text is a `DataError` naming file, row and field."""
+    from prefkit.data.loaders import read_rows
+    from prefkit.data.validate import TEXT_EXPECTED, surrogate_position
+
+    records = []
+    for n, row in read_rows(path):
+        prompt = row.get(prompt_field)
+        ok = (isinstance(prompt, str) and prompt.strip()) or (
+            isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
+        )
+        if not ok:
+            raise DataError(path, n, prompt_field, f"a prompt: {TEXT_EXPECTED}", prompt)
+        if isinstance(prompt, str) and surrogate_position(prompt) is not None:
+            raise DataError(path, n, prompt_field, "valid Unicode text", "a lone surrogate")
+        record = {k: v for k, v in row.items() if k != prompt_field}
+        record["prompt"] = prompt
+        records.append(record)
+    if not records:
+        raise DataError(path, None, None, "at least one prompt record", "none")
+    return records
+
+
+def _saved_settings(out: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    path = out / "config.yaml"
+    if not path.is_file():
+        return None
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    online = saved.pop("online", {}) or {}
+    return saved, online
+
+
+def _check_resume(values: dict, online: dict, out: Path, resume) -> None:
+    from prefkit.train.resume import MAY_CHANGE
+
+    saved = _saved_settings(out)
+    if saved is None:
+        raise ConfigError(f"--resume: {out / 'config.yaml'} is missing, so the run to continue is unknown")
+    if resume is True and not any(p.name.startswith("checkpoint-") for p in out.iterdir()):
+        raise ConfigError(f"--resume: output_dir {str(out)!r} holds no checkpoint-* folder to resume from")
+    before, now = saved
+    differ = [
+        f"{k}: {before.get(k)!r} -> {values.get(k)!r}"
+        for k in sorted(set(before) | set(values))
+        if k not in MAY_CHANGE and before.get(k) != values.get(k)
+    ]
+    differ += [
+        f"online.{k}: {now.get(k)!r} -> {online.get(k)!r}" for k in sorted(online) if now.get(k) != online.get(k)
+    ]
+    if differ:
+        raise ConfigError(
+            f"--resume continues the run saved in {out / 'config.yaml'}, but settings differ from it: "
+            f"{'; '.join(differ)}"
+        )
+
+
+def run_online(config_path: str, overrides: Sequence[str], resume=None) -> int:
+    """The ``prefkit train`` entry for an ``online:`` config; exit status (2: bad config or data, 1: stopped)."""
+    from prefkit.train.online_settings import read_online_settings
+
+    try:
+        values, online = read_online_settings(config_path, overrides)
+    except ConfigError as err:
+        print(f"prefkit train: error: {err}", file=sys.stderr)
+        return 2
+    from prefkit.online.rewards import RewardError
+    from prefkit.train.checkpointing import CheckpointError, TrainingStoppedError
+
+    try:
+        trainer, out = _build(values, online, resume)
+        trainer.train(resume_from_checkpoint=resume)
+    except (ConfigError, DataError, RewardError, CheckpointError, FileNotFoundError) as err:
+        print(f"prefkit train: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingStoppedError as err:
+        print(f"prefkit train: stopped: {err}", file=sys.stderr)
+        return 1
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        rows = [h for h in trainer.state.log_history if "reward" in h]
+        print(f"\nDone. Output in {out}/")
+        print("  config.yaml    the config as run (prefkit train it to re-run)")
+        print("  metrics.jsonl  reward, each reward's mean, KL, completion length per step")
+        if rows:
+            first, last = rows[0], rows[-1]
+            print(
+                f"  reward: {first['reward']:.3f} (step {first['step']}) -> {last['reward']:.3f} (step {last['step']})"
+            )
+    return 0
+
+
+def _build(values: dict[str, Any], online: dict[str, Any], resume):
+    from prefkit.models.loading import ensure_pad_token, load_policy, load_tokenizer
+    from prefkit.online.rewards import CombinedReward, build_reward
+    from prefkit.online.trainer import OnlineArguments, OnlineTrainer
+    from prefkit.train.config import ModelConfig
+
+    model_keys = {f for f in ModelConfig.__dataclass_fields__}
+    m = ModelConfig(**{k: v for k, v in values.items() if k in model_keys})
+    if m.use_lora:
+        raise ConfigError("lora_r: LoRA is not supported by online training yet; set lora_r: 0")
+    training = {k: v for k, v in values.items() if k not in model_keys}
+    training.setdefault("output_dir", "runs/online")
+    out = Path(training["output_dir"])
+    if resume:
+        _check_resume(values, online, out, resume)
+    elif out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir()):
+        raise ConfigError(
+            f"output_dir {str(out)!r} already holds checkpoints; pass --resume to continue that run or choose "
+            "another output_dir"
+        )
+    rewards = CombinedReward(
+        [
+            (
+                f"{item['reward']}"
+                if item["reward"] != "callable"
+                else str(item.get("function", "callable")).split(":")[-1],
+                build_reward(item["reward"], **{k: v for k, v in item.items() if k not in ("reward", "weight")}),
+                float(item.get("weight", 1.0)),
+            )
+            for item in online["rewards"]
+        ]
+    )
+    records = load_prompt_records(online["prompts_file"], online["prompt_field"])
+    args = OnlineArguments(
+        **training,
+        loss=online["loss"],
+        loss_params=dict(online["loss_params"]),
+        advantage=online["advantage"],
+        advantage_params=dict(online["advantage_params"]),
+        num_generations=online["num_generations"],
+        max_new_tokens=online["max_new_tokens"],
+        temperature=online["temperature"],
+        top_p=online["top_p"],
+        top_k=online["top_k"],
+        max_prompt_length=online["max_prompt_length"],
+        rollout_batch_size=online["rollout_batch_size"],
+    )
+    tokenizer = ensure_pad_token(load_tokenizer(m.tokenizer or m.model, trust_remote_code=m.trust_remote_code), m.model)
+    policy = load_policy(
+        m.model,
+        dtype=m.dtype,
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+        tiny=m.tiny_spec,
+        vocab_size=len(tokenizer) if m.model == "tiny" else None,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if args.should_save:
+        text = yaml.safe_dump({**values, "online": online}, sort_keys=False, allow_unicode=True)
+        (out / "config.yaml").write_text(
+            "# prefkit online config as run: `prefkit train THIS_FILE` re-runs it.\n" + text
+        )
+    return OnlineTrainer(policy, args, train_dataset=records, processing_class=tokenizer, rewards=rewards), out

@@ -1,0 +1,192 @@
+"""The ``prefkit train`` configuration of online training (`prefkit.online`), read and checked before
+torch is imported (it lives beside `prefkit.train.settings`, whose checks it shares).
+
+A config with an ``online:`` section trains a policy on its own samples (`prefkit.online.trainer`):
+
+.. code-block:: yaml
+
+    model: tiny                      # ModelConfig keys (docs/training.md)
+    output_dir: runs/grpo_tiny       # any transformers.TrainingArguments key
+    max_steps: 20
+    per_device_train_batch_size: 2   # prompts per step; each gets num_generations completions
+    learning_rate: 1.0e-2
+    online:
+      prompts_file: examples/data/prompts_tiny.jsonl   # rows with a prompt, plus the fields rewards read
+      num_generations: 8
+      max_new_tokens: 8
+      temperature: 1.0
+      loss: grpo                     # a policy loss: grpo, dapo, bnpo, dr_grpo, gspo, cispo
+      loss_params: {beta: 0.0}
+      advantage: grpo                # grpo, dr_grpo, rloo, reinforce_pp, reinforce_baseline
+      rewards:
+        - {reward: math, weight: 1.0}                                   # reads each record's `answer`
+        - {reward: callable, function: examples/rewards.py:ascii_share}
+
+``key=value`` overrides set top-level keys; ``online.KEY=value`` sets a key of the section.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefkit.ranges import ParamRangeError, range_problem, resolve_params
+from prefkit.train.settings import (
+    ConfigError,
+    _class_fields,
+    _transformers_file,
+    check_model_path,
+    check_values,
+    loss_catalog,
+    parse_overrides,
+    read_config_file,
+)
+
+__all__ = ["ADVANTAGES", "ONLINE_KEYS", "REWARDS", "is_online_config", "read_online_settings"]
+
+# The rewards of prefkit.online.rewards and the advantage estimators of prefkit.losses.advantages, by name
+# (this module imports neither: it runs before torch; a test keeps the lists equal).
+REWARDS = ("math", "exact_match", "regex", "length", "bleu", "callable")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline")
+GROUPLESS_ADVANTAGES = ("reinforce_pp", "reinforce_baseline")
+
+# key of the online: section -> (default, what it is)
+ONLINE_KEYS: dict[str, tuple[Any, str]] = {
+    "prompts_file": (None, "a JSONL/JSON/CSV/Parquet file of prompt records (prompt + the fields rewards read)"),
+    "prompt_field": ("prompt", "the column holding the prompt"),
+    "num_generations": (8, "completions per prompt (G)"),
+    "max_new_tokens": (64, "longest completion, in tokens"),
+    "temperature": (1.0, "sampling temperature"),
+    "top_p": (1.0, "nucleus sampling mass (1.0: off)"),
+    "top_k": (0, "top-k sampling (0: off)"),
+    "max_prompt_length": (None, "cut prompts to their last N tokens"),
+    "rollout_batch_size": (64, "sequences per generate call"),
+    "loss": ("grpo", "a policy loss (prefkit losses --kind policy)"),
+    "loss_params": ({}, "the loss's hyper-parameters, e.g. {beta: 0.04}"),
+    "advantage": ("grpo", "an advantage estimator"),
+    "advantage_params": ({}, "the estimator's hyper-parameters"),
+    "rewards": (None, "a list of {reward: NAME, weight: W, ...parameters}"),
+}
+
+
+def is_online_config(path: str | Path) -> bool:
+    """Whether ``path`` is a YAML mapping with an ``online`` section."""
+    try:
+        mapping = read_config_file(path)
+    except ConfigError:
+        return False
+    return isinstance(mapping, dict) and "online" in mapping
+
+
+def _allowed_top_keys() -> set[str]:
+    config_py = Path(__file__).resolve().with_name("config.py")
+    keys = set(_class_fields(config_py, "ModelConfig"))
+    keys |= set(_class_fields(_transformers_file("training_args.py"), "TrainingArguments"))
+    return keys | {"bad_step_limit"}
+
+
+def _fail(key: str, expected: str, got: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(key, f"an integer >= {minimum}", value)
+
+
+def _number(key: str, value: Any, rng: str) -> None:
+    problem = range_problem(value, rng)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, Any]:
+    """The ``online:`` section with its defaults, every value checked."""
+    if not isinstance(online, Mapping):
+        raise _fail("online", "a mapping of online-training keys", online)
+    for key in online:
+        if key not in ONLINE_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(ONLINE_KEYS), n=1, cutoff=0.6)
+            hint = f" Did you mean 'online.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key 'online.{key}'.{hint} Keys: {', '.join(ONLINE_KEYS)}")
+    o = {k: online.get(k, default) for k, (default, _) in ONLINE_KEYS.items()}
+    if not o["prompts_file"] or not isinstance(o["prompts_file"], str):
+        raise _fail("online.prompts_file", ONLINE_KEYS["prompts_file"][1], o["prompts_file"])
+    if paths and not Path(o["prompts_file"]).exists():
+        raise _fail("online.prompts_file", "an existing file", o["prompts_file"])
+    _int("online.num_generations", o["num_generations"], 1)
+    _int("online.max_new_tokens", o["max_new_tokens"], 1)
+    _int("online.top_k", o["top_k"], 0)
+    _int("online.rollout_batch_size", o["rollout_batch_size"], 1)
+    if o["max_prompt_length"] is not None:
+        _int("online.max_prompt_length", o["max_prompt_length"], 1)
+    _number("online.temperature", o["temperature"], "> 0")
+    _number("online.top_p", o["top_p"], "(0, 1]")
+    catalog = loss_catalog()
+    if o["loss"] not in catalog or catalog[o["loss"]].kind != "policy":
+        policy = sorted(n for n, e in catalog.items() if e.kind == "policy")
+        raise _fail("online.loss", "a policy loss (" + ", ".join(policy) + ")", o["loss"])
+    if not isinstance(o["loss_params"], Mapping):
+        raise _fail("online.loss_params", "a mapping of hyper-parameters", o["loss_params"])
+    try:
+        resolve_params([o["loss"]], o["loss_params"], catalog)
+    except ParamRangeError as err:
+        raise ConfigError(f"online.loss_params.{err}") from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"online.loss_params: {err}") from None
+    if o["advantage"] not in ADVANTAGES:
+        raise _fail("online.advantage", "one of " + ", ".join(ADVANTAGES), o["advantage"])
+    if o["advantage"] not in GROUPLESS_ADVANTAGES and o["num_generations"] < 2:
+        raise _fail("online.num_generations", f"at least 2 for advantage {o['advantage']} (it compares a group)", 1)
+    if not isinstance(o["advantage_params"], Mapping):
+        raise _fail("online.advantage_params", "a mapping", o["advantage_params"])
+    rewards = o["rewards"]
+    if not isinstance(rewards, list) or not rewards:
+        raise _fail("online.rewards", ONLINE_KEYS["rewards"][1], rewards)
+    for i, item in enumerate(rewards):
+        where = f"online.rewards[{i}]"
+        if not isinstance(item, Mapping) or "reward" not in item:
+            raise _fail(where, "a mapping with reward: NAME", item)
+        if item["reward"] not in REWARDS:
+            raise _fail(f"{where}.reward", "one of " + ", ".join(REWARDS), item["reward"])
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise _fail(f"{where}.weight", "a finite number", weight)
+    return o
+
+
+def read_online_settings(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(top-level values, online section)`` of the config file ``path`` with its overrides, checked."""
+    mapping = read_config_file(path)
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{path}: a config is one YAML mapping (key: value)")
+    values = dict(mapping)
+    online = dict(values.pop("online") or {})
+    for key, value in parse_overrides(overrides):
+        if key.startswith("online."):
+            *parents, leaf = key[len("online.") :].split(".")
+            node = online
+            for part in parents:  # online.loss_params.beta=0.1 sets one entry of a mapping
+                child = node.get(part)
+                node[part] = child = dict(child) if isinstance(child, Mapping) else {}
+                node = child
+            node[leaf] = value
+        else:
+            values[key] = value
+    allowed = _allowed_top_keys()
+    for key in values:
+        if key not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            in_section = f" (online training keys go in the online: section: {', '.join(ONLINE_KEYS)})"
+            raise ConfigError(f"unknown config key {key!r} in {path}.{hint}{in_section if key in ONLINE_KEYS else ''}")
+    check_values(values)
+    for key in ("model", "ref_model", "tokenizer"):
+        check_model_path(key, values.get(key))
+    return values, check_online(online)

@@ -1,0 +1,84 @@
+"""`prefkit train` with an `online:` config: the example raises its reward; bad settings answer before torch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+import yaml
+
+from prefkit.cli import main
+from prefkit.losses.advantages import list_advantages
+from prefkit.online.rewards import REWARDS
+from prefkit.train.online_settings import ADVANTAGES
+from prefkit.train.online_settings import REWARDS as REWARD_NAMES
+
+transformers.logging.set_verbosity_error()
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "grpo_tiny.yaml"
+
+
+def test_the_example_raises_its_reward(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["train", str(EXAMPLE), f"output_dir={tmp_path / 'run'}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    assert len(rewards) == 20 and sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "checkpoint-20").is_dir()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["online"]["loss"] == "grpo" and saved["max_steps"] == 20
+    assert "reward:" in capsys.readouterr().out
+    # resume: more steps may be asked for; another loss may not
+    assert main(["train", str(EXAMPLE), f"output_dir={tmp_path / 'run'}", "max_steps=22", "--resume"]) == 0
+    assert (tmp_path / "run" / "checkpoint-22").is_dir() or (tmp_path / "run" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["train", str(EXAMPLE), f"output_dir={tmp_path / 'run'}", "online.loss=dapo", "--resume"]) == 2
+    assert "online.loss: 'grpo' -> 'dapo'" in capsys.readouterr().err
+
+
+BAD = [
+    ("online.loss=dpo", "online.loss: expected a policy loss (bnpo, cispo, dapo, dr_grpo, grpo, gspo), got 'dpo'"),
+    ("online.num_generations=1", "online.num_generations: expected at least 2 for advantage grpo"),
+    ("online.temperature=0", "online.temperature: expected a finite number > 0, got 0"),
+    ("online.loss_params.beta=-1", "online.loss_params.beta: expected a finite number >= 0, got -1.0 (loss 'grpo')"),
+    ("online.advantage=ppo", "online.advantage: expected one of grpo, dr_grpo, rloo"),
+    ("online.prompts_file=nope.jsonl", "online.prompts_file: expected an existing file, got 'nope.jsonl'"),
+    ("online.rewards=[]", "online.rewards: expected a list of {reward: NAME"),
+    ("online.rewards=[{reward: maths}]", "online.rewards[0].reward: expected one of math, exact_match"),
+    ("online.num_gens=4", "unknown key 'online.num_gens'. Did you mean 'online.num_generations'?"),
+    ("learning_rate=-1", "learning_rate: expected a finite number > 0, got -1"),
+    ("num_generations=4", "online training keys go in the online: section"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_online_settings_are_one_line(override, message, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert main(["train", str(EXAMPLE), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prefkit train: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_online_settings_are_checked_without_torch():
+    code = (
+        "import sys; from prefkit.cli import main; "
+        f"rc = main(['train', {str(EXAMPLE)!r}, 'online.temperature=0']); print(rc, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+
+
+def test_a_prompt_row_without_a_prompt_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"question": "no prompt"}\n')
+    assert main(["train", str(EXAMPLE), f"online.prompts_file={prompts}", f"output_dir={tmp_path / 'r'}"]) == 2
+    assert "p.jsonl:2: field 'prompt': expected a prompt" in capsys.readouterr().err
+
+
+def test_the_names_the_check_knows_are_the_registries():
+    assert set(ADVANTAGES) == {a.name for a in list_advantages()}
+    assert tuple(REWARD_NAMES) == tuple(REWARDS)
