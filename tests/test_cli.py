@@ -123,9 +123,8 @@ def test_kto_config_trains_on_unpaired_feedback(tmp_path):
 
 def test_example_configs_parse():
     from prefkit.train.config import load_config
-    from prefkit.train.personalized import is_personalized_config, load_personalized_config
-
     from prefkit.train.online_settings import is_online_config, read_online_settings
+    from prefkit.train.personalized import is_personalized_config, load_personalized_config
 
     for path in sorted((REPO / "examples").glob("*.yaml")):
         if is_online_config(path):  # online training (prefkit.online): top-level keys and an online: section

@@ -69,6 +69,19 @@ def test_every_policy_loss_trains(tmp_path, tokenizer, loss):
     assert trainer.state.global_step == 2
 
 
+def always_one(prompts, completions, **fields):
+    return [1.0] * len(completions)
+
+
+def test_a_solved_batch_is_not_a_stopped_run(tmp_path, tokenizer):
+    """Equal rewards in every group give zero advantages and no gradient: logged, not counted as stalling."""
+    trainer = _trainer(tmp_path, tokenizer, max_steps=5)
+    trainer.rewards = CombinedReward([("one", build_reward("callable", function=f"{__name__}:always_one"), 1.0)])
+    trainer.train()
+    rows = [r for r in _rows(tmp_path) if r["split"] == "train"]
+    assert len(rows) == 5 and all(r["zero_advantage_groups"] == 1.0 and r["grad_norm"] == 0.0 for r in rows)
+
+
 def test_kl_term_uses_a_frozen_reference(tmp_path, tokenizer):
     trainer = _trainer(tmp_path, tokenizer, loss_params={"beta": 0.1}, max_steps=3)
     trainer.train()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from prefkit.data.batching import module_device
+from prefkit.online.sampling import left_pad
 
 __all__ = ["HFRollouts", "Rollout", "SamplingSettings"]
 
@@ -74,16 +75,6 @@ class Rollout:
         return len(self.completion_ids)
 
 
-def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
 class HFRollouts:
     """Rollouts with ``model.generate``; ``batch_size`` sequences (prompt copies) per call."""
 
@@ -123,7 +114,7 @@ class HFRollouts:
         return out
 
     def _batch(self, chunk, settings: SamplingSettings, b: int, eos: int, pad: int, device) -> list[Rollout]:
-        ids, mask = _left_pad([row for _, row in chunk], pad)
+        ids, mask = left_pad([row for _, row in chunk], pad)
         torch.manual_seed(settings.seed * 1_000_003 + b)
         extra = {"stop_strings": list(settings.stop), "tokenizer": self.tokenizer} if settings.stop else {}
         result = self.model.generate(

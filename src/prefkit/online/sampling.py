@@ -50,7 +50,8 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(ids, attention_mask)`` ``[N, max_len]`` with each row right-aligned (generation reads the last column)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -109,7 +110,7 @@ def sample_completions(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for b, start in enumerate(tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress)):
                 chunk = items[start : start + batch_size]
-                ids, mask = _left_pad([row for _, row in chunk], pad_id)
+                ids, mask = left_pad([row for _, row in chunk], pad_id)
                 torch.manual_seed(seed * 1_000_003 + b)
                 generated = model.generate(
                     input_ids=ids.to(device),

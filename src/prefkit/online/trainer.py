@@ -136,6 +136,15 @@ class OnlineTrainer(CheckpointingTrainer):
             max_new_tokens=args.max_new_tokens,
         )
 
+    # A step whose every group had equal rewards has no advantage and so no gradient: that is a solved (or
+    # hopeless) batch, not a run that stopped learning, so it does not count toward bad_step_limit.
+    _signal_in_step = False
+
+    def _watch_gradient(self, grad_norm) -> None:
+        signal, self._signal_in_step = self._signal_in_step, False
+        if signal:
+            super()._watch_gradient(grad_norm)
+
     # The records are not tensors: hand them to compute_loss as they are.
     def _prepare_inputs(self, inputs):
         return inputs
@@ -188,6 +197,10 @@ class OnlineTrainer(CheckpointingTrainer):
         records = inputs["records"]
         rollouts = self._rollouts(records)
         advantages, metrics = self._scores(records, rollouts)
+        self._signal_in_step = self._signal_in_step or bool((advantages != 0).any())
+        metrics["zero_advantage_groups"] = float(
+            (advantages.view(-1, self.args.num_generations) == 0).all(dim=1).float().mean()
+        )
         pad = self.processing_class.pad_token_id
         pad = self.processing_class.eos_token_id if pad is None else pad
         batch = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
