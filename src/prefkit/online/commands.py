@@ -23,14 +23,24 @@ from prefkit.train.settings import ConfigError
 __all__ = ["load_prompt_records", "run_online"]
 
 
-def load_prompt_records(path: str, prompt_field: str = "prompt") -> list[dict[str, Any]]:
-    """The rows of ``path`` as prompt records (``prompt`` plus every other column); a row without a prompt
-    text is a `DataError` naming file, row and field."""
+def load_prompt_records(
+    path: str, prompt_field: str = "prompt", *, template: str | None = None, chat: bool = False
+) -> list[dict[str, Any]]:
+    """The rows of ``path`` as prompt records (``prompt`` plus every other column). The prompt is the
+    ``prompt_field`` column, or ``template`` filled with the row's fields; ``chat`` makes it a user message.
+    A row without a prompt text (or a field the template names) is a `DataError` naming file, row and field."""
     from prefkit.data.loaders import read_rows
     from prefkit.data.validate import TEXT_EXPECTED, surrogate_position
 
     records = []
     for n, row in read_rows(path):
+        if template is not None:
+            try:
+                prompt = template.format(**row)
+            except KeyError as err:
+                raise DataError(path, n, str(err.args[0]), "a field that online.prompt_template names", None) from None
+            prompt_field = "prompt"
+            row = {**row, "prompt": prompt}
         prompt = row.get(prompt_field)
         ok = (isinstance(prompt, str) and prompt.strip()) or (
             isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
@@ -40,7 +50,7 @@ def load_prompt_records(path: str, prompt_field: str = "prompt") -> list[dict[st
         if isinstance(prompt, str) and surrogate_position(prompt) is not None:
             raise DataError(path, n, prompt_field, "valid Unicode text", "a lone surrogate")
         record = {k: v for k, v in row.items() if k != prompt_field}
-        record["prompt"] = prompt
+        record["prompt"] = [{"role": "user", "content": prompt}] if chat and isinstance(prompt, str) else prompt
         records.append(record)
     if not records:
         raise DataError(path, None, None, "at least one prompt record", "none")
@@ -93,7 +103,14 @@ def run_online(config_path: str, overrides: Sequence[str], resume=None) -> int:
     from prefkit.train.checkpointing import CheckpointError, TrainingStoppedError
 
     try:
-        trainer, out = _build(values, online, resume)
+        try:
+            trainer, out = _build(values, online, resume)
+        except (ConfigError, DataError, RewardError):
+            raise
+        except (ValueError, OSError, ImportError) as err:  # a value only transformers or the model loader checks
+            raise ConfigError(
+                f"building the trainer failed ({type(err).__name__}): {' '.join(str(err).split())}"
+            ) from err
         trainer.train(resume_from_checkpoint=resume)
     except (ConfigError, DataError, RewardError, CheckpointError, FileNotFoundError) as err:
         print(f"prefkit train: error: {err}", file=sys.stderr)
@@ -147,7 +164,9 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
             for item in online["rewards"]
         ]
     )
-    records = load_prompt_records(online["prompts_file"], online["prompt_field"])
+    records = load_prompt_records(
+        online["prompts_file"], online["prompt_field"], template=online["prompt_template"], chat=online["chat"]
+    )
     args = OnlineArguments(
         **training,
         loss=online["loss"],

@@ -56,6 +56,11 @@ GROUPLESS_ADVANTAGES = ("reinforce_pp", "reinforce_baseline")
 ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "prompts_file": (None, "a JSONL/JSON/CSV/Parquet file of prompt records (prompt + the fields rewards read)"),
     "prompt_field": ("prompt", "the column holding the prompt"),
+    "prompt_template": (
+        None,
+        "build each prompt from the record's fields instead, e.g. '{question}\\nAnswer after ####.'",
+    ),
+    "chat": (False, "send each prompt as a user message through the tokenizer's chat template"),
     "num_generations": (8, "completions per prompt (G)"),
     "max_new_tokens": (64, "longest completion, in tokens"),
     "temperature": (1.0, "sampling temperature"),
@@ -124,6 +129,10 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     _int("online.rollout_batch_size", o["rollout_batch_size"], 1)
     if o["max_prompt_length"] is not None:
         _int("online.max_prompt_length", o["max_prompt_length"], 1)
+    if o["prompt_template"] is not None and not (isinstance(o["prompt_template"], str) and "{" in o["prompt_template"]):
+        raise _fail("online.prompt_template", "a text with {field} placeholders", o["prompt_template"])
+    if not isinstance(o["chat"], bool):
+        raise _fail("online.chat", "true or false", o["chat"])
     _number("online.temperature", o["temperature"], "> 0")
     _number("online.top_p", o["top_p"], "(0, 1]")
     catalog = loss_catalog()
