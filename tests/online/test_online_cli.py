@@ -31,6 +31,8 @@ def test_the_example_raises_its_reward(tmp_path, monkeypatch, capsys):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["online"]["loss"] == "grpo" and saved["max_steps"] == 20
     assert "reward:" in capsys.readouterr().out
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| reward |" in report and "curves.png" in report and (tmp_path / "run" / "curves.png").is_file()
     # resume: more steps may be asked for; another loss may not
     assert main(["train", str(EXAMPLE), f"output_dir={tmp_path / 'run'}", "max_steps=22", "--resume"]) == 0
     assert (tmp_path / "run" / "checkpoint-22").is_dir() or (tmp_path / "run" / "model.safetensors").is_file()

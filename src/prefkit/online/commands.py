@@ -120,8 +120,12 @@ def run_online(config_path: str, overrides: Sequence[str], resume=None) -> int:
         return 1
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
+        from prefkit.online.report import write_online_report
+
+        write_online_report(out, trainer.state.log_history, online)
         rows = [h for h in trainer.state.log_history if "reward" in h]
         print(f"\nDone. Output in {out}/")
+        print("  report.md      reward, KL and completion length against the step (curves.png)")
         print("  config.yaml    the config as run (prefkit train it to re-run)")
         print("  metrics.jsonl  reward, each reward's mean, KL, completion length per step")
         if rows:
