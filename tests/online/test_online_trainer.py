@@ -82,6 +82,18 @@ def test_a_solved_batch_is_not_a_stopped_run(tmp_path, tokenizer):
     assert len(rows) == 5 and all(r["zero_advantage_groups"] == 1.0 and r["grad_norm"] == 0.0 for r in rows)
 
 
+def test_dynamic_sampling_and_overlong_filtering_leave_rows_out(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, max_steps=2, dynamic_sampling=True, overlong_filtering=True)
+    trainer.rewards = CombinedReward([("one", build_reward("callable", function=f"{__name__}:always_one"), 1.0)])
+    trainer.train()  # every group is equal: nothing is kept, and the steps are not a stalled run
+    rows = [r for r in _rows(tmp_path) if r["split"] == "train"]
+    assert [r["kept"] for r in rows] == [0.0, 0.0]
+    trainer = _trainer(tmp_path / "b", tokenizer, max_steps=2, overlong_filtering=True, max_new_tokens=2)
+    trainer.train()  # with 2 new tokens almost every completion is cut
+    kept = [r["kept"] for r in _rows(tmp_path / "b") if r["split"] == "train"]
+    assert all(k < 0.5 for k in kept)
+
+
 def test_kl_term_uses_a_frozen_reference(tmp_path, tokenizer):
     trainer = _trainer(tmp_path, tokenizer, loss_params={"beta": 0.1}, max_steps=3)
     trainer.train()

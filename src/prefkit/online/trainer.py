@@ -66,6 +66,14 @@ class OnlineArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the prompt records are read."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     bad_step_limit: int = field(default=3, metadata={"help": "Stop after N steps in a row with no update."})
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO: leave out of the loss the groups whose rewards are all equal (no signal)."},
+    )
+    overlong_filtering: bool = field(
+        default=False,
+        metadata={"help": "DAPO: leave out of the loss the completions cut by max_new_tokens."},
+    )
 
     def __post_init__(self):
         spec = get_loss(self.loss)
@@ -166,7 +174,7 @@ class OnlineTrainer(CheckpointingTrainer):
         )
         return HFRollouts(policy, tok, batch_size=self.args.rollout_batch_size).generate(prompt_ids, settings)
 
-    def _scores(self, records: list[dict], rollouts) -> tuple[torch.Tensor, dict[str, float]]:
+    def _scores(self, records: list[dict], rollouts) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         g = self.args.num_generations
         prompts = [records[r.prompt_index]["prompt"] for r in rollouts]
         texts = [r.text for r in rollouts]
@@ -191,13 +199,28 @@ class OnlineTrainer(CheckpointingTrainer):
             scored = [v for v in values if v is not None]
             if scored:
                 metrics[f"rewards/{name}"] = sum(scored) / len(scored)
-        return advantages, metrics
+        return advantages, filled, metrics
+
+    def _kept(self, rewards: torch.Tensor, rollouts) -> torch.Tensor:
+        """Which completions enter the loss: all, less DAPO's equal-reward groups (``dynamic_sampling``) and
+        cut completions (``overlong_filtering``). DAPO refills the batch by sampling more prompts; here the
+        batch is smaller instead."""
+        g = self.args.num_generations
+        keep = torch.ones(len(rollouts), dtype=torch.bool)
+        if self.args.dynamic_sampling:
+            groups = rewards.view(-1, g)
+            keep &= ~(groups == groups[:, :1]).all(dim=1).repeat_interleave(g)
+        if self.args.overlong_filtering:
+            keep &= torch.tensor([r.finish_reason != "length" for r in rollouts])
+        return keep
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         records = inputs["records"]
         rollouts = self._rollouts(records)
-        advantages, metrics = self._scores(records, rollouts)
-        self._signal_in_step = self._signal_in_step or bool((advantages != 0).any())
+        advantages, rewards, metrics = self._scores(records, rollouts)
+        keep = self._kept(rewards, rollouts)
+        metrics["kept"] = float(keep.float().mean())
+        self._signal_in_step = self._signal_in_step or bool((advantages[keep] != 0).any())
         metrics["zero_advantage_groups"] = float(
             (advantages.view(-1, self.args.num_generations) == 0).all(dim=1).float().mean()
         )
@@ -211,11 +234,16 @@ class OnlineTrainer(CheckpointingTrainer):
         if self.ref_model is not None:
             with torch.no_grad():
                 ref = completion_logps(self.ref_model, ids, attn, comp, per_token=True).per_token
+        rows = keep.nonzero().squeeze(1).to(device)
+        if rows.numel() == 0:  # nothing left to learn from in this batch: a zero loss that still has a graph
+            loss = out.per_token.sum() * 0.0
+            self._store_metrics({k: torch.tensor([v]) for k, v in metrics.items() if not math.isnan(v)}, "train")
+            return (loss, None) if return_outputs else loss
         policy = PolicyLogps(
-            logps=out.per_token,
-            advantages=advantages.to(device),
-            mask=comp.to(out.per_token.dtype),
-            ref_logps=ref,
+            logps=out.per_token[rows],
+            advantages=advantages.to(device)[rows],
+            mask=comp.to(out.per_token.dtype)[rows],
+            ref_logps=None if ref is None else ref[rows],
             max_completion_length=self.args.max_new_tokens,
         )
         result = get_loss(self.args.loss)(policy, **self.loss_kwargs)

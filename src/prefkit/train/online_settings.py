@@ -73,6 +73,8 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "advantage": ("grpo", "an advantage estimator"),
     "advantage_params": ({}, "the estimator's hyper-parameters"),
     "rewards": (None, "a list of {reward: NAME, weight: W, ...parameters}"),
+    "dynamic_sampling": (False, "DAPO: leave groups with all-equal rewards out of the loss"),
+    "overlong_filtering": (False, "DAPO: leave completions cut by max_new_tokens out of the loss"),
 }
 
 
@@ -131,8 +133,9 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
         _int("online.max_prompt_length", o["max_prompt_length"], 1)
     if o["prompt_template"] is not None and not (isinstance(o["prompt_template"], str) and "{" in o["prompt_template"]):
         raise _fail("online.prompt_template", "a text with {field} placeholders", o["prompt_template"])
-    if not isinstance(o["chat"], bool):
-        raise _fail("online.chat", "true or false", o["chat"])
+    for key in ("chat", "dynamic_sampling", "overlong_filtering"):
+        if not isinstance(o[key], bool):
+            raise _fail(f"online.{key}", "true or false", o[key])
     _number("online.temperature", o["temperature"], "> 0")
     _number("online.top_p", o["top_p"], "(0, 1]")
     catalog = loss_catalog()
