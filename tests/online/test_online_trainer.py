@@ -94,6 +94,31 @@ def test_dynamic_sampling_and_overlong_filtering_leave_rows_out(tmp_path, tokeni
     assert all(k < 0.5 for k in kept)
 
 
+def test_several_updates_per_rollout_batch_move_the_ratio(tmp_path, tokenizer):
+    trainer = _trainer(
+        tmp_path, tokenizer, max_steps=4, num_iterations=2, loss_params={"epsilon_low": 0.01, "epsilon_high": 0.01}
+    )
+    trainer.train()
+    rows = [r for r in _rows(tmp_path) if r["split"] == "train"]
+    # steps 1 and 3 sample (ratio 1); steps 2 and 4 reuse those rollouts after an update (ratio moves, clips)
+    assert rows[0]["ratio"] == pytest.approx(1.0) and rows[2]["ratio"] == pytest.approx(1.0)
+    assert rows[1]["ratio"] != pytest.approx(1.0, abs=1e-6) and rows[1]["clip_fraction"] > 0
+    assert rows[1]["reward"] == rows[0]["reward"] and rows[3]["reward"] == rows[2]["reward"]
+
+
+def test_num_iterations_resume_is_exact(tmp_path, tokenizer):
+    straight = _trainer(tmp_path / "a", tokenizer, max_steps=4, num_iterations=2)
+    straight.train()
+    first = _trainer(tmp_path / "b", tokenizer, max_steps=4, num_iterations=2, save_strategy="steps", save_steps=2)
+    first.args.max_steps = 2
+    first.train()
+    resumed = _trainer(tmp_path / "b", tokenizer, max_steps=4, num_iterations=2, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    a = [r["loss"] for r in _rows(tmp_path / "a") if r["split"] == "train"]
+    b = [r["loss"] for r in _rows(tmp_path / "b") if r["split"] == "train"]
+    assert b == pytest.approx(a, rel=1e-5)
+
+
 def test_kl_term_uses_a_frozen_reference(tmp_path, tokenizer):
     trainer = _trainer(tmp_path, tokenizer, loss_params={"beta": 0.1}, max_steps=3)
     trainer.train()
@@ -124,6 +149,8 @@ def test_resume_is_exact(tmp_path, tokenizer):
         ({"num_generations": 1}, "num_generations must be >= 2"),
         ({"temperature": 0.0}, "temperature: expected a finite number > 0"),
         ({"loss_params": {"beta": -1}}, "beta: expected a finite number >= 0"),
+        ({"num_iterations": 0}, "num_iterations: expected an integer >= 1"),
+        ({"num_iterations": 2, "save_strategy": "steps", "save_steps": 3}, "save_steps: expected a multiple of"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, kw, message):

@@ -185,6 +185,7 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         max_prompt_length=online["max_prompt_length"],
         rollout_batch_size=online["rollout_batch_size"],
         dynamic_sampling=online["dynamic_sampling"],
+        num_iterations=online["num_iterations"],
         overlong_filtering=online["overlong_filtering"],
     )
     tokenizer = ensure_pad_token(load_tokenizer(m.tokenizer or m.model, trust_remote_code=m.trust_remote_code), m.model)

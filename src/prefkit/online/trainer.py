@@ -12,11 +12,12 @@ It runs on the shared `prefkit.train.checkpointing.CheckpointingTrainer` base: a
 exact resume (the rollouts of step ``k`` are seeded by ``seed`` and ``k``, so a resumed run samples what
 the uninterrupted one did), metric windows, the progress line and ``metrics.jsonl``.
 
-This first version updates once per rollout batch (``num_iterations = 1``): the sampling policy is the
-policy being trained, so the importance ratios are 1 and the losses' clipping is inactive; rollouts are
-sampled at ``temperature`` and scored by the engine at temperature 1 (use temperature 1 for the exact
-on-policy gradient). A command-line ``online:`` configuration, vLLM rollouts and several updates per
-rollout batch are still to come.
+With ``num_iterations`` 1 the sampling policy is the policy being trained, so the importance ratios are
+1 and the losses' clipping is inactive; with ``num_iterations`` mu > 1 each rollout batch serves mu
+optimizer steps (`RepeatWindowSampler` gives its prompts mu times; the rollouts and the sampling policy's
+log-probs are kept), so the ratios move and the clipping acts. Rollouts are sampled at ``temperature`` and
+scored by the engine at temperature 1 (use temperature 1 for the exact on-policy gradient). vLLM rollouts
+and LoRA are still to come.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class OnlineArguments(TrainingArguments):
         default=False,
         metadata={"help": "DAPO: leave out of the loss the completions cut by max_new_tokens."},
     )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "Optimizer steps per rollout batch (GRPO's mu). > 1: the batch's rollouts, rewards and the "
+            "sampling policy's log-probs are kept for mu steps, so the importance ratios move and clipping acts."
+        },
+    )
 
     def __post_init__(self):
         spec = get_loss(self.loss)
@@ -86,6 +94,14 @@ class OnlineArguments(TrainingArguments):
                 f"advantage {self.advantage!r} compares completions of one prompt: num_generations must be >= 2, "
                 f"got {self.num_generations}"
             )
+        if isinstance(self.num_iterations, bool) or not isinstance(self.num_iterations, int) or self.num_iterations < 1:
+            raise ValueError(f"num_iterations: expected an integer >= 1, got {self.num_iterations!r}")
+        if self.num_iterations > 1 and str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps":
+            if float(self.save_steps).is_integer() and int(self.save_steps) % self.num_iterations:
+                raise ValueError(
+                    f"save_steps: expected a multiple of num_iterations ({self.num_iterations}) so that every "
+                    f"checkpoint starts a rollout batch, got {self.save_steps}"
+                )
         SamplingSettings(
             n=self.num_generations,
             temperature=self.temperature,
@@ -98,6 +114,28 @@ class OnlineArguments(TrainingArguments):
 
 def _collate(records: Sequence[dict]) -> dict[str, Any]:
     return {"records": list(records)}
+
+
+class RepeatWindowSampler(torch.utils.data.Sampler):
+    """Shuffled indices (seeded by ``seed`` and the epoch) in windows of ``window`` (one optimizer step's
+    prompts), each window given ``repeats`` times in a row: the batches of ``num_iterations`` steps."""
+
+    def __init__(self, n: int, window: int, repeats: int, seed: int):
+        self.n, self.window, self.repeats, self.seed, self.epoch = n, window, repeats, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n * self.repeats
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        for start in range(0, self.n, self.window):
+            chunk = order[start : start + self.window]
+            for _ in range(self.repeats):
+                yield from chunk
 
 
 class OnlineTrainer(CheckpointingTrainer):
@@ -144,11 +182,18 @@ class OnlineTrainer(CheckpointingTrainer):
             max_new_tokens=args.max_new_tokens,
         )
 
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.num_iterations == 1:
+            return super()._get_train_sampler(train_dataset)
+        window = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        return RepeatWindowSampler(len(self.train_dataset), window, self.args.num_iterations, self.args.seed)
+
     # A step whose every group had equal rewards has no advantage and so no gradient: that is a solved (or
     # hopeless) batch, not a run that stopped learning, so it does not count toward bad_step_limit.
     _signal_in_step = False
 
     def _watch_gradient(self, grad_norm) -> None:
+        self._micro_in_step = 0
         signal, self._signal_in_step = self._signal_in_step, False
         if signal:
             super()._watch_gradient(grad_norm)
@@ -214,10 +259,31 @@ class OnlineTrainer(CheckpointingTrainer):
             keep &= torch.tensor([r.finish_reason != "length" for r in rollouts])
         return keep
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        records = inputs["records"]
+    _micro_in_step = 0
+    _cache: dict[int, tuple] | None = None
+
+    def _rollout_batch(self, records: list[dict]):
+        """``(rollouts, advantages, rewards, metrics, old_logps)`` of this micro-batch: new ones on the first step
+        of a rollout batch, the kept ones on its other ``num_iterations - 1`` steps (``old_logps`` None: new)."""
+        mu = self.args.num_iterations
+        k = self._micro_in_step
+        self._micro_in_step += 1
+        if mu > 1 and self.state.global_step % mu and self._cache and k in self._cache:
+            cached = self._cache[k]
+            if [r.get("prompt") for r in cached[0]] != [r.get("prompt") for r in records]:
+                raise RuntimeError("num_iterations: the repeated batch holds other prompts than the rollout batch")
+            return cached[1:]
         rollouts = self._rollouts(records)
         advantages, rewards, metrics = self._scores(records, rollouts)
+        if mu > 1:
+            self._cache = {} if k == 0 or self._cache is None else self._cache
+            self._cache[k] = (records, rollouts, advantages, rewards, metrics, None)
+        return rollouts, advantages, rewards, metrics, None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        records = inputs["records"]
+        k = self._micro_in_step
+        rollouts, advantages, rewards, metrics, old_logps = self._rollout_batch(records)
         keep = self._kept(rewards, rollouts)
         metrics["kept"] = float(keep.float().mean())
         self._signal_in_step = self._signal_in_step or bool((advantages[keep] != 0).any())
@@ -230,6 +296,10 @@ class OnlineTrainer(CheckpointingTrainer):
         device = self.accelerator.device
         ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
         out = completion_logps(model, ids, attn, comp, per_token=True)
+        if self.args.num_iterations > 1 and old_logps is None:  # first step: the sampling policy is this one
+            entry = self._cache[k]
+            self._cache[k] = (*entry[:5], out.per_token.detach())
+            old_logps = out.per_token.detach()
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
@@ -241,6 +311,7 @@ class OnlineTrainer(CheckpointingTrainer):
             return (loss, None) if return_outputs else loss
         policy = PolicyLogps(
             logps=out.per_token[rows],
+            old_logps=None if old_logps is None else old_logps.to(device)[rows],
             advantages=advantages.to(device)[rows],
             mask=comp.to(out.per_token.dtype)[rows],
             ref_logps=None if ref is None else ref[rows],

@@ -73,6 +73,7 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "advantage": ("grpo", "an advantage estimator"),
     "advantage_params": ({}, "the estimator's hyper-parameters"),
     "rewards": (None, "a list of {reward: NAME, weight: W, ...parameters}"),
+    "num_iterations": (1, "optimizer steps per rollout batch (GRPO's mu); save_steps must be a multiple"),
     "dynamic_sampling": (False, "DAPO: leave groups with all-equal rewards out of the loss"),
     "overlong_filtering": (False, "DAPO: leave completions cut by max_new_tokens out of the loss"),
 }
@@ -129,6 +130,7 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     _int("online.max_new_tokens", o["max_new_tokens"], 1)
     _int("online.top_k", o["top_k"], 0)
     _int("online.rollout_batch_size", o["rollout_batch_size"], 1)
+    _int("online.num_iterations", o["num_iterations"], 1)
     if o["max_prompt_length"] is not None:
         _int("online.max_prompt_length", o["max_prompt_length"], 1)
     if o["prompt_template"] is not None and not (isinstance(o["prompt_template"], str) and "{" in o["prompt_template"]):
