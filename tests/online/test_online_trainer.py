@@ -119,6 +119,25 @@ def test_num_iterations_resume_is_exact(tmp_path, tokenizer):
     assert b == pytest.approx(a, rel=1e-5)
 
 
+def test_lora_trains_adapters_against_the_base(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    model = build_tiny_llama(vocab_size=len(tokenizer), seed=0, hidden_size=32, num_heads=2, intermediate_size=64)
+    rewards = CombinedReward([("ascii", build_reward("callable", function=f"{__name__}:ascii_share"), 1.0)])
+    records = [{"prompt": f"Write {i}:"} for i in range(8)]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = _args(tmp_path, max_steps=3, loss_params={"beta": 0.1})
+    trainer = OnlineTrainer(
+        model, args, train_dataset=records, processing_class=tokenizer, rewards=rewards, peft_config=lora
+    )
+    assert trainer.ref_model is None  # the base, adapters off, is the reference
+    trainer.train()
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    kl = [r["kl"] for r in _rows(tmp_path) if r["split"] == "train"]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0
+
+
 def test_kl_term_uses_a_frozen_reference(tmp_path, tokenizer):
     trainer = _trainer(tmp_path, tokenizer, loss_params={"beta": 0.1}, max_steps=3)
     trainer.train()

@@ -144,8 +144,6 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
 
     model_keys = {f for f in ModelConfig.__dataclass_fields__}
     m = ModelConfig(**{k: v for k, v in values.items() if k in model_keys})
-    if m.use_lora:
-        raise ConfigError("lora_r: LoRA is not supported by online training yet; set lora_r: 0")
     training = {k: v for k, v in values.items() if k not in model_keys}
     training.setdefault("output_dir", "runs/online")
     out = Path(training["output_dir"])
@@ -203,4 +201,16 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         (out / "config.yaml").write_text(
             "# prefkit online config as run: `prefkit train THIS_FILE` re-runs it.\n" + text
         )
-    return OnlineTrainer(policy, args, train_dataset=records, processing_class=tokenizer, rewards=rewards), out
+    if m.use_lora:  # adapters name their base: a built one (tiny) is saved beside them
+        from prefkit.train.commands import name_the_base
+
+        name_the_base(policy, tokenizer, str(out), args.should_save)
+    trainer = OnlineTrainer(
+        policy,
+        args,
+        train_dataset=records,
+        processing_class=tokenizer,
+        rewards=rewards,
+        peft_config=m.lora_config(),
+    )
+    return trainer, out

@@ -16,8 +16,9 @@ With ``num_iterations`` 1 the sampling policy is the policy being trained, so th
 1 and the losses' clipping is inactive; with ``num_iterations`` mu > 1 each rollout batch serves mu
 optimizer steps (`RepeatWindowSampler` gives its prompts mu times; the rollouts and the sampling policy's
 log-probs are kept), so the ratios move and the clipping acts. Rollouts are sampled at ``temperature`` and
-scored by the engine at temperature 1 (use temperature 1 for the exact on-policy gradient). vLLM rollouts
-and LoRA are still to come.
+scored by the engine at temperature 1 (use temperature 1 for the exact on-policy gradient). With a
+``peft_config`` the policy trains LoRA adapters and the KL's reference is the base with the adapters off.
+vLLM rollouts are still to come.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class OnlineTrainer(CheckpointingTrainer):
         processing_class,
         rewards: CombinedReward,
         ref_model=None,
+        peft_config=None,
         callbacks=None,
     ):
         records = list(train_dataset)
@@ -161,7 +163,13 @@ class OnlineTrainer(CheckpointingTrainer):
         self.rewards = rewards
         self.loss_kwargs = resolve_loss_params([args.loss], args.loss_params)[args.loss]
         self.advantage_fn = get_advantage(args.advantage)
-        if self.loss_kwargs.get("beta", 0.0) > 0 and ref_model is None:
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        # The reference of a LoRA policy is its base: the adapters switched off (no copy is held).
+        self._ref_is_base = peft_config is not None and ref_model is None
+        if self.loss_kwargs.get("beta", 0.0) > 0 and ref_model is None and not self._ref_is_base:
             ref_model = copy.deepcopy(model)
         self.ref_model = ref_model
         if ref_model is not None:
@@ -301,9 +309,13 @@ class OnlineTrainer(CheckpointingTrainer):
             self._cache[k] = (*entry[:5], out.per_token.detach())
             old_logps = out.per_token.detach()
         ref = None
-        if self.ref_model is not None:
+        if self.loss_kwargs.get("beta", 0.0) > 0:
             with torch.no_grad():
-                ref = completion_logps(self.ref_model, ids, attn, comp, per_token=True).per_token
+                if self._ref_is_base:
+                    with self.accelerator.unwrap_model(model).disable_adapter():
+                        ref = completion_logps(model, ids, attn, comp, per_token=True).per_token
+                else:
+                    ref = completion_logps(self.ref_model, ids, attn, comp, per_token=True).per_token
         rows = keep.nonzero().squeeze(1).to(device)
         if rows.numel() == 0:  # nothing left to learn from in this batch: a zero loss that still has a graph
             loss = out.per_token.sum() * 0.0

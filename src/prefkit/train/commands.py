@@ -155,7 +155,7 @@ def build_trainer(config: RunConfig, train_records, eval_records=None, *, data_d
     load_kwargs = _load_kwargs(m)
     policy = load_policy(m.model, vocab_size=len(tokenizer) if m.model == "tiny" else None, **load_kwargs)
     if m.use_lora:
-        _name_the_base(policy, tokenizer, config)
+        name_the_base(policy, tokenizer, config.train.output_dir, config.train.should_save)
     ref_model = None
     if m.ref_model is not None:
         if config.train.reference_free:
@@ -182,14 +182,14 @@ def build_trainer(config: RunConfig, train_records, eval_records=None, *, data_d
     )
 
 
-def _name_the_base(model, tokenizer, config: RunConfig) -> None:
+def name_the_base(model, tokenizer, output_dir: str, should_save: bool = True) -> None:
     """LoRA saves only adapters, whose ``adapter_config.json`` names the base model to load them onto
     (``base_model_name_or_path``, read by ``peft.AutoPeftModelForCausalLM``). A base built here (``tiny``)
     has no name: save it to ``output_dir/base_model`` and name that folder, so the adapters load anywhere."""
     if getattr(model, "name_or_path", None):
         return
-    folder = (Path(config.train.output_dir) / "base_model").resolve()
-    if config.train.should_save:
+    folder = (Path(output_dir) / "base_model").resolve()
+    if should_save:
         model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     model.name_or_path = str(folder)
