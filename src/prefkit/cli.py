@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -63,15 +62,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _resume_and_overrides(args: argparse.Namespace) -> tuple[list[str], str | bool | None]:
-    """``prefkit train CFG --resume key=value``: argparse gives the override to --resume; it is not a path."""
-    overrides, resume = list(args.overrides), args.resume
-    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
-        overrides.append(resume)
-        resume = True
-    return overrides, resume
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -80,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "train":
+        from prefkit.train.commands import overrides_and_resume
         from prefkit.train.online_settings import is_online_config
         from prefkit.train.settings import is_personalized_config
 
@@ -89,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             from prefkit.train.online_settings import read_online_settings
             from prefkit.train.settings import ConfigError
 
-            overrides, resume = _resume_and_overrides(args)
+            overrides, resume = overrides_and_resume(args)
             try:
                 read_online_settings(args.config, overrides)
             except ConfigError as err:
@@ -103,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             # (prefkit.eval.personalized, above the trainers).
             from prefkit.eval.personalized import run_personalized
 
-            overrides, resume = _resume_and_overrides(args)
+            overrides, resume = overrides_and_resume(args)
             return run_personalized(args.config, overrides, resume)
     return int(args._run(args) or 0)
 

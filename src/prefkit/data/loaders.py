@@ -73,7 +73,7 @@ KIND_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "stepwise": (("completions", "labels"), ()),
 }
 
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def file_format(path: str | os.PathLike) -> str | None:
@@ -130,7 +130,7 @@ def read_rows(
         yield from reader(path, label, errors)
         return
     text = str(source)
-    if fmt is not None or not _HUB_NAME.match(text) or text.startswith("."):
+    if fmt is not None or not HUB_NAME.match(text) or text.startswith("."):
         raise DataError(label, None, None, f"an existing file or folder ({SUPPORTED_SOURCES})", "no such path")
     yield from _read_hub(text, split, label, errors)
 

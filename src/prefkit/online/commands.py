@@ -67,7 +67,7 @@ def _saved_settings(out: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
 
 def _check_resume(values: dict, online: dict, out: Path, resume) -> None:
-    from prefkit.train.resume import MAY_CHANGE
+    from prefkit.train.resume import MAY_CHANGE, changed_settings
 
     saved = _saved_settings(out)
     if saved is None:
@@ -75,14 +75,8 @@ def _check_resume(values: dict, online: dict, out: Path, resume) -> None:
     if resume is True and not any(p.name.startswith("checkpoint-") for p in out.iterdir()):
         raise ConfigError(f"--resume: output_dir {str(out)!r} holds no checkpoint-* folder to resume from")
     before, now = saved
-    differ = [
-        f"{k}: {before.get(k)!r} -> {values.get(k)!r}"
-        for k in sorted(set(before) | set(values))
-        if k not in MAY_CHANGE and before.get(k) != values.get(k)
-    ]
-    differ += [
-        f"online.{k}: {now.get(k)!r} -> {online.get(k)!r}" for k in sorted(online) if now.get(k) != online.get(k)
-    ]
+    differ = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed_settings(before, values).items() if k not in MAY_CHANGE]
+    differ += [f"online.{k}: {a!r} -> {b!r}" for k, (a, b) in changed_settings(now, online).items()]
     if differ:
         raise ConfigError(
             f"--resume continues the run saved in {out / 'config.yaml'}, but settings differ from it: "

@@ -160,9 +160,20 @@ class HFRollouts:
 
 
 def _stop_cut(tokens: list[int], stops: tuple[str, ...], tokenizer) -> int | None:
-    """The number of tokens up to and including the first one that completes a stop string (None: none does)."""
-    for k in range(1, len(tokens) + 1):
+    """The number of tokens up to and including the first one that completes a stop string (None: none does).
+    Once a prefix holds a stop string every longer one does, so the shortest is found by bisection."""
+
+    def holds(k: int) -> bool:
         text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
-        if any(s in text for s in stops):
-            return k
-    return None
+        return any(s in text for s in stops)
+
+    if not tokens or not holds(len(tokens)):
+        return None
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

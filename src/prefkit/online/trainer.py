@@ -24,6 +24,7 @@ vLLM rollouts are still to come.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,14 +104,19 @@ class OnlineArguments(TrainingArguments):
                     f"save_steps: expected a multiple of num_iterations ({self.num_iterations}) so that every "
                     f"checkpoint starts a rollout batch, got {self.save_steps}"
                 )
-        SamplingSettings(
+        self.sampling  # noqa: B018 - checks the sampling settings now
+        super().__post_init__()
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        """How completions are drawn (seed 0; the trainer sets each step's seed)."""
+        return SamplingSettings(
             n=self.num_generations,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
         )
-        super().__post_init__()
 
 
 def _collate(records: Sequence[dict]) -> dict[str, Any]:
@@ -182,13 +188,6 @@ class OnlineTrainer(CheckpointingTrainer):
             processing_class=processing_class,
             callbacks=callbacks,
         )
-        self.sampling = SamplingSettings(
-            n=args.num_generations,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_new_tokens=args.max_new_tokens,
-        )
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.num_iterations == 1:
@@ -217,14 +216,8 @@ class OnlineTrainer(CheckpointingTrainer):
         tok = self.processing_class
         prompt_ids = [tokenize_prompt(r["prompt"], tok, max_prompt_length=self.args.max_prompt_length) for r in records]
         policy = self.accelerator.unwrap_model(self.model)
-        settings = SamplingSettings(
-            **{
-                **self.sampling.__dict__,
-                "seed": self.args.seed * 1_000_003
-                + self.state.global_step * 101
-                + 7919 * self.accelerator.process_index,
-            }
-        )
+        seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + 7919 * self.accelerator.process_index
+        settings = dataclasses.replace(self.args.sampling, seed=seed)
         return HFRollouts(policy, tok, batch_size=self.args.rollout_batch_size).generate(prompt_ids, settings)
 
     def _scores(self, records: list[dict], rollouts) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

@@ -103,7 +103,7 @@ def load_run_data(config: RunConfig):
             f"{config.train.loss_kind} and trains on {config.train.record_kind} records; choose a loss for "
             f"{kind} records (`prefkit losses`) or convert the data explicitly (`prefkit data convert`)"
         )
-    if "listmle" in config.train.loss:
+    if "listmle" in config.train.loss and any(_tied(r) for r in train):
         _refuse_tied_lists(data.train_file, data, "listmle")
     description: dict[str, Any] = {"train_file": data.train_file, "kind": kind}
     held_out = None
@@ -121,9 +121,16 @@ def load_run_data(config: RunConfig):
     return train, held_out, description
 
 
+def _tied(record) -> bool:
+    """A ranked record ordered by scores with two equal scores."""
+    scores = getattr(record, "scores", None)
+    return record.ranking is None and scores is not None and len(set(scores)) < len(scores)
+
+
 def _refuse_tied_lists(source: str, data, loss: str) -> None:
     """``loss`` is the Plackett-Luce likelihood of one strict order: a ranked row whose scores tie has
-    none, and would stop training at its first batch. Name the first such row now."""
+    none, and would stop training at its first batch. Name the first such row (the file is read again for
+    its row numbers, which records do not keep: only when the loaded records hold a tie)."""
     from prefkit.data.loaders import prepare_rows
 
     prepared = prepare_rows(source, kind=data.data_kind, column_map=data.column_map, split=data.train_split)
@@ -332,13 +339,18 @@ def _end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    resume = args.resume
-    # `--resume key=value`: argparse gives the override to --resume; it is not a checkpoint path.
+def overrides_and_resume(args: argparse.Namespace) -> tuple[list[str], str | bool | None]:
+    """The overrides and ``--resume`` of ``prefkit train``: with ``--resume key=value`` argparse gives the
+    override to ``--resume``; it is an override, and ``--resume`` means the latest checkpoint."""
+    overrides, resume = list(args.overrides), args.resume
     if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
         overrides.append(resume)
         resume = True
+    return overrides, resume
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides, resume = overrides_and_resume(args)
     from prefkit.train.settings import read_settings
 
     # Every setting is checked before torch and transformers are imported (a bad one answers at once).

@@ -32,13 +32,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefkit.ranges import ParamRangeError, range_problem, resolve_params
+from prefkit.ranges import ParamRangeError, resolve_params
 from prefkit.train.settings import (
     ConfigError,
     _class_fields,
+    _fail,
+    _suggest,
     _transformers_file,
+    check_in_range,
     check_model_path,
     check_values,
+    has_section,
     loss_catalog,
     parse_overrides,
     read_config_file,
@@ -80,12 +84,8 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
 
 
 def is_online_config(path: str | Path) -> bool:
-    """Whether ``path`` is a YAML mapping with an ``online`` section."""
-    try:
-        mapping = read_config_file(path)
-    except ConfigError:
-        return False
-    return isinstance(mapping, dict) and "online" in mapping
+    """Whether ``path`` is a config with an ``online:`` section (training on the policy's own samples)."""
+    return has_section(path, "online")
 
 
 def _allowed_top_keys() -> set[str]:
@@ -95,19 +95,9 @@ def _allowed_top_keys() -> set[str]:
     return keys | {"bad_step_limit"}
 
 
-def _fail(key: str, expected: str, got: Any) -> ConfigError:
-    return ConfigError(f"{key}: expected {expected}, got {got!r}")
-
-
 def _int(key: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _fail(key, f"an integer >= {minimum}", value)
-
-
-def _number(key: str, value: Any, rng: str) -> None:
-    problem = range_problem(value, rng)
-    if problem:
-        raise ConfigError(f"{key}: {problem}")
 
 
 def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, Any]:
@@ -116,10 +106,7 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
         raise _fail("online", "a mapping of online-training keys", online)
     for key in online:
         if key not in ONLINE_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), list(ONLINE_KEYS), n=1, cutoff=0.6)
-            hint = f" Did you mean 'online.{close[0]}'?" if close else ""
+            hint = _suggest(str(key), list(ONLINE_KEYS)).replace(" Did you mean '", " Did you mean 'online.")
             raise ConfigError(f"unknown key 'online.{key}'.{hint} Keys: {', '.join(ONLINE_KEYS)}")
     o = {k: online.get(k, default) for k, (default, _) in ONLINE_KEYS.items()}
     if not o["prompts_file"] or not isinstance(o["prompts_file"], str):
@@ -138,8 +125,8 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     for key in ("chat", "dynamic_sampling", "overlong_filtering"):
         if not isinstance(o[key], bool):
             raise _fail(f"online.{key}", "true or false", o[key])
-    _number("online.temperature", o["temperature"], "> 0")
-    _number("online.top_p", o["top_p"], "(0, 1]")
+    check_in_range("online.temperature", o["temperature"], "> 0")
+    check_in_range("online.top_p", o["top_p"], "(0, 1]")
     catalog = loss_catalog()
     if o["loss"] not in catalog or catalog[o["loss"]].kind != "policy":
         policy = sorted(n for n, e in catalog.items() if e.kind == "policy")
@@ -194,10 +181,7 @@ def read_online_settings(path: str | Path, overrides: Sequence[str] = ()) -> tup
     allowed = _allowed_top_keys()
     for key in values:
         if key not in allowed:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = _suggest(str(key), sorted(allowed))
             in_section = f" (online training keys go in the online: section: {', '.join(ONLINE_KEYS)})"
             raise ConfigError(f"unknown config key {key!r} in {path}.{hint}{in_section if key in ONLINE_KEYS else ''}")
     check_values(values)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prefkit.train.config import RunConfig, config_to_dict, load_config
 from prefkit.train.settings import ConfigError
 
-__all__ = ["HISTORY_FILE", "MAY_CHANGE", "read_history", "resume_config"]
+__all__ = ["HISTORY_FILE", "MAY_CHANGE", "changed_settings", "read_history", "resume_config"]
 
 HISTORY_FILE = "history.jsonl"
 
@@ -64,6 +65,11 @@ def _flat(config: RunConfig) -> dict[str, Any]:
     return out
 
 
+def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``key -> (saved, given)`` for every setting whose value differs between two flat configs."""
+    return {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+
+
 def _show(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
@@ -85,7 +91,7 @@ def resume_config(config: RunConfig, resume: str | bool) -> RunConfig:
     except ConfigError as err:
         raise ConfigError(f"--resume: the saved config {saved_path} does not read: {err}") from err
     before, now = _flat(saved), _flat(config)
-    changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    changed = changed_settings(before, now)
     refused = {k: v for k, v in changed.items() if k not in MAY_CHANGE}
     if refused:
         listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())

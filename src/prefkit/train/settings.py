@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from prefkit.data.loaders import HUB_NAME, SUFFIXES
 from prefkit.ranges import ParamRangeError, range_problem, resolve_params
 
 __all__ = [
@@ -103,14 +104,19 @@ def read_config_file(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
 
 
-def is_personalized_config(path: str | Path) -> bool:
-    """Whether ``path`` is a YAML mapping with a ``personalized`` key (False for anything unreadable:
-    reading it as a training config then says what is wrong)."""
+def has_section(path: str | Path, section: str) -> bool:
+    """Whether the config file ``path`` is a YAML mapping with the key ``section`` (False for anything
+    unreadable: reading it as a training config then says what is wrong)."""
     try:
         mapping = _load_yaml(Path(path).read_text(encoding="utf-8"), str(path))
     except (OSError, yaml.YAMLError, UnicodeDecodeError, ConfigError):
         return False
-    return isinstance(mapping, dict) and "personalized" in mapping
+    return isinstance(mapping, dict) and section in mapping
+
+
+def is_personalized_config(path: str | Path) -> bool:
+    """Whether ``path`` is a config with a ``personalized:`` section (a personalized reward head)."""
+    return has_section(path, "personalized")
 
 
 def parse_value(raw: str) -> Any:
@@ -330,8 +336,6 @@ BOOLEANS = (
 )
 MODEL_KEYS = ("model", "ref_model", "tokenizer")
 DATA_KEYS = ("train_file", "eval_file")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".parquet")
 
 
 def _fail(key: str, expected: str, got: Any) -> ConfigError:
@@ -357,6 +361,28 @@ def _integer(key: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _fail(key, f"an integer >= {minimum}", value)
     return value
+
+
+def check_in_range(key: str, value: Any, rng: str) -> None:
+    """`ConfigError` ``KEY: expected ..., got ...`` unless ``value`` lies in ``rng`` (`prefkit.ranges`)."""
+    problem = range_problem(value, rng)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _looks_local(value: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether a missing ``value`` is meant as a local path rather than a Hub name: it starts like a path,
+    has more than one ``/``, ends like a file (``suffixes``), starts with an existing folder (``runs/x``), or
+    cannot be a Hub name."""
+    first = Path(value).parts[0] if Path(value).parts else ""
+    return bool(
+        value.startswith((".", "/", "~"))
+        or value.count("/") > 1
+        or "\\" in value
+        or value.lower().endswith(suffixes)
+        or (first and Path(first).is_dir())
+        or not HUB_NAME.match(value)
+    )
 
 
 def _suggest(key: str, valid: Sequence[str]) -> str:
@@ -405,18 +431,7 @@ def check_model_path(key: str, value: Any, *, allow_tiny: bool = True) -> None:
     if not isinstance(value, str) or not value.strip():
         raise _fail(key, "a local folder, a Hub model id" + (" or tiny" if allow_tiny else ""), value)
     path = Path(os.path.expanduser(value))
-    if path.exists():
-        return
-    first = Path(value).parts[0] if Path(value).parts else ""
-    looks_local = (
-        value.startswith((".", "/", "~"))
-        or value.count("/") > 1
-        or "\\" in value
-        or value.endswith((".bin", ".safetensors", ".pt"))
-        or (first and Path(first).is_dir())
-        or not _HUB_ID.match(value)
-    )
-    if not looks_local:
+    if path.exists() or not _looks_local(value, (".bin", ".safetensors", ".pt")):
         return
     parent = path.parent
     hint = ""
@@ -432,17 +447,7 @@ def _check_data_path(key: str, value: Any) -> None:
         return
     if not isinstance(value, str) or not value.strip():
         raise _fail(key, "a data file, a datasets folder or a Hub dataset name", value)
-    path = Path(os.path.expanduser(value))
-    if path.exists():
-        return
-    first = Path(value).parts[0] if Path(value).parts else ""
-    if (
-        value.lower().endswith(_DATA_SUFFIXES)
-        or value.startswith((".", "/", "~"))
-        or value.count("/") > 1
-        or (first and Path(first).is_dir())
-        or not _HUB_ID.match(value)
-    ):
+    if not Path(os.path.expanduser(value)).exists() and _looks_local(value, tuple(SUFFIXES)):
         raise ConfigError(f"{key}: expected an existing data file or folder, or a Hub dataset name, got {value!r}")
 
 
@@ -499,9 +504,7 @@ def check_values(values: Mapping[str, Any]) -> None:
     get = values.get
     for key, rng in NUMBERS.items():
         if get(key) is not None:
-            problem = range_problem(_number(key, get(key)), rng)
-            if problem:
-                raise ConfigError(f"{key}: {problem}")
+            check_in_range(key, _number(key, get(key)), rng)
     for key, minimum in INTEGERS.items():
         if key in values:
             _integer(key, get(key), minimum)
