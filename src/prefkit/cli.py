@@ -18,8 +18,16 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "prefkit.lab.demo",
         "DPO and a reward model in a lab world with a known true reward, end to end (no download)",
     ),
-    (("train",), "prefkit.train.commands", "train from a YAML config: prefkit train CONFIG.yaml key=value ..."),
-    (("losses",), "prefkit.losses.commands", "list every registered loss with formula and citation"),
+    (
+        ("train",),
+        "prefkit.train.commands",
+        "train from a YAML config (preference, reward, personalized or online): prefkit train CONFIG key=value ...",
+    ),
+    (
+        ("losses",),
+        "prefkit.losses.commands",
+        "list every registered loss (policy-gradient ones included) with formula, citation and parameter ranges",
+    ),
     (("data", "validate"), "prefkit.data.commands_validate", "report every bad row of a feedback file"),
     (("data", "stats"), "prefkit.data.commands_stats", "counts and token-length percentiles of a file"),
     (("data", "convert"), "prefkit.data.commands_convert", "convert between feedback kinds and formats"),

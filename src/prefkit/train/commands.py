@@ -306,16 +306,25 @@ def _save_merged_judge(trainer, out: Path) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Every setting is checked before anything loads: a bad one is one line (KEY: expected ..., got ...) and "
+        "exit status 2. TRL's key names (beta, model_name_or_path, dataset_name, ...) are accepted where they mean "
+        "a prefkit key (docs/training.md). A run whose gradient is non-finite or zero for bad_step_limit steps in "
+        "a row stops with exit status 1."
+    )
     parser.add_argument(
         "config",
         help="YAML config: one flat mapping of keys (docs/training.md); with a personalized: section, a "
-        "personalized reward head, on frozen embeddings or end_to_end: true with its backbone (docs/personalized.md)",
+        "personalized reward head, on frozen embeddings or end_to_end: true with its backbone (docs/personalized.md); "
+        "with an online: section, a policy trained on its own samples and rewards: GRPO, DAPO, Dr. GRPO, GSPO, "
+        "CISPO (docs/online.md, examples/grpo_tiny.yaml)",
     )
     parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="override config keys; values are YAML scalars (loss=ipo, learning_rate=1e-4, loss_params.beta=0.2)",
+        help="override config keys; values are YAML scalars (loss=ipo, learning_rate=1e-4, loss_params.beta=1e-1; "
+        "online.loss=dapo for a key of the online: section)",
     )
     parser.add_argument(
         "--resume",
@@ -324,7 +333,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="CHECKPOINT",
         help="continue from CHECKPOINT, or from the latest checkpoint in output_dir when no path is given "
-        "(personalized end-to-end runs: output_dir/checkpoints)",
+        "(personalized end-to-end runs: output_dir/checkpoints). The run continues with its saved config.yaml: "
+        "a setting that differs is refused, except max_steps, logging, saving and evaluation, which are recorded "
+        "in history.jsonl",
     )
 
 
