@@ -53,6 +53,10 @@ BAD = [
     ("online.num_gens=4", "unknown key 'online.num_gens'. Did you mean 'online.num_generations'?"),
     ("learning_rate=-1", "learning_rate: expected a finite number > 0, got -1"),
     ("num_generations=4", "online training keys go in the online: section"),
+    ("online.min_new_tokens=99", "online.min_new_tokens: expected at most max_new_tokens (8), got 99"),
+    ("online.kl_reward_coef=-1", "online.kl_reward_coef: expected a finite number >= 0, got -1"),
+    ("online.kl_reward_estimator=k5", "online.kl_reward_estimator: expected one of k1, k2, k3, got 'k5'"),
+    ("online.share_prompt=maybe", "online.share_prompt: expected true or false, got 'maybe'"),
 ]
 
 

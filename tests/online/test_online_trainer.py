@@ -146,6 +146,50 @@ def test_kl_term_uses_a_frozen_reference(tmp_path, tokenizer):
     assert all(not p.requires_grad for p in trainer.ref_model.parameters())
 
 
+def test_shared_prompt_scoring_trains_as_unshared(tmp_path, tokenizer):
+    """``share_prompt`` runs each prompt once for its G completions: the same losses, metrics and weights."""
+    plain = _trainer(tmp_path / "a", tokenizer, max_steps=3, loss_params={"beta": 0.1})
+    plain.train()
+    shared = _trainer(tmp_path / "b", tokenizer, max_steps=3, loss_params={"beta": 0.1}, share_prompt=True)
+    shared.train()
+    a = [r for r in _rows(tmp_path / "a") if r["split"] == "train"]
+    b = [r for r in _rows(tmp_path / "b") if r["split"] == "train"]
+    for key in ("loss", "reward", "kl", "entropy"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-4, abs=1e-6), key
+    for p, q in zip(plain.model.parameters(), shared.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_entropy_is_logged(tmp_path, tokenizer):
+    """The mean entropy of the policy over the completion tokens, in nats: at most log V, above 0."""
+    trainer = _trainer(tmp_path, tokenizer, max_steps=1)
+    trainer.train()
+    row = [r for r in _rows(tmp_path) if r["split"] == "train"][0]
+    assert 0 < row["entropy"] <= torch.log(torch.tensor(float(len(tokenizer)))).item()
+
+
+def test_kl_as_a_reward_term(tmp_path, tokenizer):
+    """``kl_reward_coef``: each completion's reward loses coef x its summed KL estimate before the advantages.
+    Against a reference that differs from the policy the penalty is positive and changes the advantages."""
+    trainer = _trainer(tmp_path, tokenizer, max_steps=1, kl_reward_coef=0.5, kl_reward_estimator="k3")
+    trainer.ref_model = build_tiny_llama(
+        vocab_size=len(tokenizer), seed=1, hidden_size=32, num_heads=2, intermediate_size=64
+    ).requires_grad_(False)
+    seen = {}
+    original = trainer._advantages
+
+    def spy(rewards):
+        seen["rewards"] = rewards.clone()
+        return original(rewards)
+
+    trainer._advantages = spy
+    trainer.train()
+    row = [r for r in _rows(tmp_path) if r["split"] == "train"][0]
+    assert row["kl_penalty"] > 0
+    # the logged reward is the task's; the advantages saw it minus 0.5 x the KL penalty (mean over completions)
+    assert float(seen["rewards"].mean()) == pytest.approx(row["reward"] - 0.5 * row["kl_penalty"], abs=1e-5)
+
+
 def test_resume_is_exact(tmp_path, tokenizer):
     straight = _trainer(tmp_path / "a", tokenizer, max_steps=4)
     straight.train()
@@ -170,6 +214,9 @@ def test_resume_is_exact(tmp_path, tokenizer):
         ({"loss_params": {"beta": -1}}, "beta: expected a finite number >= 0"),
         ({"num_iterations": 0}, "num_iterations: expected an integer >= 1"),
         ({"num_iterations": 2, "save_strategy": "steps", "save_steps": 3}, "save_steps: expected a multiple of"),
+        ({"kl_reward_coef": -0.1}, "kl_reward_coef: expected a finite number >= 0"),
+        ({"kl_reward_estimator": "k4"}, "kl_reward_estimator: expected one of k1, k2, k3"),
+        ({"min_new_tokens": 9}, "min_new_tokens: expected an integer from 0 to max_new_tokens"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, kw, message):

@@ -77,3 +77,54 @@ def test_a_prompt_longer_than_the_context_is_named(tiny_model, tokenizer):
     rollouts = HFRollouts(tiny_model, tokenizer, max_context=8)
     with pytest.raises(ValueError, match="prompt 1 has 15 tokens; with max_new_tokens 4 it exceeds"):
         rollouts.generate([[1, 2], list(range(4, 19))], SamplingSettings(max_new_tokens=4))
+
+
+def test_a_completion_does_not_depend_on_its_batch(tiny_model, tokenizer):
+    """Seeded per completion: the same prompt (same seed key) gets the same completions whatever else shares its
+    batch and whatever the batch size, which is what lets processes split a batch of prompts."""
+    prompts = _prompts(tokenizer) + [tokenizer("third one")["input_ids"]]
+    settings = SamplingSettings(n=3, max_new_tokens=6, seed=5)
+    whole = HFRollouts(tiny_model, tokenizer, batch_size=64).generate(prompts, settings)
+    one_by_one = HFRollouts(tiny_model, tokenizer, batch_size=1).generate(prompts, settings)
+    split = HFRollouts(tiny_model, tokenizer, batch_size=64).generate(prompts[1:], settings, prompt_seeds=[1, 2])
+    assert [r.completion_ids for r in whole] == [r.completion_ids for r in one_by_one]
+    assert [r.completion_ids for r in whole[3:]] == [r.completion_ids for r in split]
+    for a, b in zip(whole, one_by_one):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert len({tuple(r.completion_ids) for r in whole[:3]}) > 1  # the n completions of a prompt differ
+
+
+def test_the_shared_prefill_gives_the_unshared_distribution(tiny_model, tokenizer, monkeypatch):
+    prompts = _prompts(tokenizer)
+    settings = SamplingSettings(n=2, max_new_tokens=5, seed=2)
+    shared = HFRollouts(tiny_model, tokenizer).generate(prompts, settings)
+    monkeypatch.setattr(HFRollouts, "_prefill", lambda self, ids, mask, n: None)
+    unshared = HFRollouts(tiny_model, tokenizer).generate(prompts, settings)
+    assert [r.completion_ids for r in shared] == [r.completion_ids for r in unshared]
+    for a, b in zip(shared, unshared):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_sampling_follows_the_softmax(tiny_model, tokenizer):
+    """The Gumbel-max draw is a sample of the (tempered) distribution: over 4,000 first tokens, the frequency of
+    the likeliest tokens and the mean log-prob (whose expectation is minus the entropy) match the softmax."""
+    prompt = tokenizer("hello")["input_ids"]
+    settings = SamplingSettings(n=4000, max_new_tokens=1, temperature=0.05, seed=1)
+    out = HFRollouts(tiny_model, tokenizer, batch_size=1000).generate([prompt], settings)
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_model(input_ids=torch.tensor([prompt])).logits[0, -1].float() / 0.05, -1)
+    tokens = torch.tensor([r.completion_ids[0] for r in out])
+    freq = torch.bincount(tokens, minlength=logp.numel()).float() / len(out)
+    top = logp.topk(3).indices
+    assert torch.allclose(freq[top], logp.exp()[top], atol=0.03), (freq[top], logp.exp()[top])
+    sampled = logp[tokens]
+    assert torch.allclose(torch.tensor([r.logprobs[0] for r in out]), sampled, atol=1e-4)
+    entropy = -(logp.exp() * logp).sum()
+    assert abs(float(sampled.mean() + entropy)) < 4 * float(sampled.std()) / len(out) ** 0.5 + 1e-3
+
+
+def test_min_new_tokens_forces_the_length(rollouts, tokenizer):
+    out = rollouts.generate(_prompts(tokenizer), SamplingSettings(n=2, max_new_tokens=7, min_new_tokens=7))
+    assert all(len(r) == 7 and r.finish_reason in ("length", "eos") for r in out)
+    with pytest.raises(ValueError, match="min_new_tokens: expected an integer from 0 to max_new_tokens"):
+        SamplingSettings(max_new_tokens=3, min_new_tokens=4)

@@ -469,3 +469,27 @@ def test_peft_unsupported_configurations_raise(tokenizer):
     )
     with pytest.raises(NotImplementedError, match="prompt learning"):
         completion_logps(model, ids, am, cm)
+
+
+def test_entropy_by_hand_and_in_completion_logps(tiny_model):
+    """The chunked entropy equals -sum p log p of the full softmax, row by row and through the engine."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = (
+        torch.randn(9, 5, generator=g, dtype=torch.float64),
+        torch.randn(13, 5, generator=g, dtype=torch.float64),
+    )
+    targets = torch.randint(0, 13, (9,), generator=g)
+    logp, lss, ent = chunked_token_logps(
+        hidden, weight, targets, chunk_size=4, return_logsumsq=True, return_entropy=True
+    )
+    full = torch.log_softmax(hidden @ weight.t(), -1)
+    assert torch.allclose(ent, -(full.exp() * full).sum(-1), atol=1e-12) and not ent.requires_grad
+    assert torch.allclose(logp, full.gather(1, targets[:, None]).squeeze(1), atol=1e-12)
+    ids = torch.randint(4, 100, (2, 7), generator=g)
+    attn, comp = torch.ones_like(ids), torch.zeros_like(ids)
+    comp[:, 3:] = 1
+    out = completion_logps(tiny_model, ids, attn, comp, per_token=True, entropy=True)
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny_model(input_ids=ids).logits.float(), -1)[:, 2:-1]
+    assert torch.allclose(out.entropy[:, 3:], -(lp.exp() * lp).sum(-1), atol=1e-5)
+    assert (out.entropy[:, :3] == 0).all()

@@ -179,6 +179,10 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         dynamic_sampling=online["dynamic_sampling"],
         num_iterations=online["num_iterations"],
         overlong_filtering=online["overlong_filtering"],
+        min_new_tokens=online["min_new_tokens"],
+        share_prompt=online["share_prompt"],
+        kl_reward_coef=online["kl_reward_coef"],
+        kl_reward_estimator=online["kl_reward_estimator"],
     )
     tokenizer = ensure_pad_token(load_tokenizer(m.tokenizer or m.model, trust_remote_code=m.trust_remote_code), m.model)
     policy = load_policy(

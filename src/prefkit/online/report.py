@@ -28,6 +28,8 @@ def write_online_report(out: str | Path, history: Sequence[Mapping[str, Any]], s
     panels = [("reward", ["reward", *reward_keys], "mean reward")]
     if any("kl" in r for r in rows):
         panels.append(("KL to the reference", ["kl"], "KL per token (nats)"))
+    if any("entropy" in r for r in rows):
+        panels.append(("policy entropy", ["entropy"], "nats per completion token"))
     panels.append(("completion length", ["completion_length"], "tokens"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, (title, keys, ylabel) in zip(axes[0], panels):
@@ -55,9 +57,12 @@ def write_online_report(out: str | Path, history: Sequence[Mapping[str, Any]], s
         "",
         "| | first step | last step |",
         "|---|---|---|",
-        *(f"| {k} | {fmt(first, k)} | {fmt(last, k)} |" for k in ["reward", *reward_keys, "kl", "completion_length"]),
+        *(
+            f"| {k} | {fmt(first, k)} | {fmt(last, k)} |"
+            for k in ["reward", *reward_keys, "kl", "kl_penalty", "entropy", "completion_length"]
+        ),
         "",
-        "![reward, KL and completion length against the step](curves.png)",
+        "![reward, KL, entropy and completion length against the step](curves.png)",
         "",
         "Every logged value is in `metrics.jsonl`; the configuration as run in `config.yaml`.",
         "",

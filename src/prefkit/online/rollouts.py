@@ -5,11 +5,18 @@ GPU. Each `Rollout` carries the prompt and completion token ids, the log-prob of
 under the distribution it was drawn from (the model's logits at ``temperature``, after ``top_k`` /
 ``top_p`` truncation: what importance ratios of the policy-gradient losses divide by), the decoded text
 and why it ended: ``eos`` (the model's end token), ``stop`` (a stop string) or ``length``
-(``max_new_tokens``). Generation is seeded per batch, so equal arguments give equal rollouts.
+(``max_new_tokens``).
 
 The completions of one prompt are consecutive (``prompt_index`` ``i`` for items ``i*n .. i*n + n - 1``), the
-layout the advantage estimators read. ``generate`` copies each prompt ``n`` times before its prefill; a
-backend that shares one prefill per prompt (vLLM's prefix cache) is to come with the online trainer.
+layout the advantage estimators read. They share one prompt prefill: the prompts of a batch run once
+(all but their last token), the KV cache is copied ``n`` times, and ``generate`` continues from it.
+
+Sampling is seeded per completion, not per batch: completion ``k`` of a prompt whose seed key is ``s``
+(its index, or what the caller passes as ``prompt_seeds``) draws each token as the arg-max of the
+processed logits plus Gumbel noise from a generator seeded by ``(settings.seed, s, k)`` (the Gumbel-max
+trick: an exact sample of the softmax). So a completion does not depend on which other prompts share its
+batch, on ``batch_size`` or on how prompts are split across processes (up to float rounding of the
+logits in different batch shapes).
 """
 
 from __future__ import annotations
@@ -20,6 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation import utils as _generation_utils
 
 from prefkit.data.batching import module_device
 from prefkit.online.sampling import left_pad
@@ -32,13 +47,15 @@ FINISH_REASONS = ("eos", "stop", "length")
 @dataclass
 class SamplingSettings:
     """How completions are drawn. ``top_k`` 0 and ``top_p`` 1.0 keep the whole distribution (ancestral
-    sampling at ``temperature``); ``stop``: strings that end a completion (kept in it)."""
+    sampling at ``temperature``); ``stop``: strings that end a completion (kept in it); ``min_new_tokens``:
+    the end token is masked before that many tokens (benchmarks force equal lengths with it)."""
 
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
 
@@ -47,6 +64,15 @@ class SamplingSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if (
+            isinstance(self.min_new_tokens, bool)
+            or not isinstance(self.min_new_tokens, int)
+            or not 0 <= self.min_new_tokens <= self.max_new_tokens
+        ):
+            raise ValueError(
+                f"min_new_tokens: expected an integer from 0 to max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens!r}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k: expected an integer >= 0 (0: no top-k), got {self.top_k!r}")
         if not (
@@ -85,10 +111,16 @@ class HFRollouts:
         self.max_context = max_context or getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[list[int]], settings: SamplingSettings) -> list[Rollout]:
-        """``settings.n`` rollouts of each prompt, prompt-major."""
+    def generate(
+        self, prompt_ids: Sequence[list[int]], settings: SamplingSettings, prompt_seeds: Sequence[int] | None = None
+    ) -> list[Rollout]:
+        """``settings.n`` rollouts of each prompt, prompt-major. ``prompt_seeds``: one integer per prompt that
+        seeds its completions with ``settings.seed`` (default: the prompt's index)."""
         if not prompt_ids:
             raise ValueError("no prompts to roll out")
+        seeds = list(range(len(prompt_ids))) if prompt_seeds is None else [int(s) for s in prompt_seeds]
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"prompt_seeds: expected {len(prompt_ids)} seeds (one per prompt), got {len(seeds)}")
         for i, row in enumerate(prompt_ids):
             if not row:
                 raise ValueError(f"prompt {i} has no tokens")
@@ -99,51 +131,68 @@ class HFRollouts:
                 )
         tok = self.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        items = [(i, list(prompt_ids[i])) for i in range(len(prompt_ids)) for _ in range(settings.n)]
         device = module_device(self.model)
         was_training = self.model.training
         self.model.eval()
+        per_batch = max(1, self.batch_size // settings.n)  # prompts per generate call
         out: list[Rollout] = []
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                for b, start in enumerate(range(0, len(items), self.batch_size)):
-                    chunk = items[start : start + self.batch_size]
-                    out.extend(self._batch(chunk, settings, b, eos, pad, device))
+            for start in range(0, len(prompt_ids), per_batch):
+                chunk = [(i, list(prompt_ids[i]), seeds[i]) for i in range(start, min(start + per_batch, len(seeds)))]
+                out.extend(self._batch(chunk, settings, eos, pad, device))
         finally:
             self.model.train(was_training)
         return out
 
-    def _batch(self, chunk, settings: SamplingSettings, b: int, eos: int, pad: int, device) -> list[Rollout]:
-        ids, mask = left_pad([row for _, row in chunk], pad)
-        torch.manual_seed(settings.seed * 1_000_003 + b)
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
+        """The KV cache of every prompt but its last token, copied ``n`` times (None: nothing to share)."""
+        if ids.shape[1] < 2:
+            return None
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True
+        )
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        return cache
+
+    def _batch(self, chunk, settings: SamplingSettings, eos: int, pad: int, device) -> list[Rollout]:
+        n = settings.n
+        ids, mask = left_pad([row for _, row, _ in chunk], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        row_seeds = [_row_seed(settings.seed, s, k) for _, _, s in chunk for k in range(n)]
+        sampler = _GumbelSampler(row_seeds, device)
+        processors = [TemperatureLogitsWarper(float(settings.temperature))] if settings.temperature != 1.0 else []
+        if settings.top_k > 0:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(float(settings.top_p)))
         extra = {"stop_strings": list(settings.stop), "tokenizer": self.tokenizer} if settings.stop else {}
-        result = self.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=True,
-            temperature=float(settings.temperature),
-            top_k=settings.top_k,
-            top_p=float(settings.top_p),
+        cache = self._prefill(ids, mask, n)
+        if cache is not None:
+            extra[_CACHE_KWARG] = cache
+        # Greedy decoding of (processed logits + Gumbel noise) is sampling from the processed softmax.
+        sequences = self.model.generate(
+            input_ids=ids.repeat_interleave(n, dim=0),
+            attention_mask=mask.repeat_interleave(n, dim=0),
+            do_sample=False,
+            num_beams=1,
+            logits_processor=LogitsProcessorList([*processors, sampler]),
             repetition_penalty=1.0,
             max_new_tokens=settings.max_new_tokens,
-            min_new_tokens=0,
+            min_new_tokens=settings.min_new_tokens or None,
             eos_token_id=eos,
             pad_token_id=pad,
-            output_scores=True,
-            return_dict_in_generate=True,
             **extra,
         )
-        new = result.sequences[:, ids.shape[1] :]
-        # scores[t]: [B, V] processed logits of step t (temperature, top-k, top-p applied), -inf where cut
-        step_logprobs = torch.stack(
-            [
-                torch.log_softmax(s.float(), dim=-1).gather(1, new[:, t : t + 1]).squeeze(1)
-                for t, s in enumerate(result.scores)
-            ],
-            dim=1,
-        )
+        new = sequences[:, ids.shape[1] :]
+        step_logprobs = sampler.logprobs(new)
         rollouts = []
-        for row, ((i, prompt), tokens) in enumerate(zip(chunk, new.cpu().tolist())):
+        items = [(i, prompt) for i, prompt, _ in chunk for _ in range(n)]
+        for row, ((i, prompt), tokens) in enumerate(zip(items, new.cpu().tolist())):
             cut, reason = len(tokens), "length"
             if eos in tokens:
                 cut, reason = tokens.index(eos) + 1, "eos"
@@ -157,6 +206,54 @@ class HFRollouts:
             logprobs = step_logprobs[row, : len(completion)].tolist()
             rollouts.append(Rollout(i, prompt, completion, logprobs, text, reason))
         return rollouts
+
+
+# generate's name for a prefilled KV cache: ``cache`` from transformers 5.x on, ``past_key_values`` before.
+_CACHE_KWARG = "cache" if "cache" in getattr(_generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def _row_seed(seed: int, prompt_seed: int, k: int) -> int:
+    """A 63-bit seed for completion ``k`` of the prompt keyed ``prompt_seed`` (splitmix64-style mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + prompt_seed * 0xBF58476D1CE4E5B9 + k * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 29
+    return x & (2**63 - 1)
+
+
+class _GumbelSampler(LogitsProcessor):
+    """The last logits processor: adds each row's own Gumbel noise (so the arg-max that greedy decoding takes
+    is a sample of the processed softmax) and keeps the log-prob of the token that arg-max picks, ``[N]`` per
+    step (the full ``[N, V]`` scores are never stored)."""
+
+    def __init__(self, row_seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+        self.picked: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        vocab = scores.shape[1]
+        uniform = torch.stack(
+            [torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float32) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
+        noisy = logp + gumbel  # -inf stays -inf: truncated tokens are never picked
+        picked = noisy.argmax(dim=-1)
+        self.picked.append(picked)
+        self.steps.append(logp.gather(1, picked[:, None]).squeeze(1))
+        out = torch.full_like(noisy, -math.inf)
+        return out.scatter_(1, picked[:, None], 0.0)
+
+    def logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """``[N, steps]`` log-probs of the generated tokens (after a row ends, ``generate`` pads it and the
+        values there are unused); checks that ``generate`` took the sampled first tokens."""
+        steps = new_tokens.shape[1]
+        if not self.steps or steps == 0:
+            return new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
+        if not torch.equal(self.picked[0], new_tokens[:, 0]):
+            raise RuntimeError("generate did not take the sampled tokens (a logits processor ran after the sampler)")
+        return torch.stack(self.steps, dim=1)[:, :steps]
 
 
 def _stop_cut(tokens: list[int], stops: tuple[str, ...], tokenizer) -> int | None:

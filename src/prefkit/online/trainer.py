@@ -33,15 +33,16 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from prefkit.data.collators import pad_rows
+from prefkit.data.collators import SHARED_PREFIX_KEYS, pack_shared_rows, pad_rows
 from prefkit.data.tokenize import tokenize_prompt
 from prefkit.losses import PolicyLogps, get_loss
 from prefkit.losses.advantages import get_advantage
 from prefkit.losses.combine import resolve_loss_params
+from prefkit.losses.policy_gradient import KL_ESTIMATORS, kl_estimate
 from prefkit.online.rewards import CombinedReward, RewardError
 from prefkit.online.rollouts import HFRollouts, SamplingSettings
 from prefkit.train.checkpointing import CheckpointingTrainer, TrainingStoppedError
-from prefkit.train.logps import completion_logps
+from prefkit.train.logps import completion_logps, shared_prefix_logps
 
 __all__ = ["OnlineArguments", "OnlineTrainer"]
 
@@ -77,6 +78,24 @@ class OnlineArguments(TrainingArguments):
         default=False,
         metadata={"help": "DAPO: leave out of the loss the completions cut by max_new_tokens."},
     )
+    min_new_tokens: int = field(
+        default=0, metadata={"help": "No end token before this many tokens (benchmarks force equal lengths)."}
+    )
+    share_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the G completions of a prompt in one packed row, so the prompt runs once per group "
+            "(needs eager or sdpa attention; the same log-probs up to float rounding)."
+        },
+    )
+    kl_reward_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "KL as a reward term: subtract coef * sum_t KL_t(sampling policy || reference) from each "
+            "completion's reward before the advantages (the loss's beta puts it in the loss instead)."
+        },
+    )
+    kl_reward_estimator: str = field(default="k1", metadata={"help": "KL estimator of kl_reward_coef: k1, k2, k3."})
     num_iterations: int = field(
         default=1,
         metadata={
@@ -104,6 +123,12 @@ class OnlineArguments(TrainingArguments):
                     f"save_steps: expected a multiple of num_iterations ({self.num_iterations}) so that every "
                     f"checkpoint starts a rollout batch, got {self.save_steps}"
                 )
+        if not (isinstance(self.kl_reward_coef, (int, float)) and 0 <= self.kl_reward_coef < math.inf):
+            raise ValueError(f"kl_reward_coef: expected a finite number >= 0, got {self.kl_reward_coef!r}")
+        if self.kl_reward_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"kl_reward_estimator: expected one of {', '.join(KL_ESTIMATORS)}, got {self.kl_reward_estimator!r}"
+            )
         self.sampling  # noqa: B018 - checks the sampling settings now
         super().__post_init__()
 
@@ -116,11 +141,12 @@ class OnlineArguments(TrainingArguments):
             top_p=self.top_p,
             top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
         )
 
 
-def _collate(records: Sequence[dict]) -> dict[str, Any]:
-    return {"records": list(records)}
+def _collate(items: Sequence[tuple[int, dict]]) -> dict[str, Any]:
+    return {"indices": [i for i, _ in items], "records": [r for _, r in items]}
 
 
 class RepeatWindowSampler(torch.utils.data.Sampler):
@@ -175,7 +201,8 @@ class OnlineTrainer(CheckpointingTrainer):
             model = get_peft_model(model, peft_config)
         # The reference of a LoRA policy is its base: the adapters switched off (no copy is held).
         self._ref_is_base = peft_config is not None and ref_model is None
-        if self.loss_kwargs.get("beta", 0.0) > 0 and ref_model is None and not self._ref_is_base:
+        self._needs_ref = self.loss_kwargs.get("beta", 0.0) > 0 or args.kl_reward_coef > 0
+        if self._needs_ref and ref_model is None and not self._ref_is_base:
             ref_model = copy.deepcopy(model)
         self.ref_model = ref_model
         if ref_model is not None:
@@ -183,7 +210,7 @@ class OnlineTrainer(CheckpointingTrainer):
         super().__init__(
             model=model,
             args=args,
-            train_dataset=records,
+            train_dataset=list(enumerate(records)),  # the index seeds the prompt's completions
             data_collator=_collate,
             processing_class=processing_class,
             callbacks=callbacks,
@@ -212,16 +239,19 @@ class OnlineTrainer(CheckpointingTrainer):
     def floating_point_ops(self, inputs) -> int:
         return 0  # the batch holds prompt records, not token ids
 
-    def _rollouts(self, records: list[dict]):
+    def _rollouts(self, records: list[dict], indices: list[int]):
+        """``num_generations`` completions of each record's prompt. Each completion is seeded by the run's seed,
+        the step and its prompt's index in the dataset, so it does not depend on the batch it is in, on resume
+        or on the number of processes."""
         tok = self.processing_class
         prompt_ids = [tokenize_prompt(r["prompt"], tok, max_prompt_length=self.args.max_prompt_length) for r in records]
         policy = self.accelerator.unwrap_model(self.model)
-        seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + 7919 * self.accelerator.process_index
-        settings = dataclasses.replace(self.args.sampling, seed=seed)
-        return HFRollouts(policy, tok, batch_size=self.args.rollout_batch_size).generate(prompt_ids, settings)
+        settings = dataclasses.replace(self.args.sampling, seed=self.args.seed * 1_000_003 + self.state.global_step)
+        rollouts = HFRollouts(policy, tok, batch_size=self.args.rollout_batch_size)
+        return rollouts.generate(prompt_ids, settings, prompt_seeds=indices)
 
-    def _scores(self, records: list[dict], rollouts) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        g = self.args.num_generations
+    def _rewards(self, records: list[dict], rollouts) -> tuple[torch.Tensor, dict[str, float]]:
+        """``[N]`` total rewards (NaN where no reward could score the completion) and their metrics."""
         prompts = [records[r.prompt_index]["prompt"] for r in rollouts]
         texts = [r.text for r in rollouts]
         keys = sorted({k for rec in records for k in rec if k != "prompt"})
@@ -233,19 +263,29 @@ class OnlineTrainer(CheckpointingTrainer):
             raise RewardError(f"{err} (step {self.state.global_step + 1}; batch starting at record {first!r})") from err
         rewards = torch.tensor([math.nan if t is None else t for t in totals], dtype=torch.float32)
         scorable = ~torch.isnan(rewards)
-        filled = torch.where(scorable, rewards, torch.zeros_like(rewards))
-        groups = filled.view(-1, g)
-        # an unscorable completion takes its group's mean, so it neither moves the baseline nor gets an advantage
-        group_mean = torch.nan_to_num(torch.nanmean(rewards.view(-1, g), dim=1, keepdim=True))
-        filled = torch.where(scorable.view(-1, g), groups, group_mean).view(-1)
-        advantages = self.advantage_fn(filled, g, **self.args.advantage_params)
-        advantages = torch.where(scorable, advantages, torch.zeros_like(advantages))
         metrics = {"reward": float(torch.nanmean(rewards)) if scorable.any() else math.nan}
         for name, values in per_reward.items():
             scored = [v for v in values if v is not None]
             if scored:
                 metrics[f"rewards/{name}"] = sum(scored) / len(scored)
-        return advantages, filled, metrics
+        return rewards, metrics
+
+    def _advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(advantages, filled rewards)`` of this process's ``[N]`` rewards (NaN: unscorable). The estimator sees
+        the rewards of every process (gathered), so batch-level estimators use the global batch; an unscorable
+        completion takes its group's mean, so it neither moves the baseline nor gets an advantage."""
+        g, n = self.args.num_generations, rewards.numel()
+        start = 0
+        if self.accelerator.num_processes > 1:
+            rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+            start = self.accelerator.process_index * n
+        scorable = ~torch.isnan(rewards)
+        groups = torch.where(scorable, rewards, torch.zeros_like(rewards)).view(-1, g)
+        group_mean = torch.nan_to_num(torch.nanmean(rewards.view(-1, g), dim=1, keepdim=True))
+        filled = torch.where(scorable.view(-1, g), groups, group_mean).view(-1)
+        advantages = self.advantage_fn(filled, g, **self.args.advantage_params)
+        advantages = torch.where(scorable, advantages, torch.zeros_like(advantages))
+        return advantages[start : start + n], filled[start : start + n]
 
     def _kept(self, rewards: torch.Tensor, rollouts) -> torch.Tensor:
         """Which completions enter the loss: all, less DAPO's equal-reward groups (``dynamic_sampling``) and
@@ -261,54 +301,83 @@ class OnlineTrainer(CheckpointingTrainer):
         return keep
 
     _micro_in_step = 0
-    _cache: dict[int, tuple] | None = None
+    _cache: dict[int, dict[str, Any]] | None = None
 
-    def _rollout_batch(self, records: list[dict]):
-        """``(rollouts, advantages, rewards, metrics, old_logps)`` of this micro-batch: new ones on the first step
-        of a rollout batch, the kept ones on its other ``num_iterations - 1`` steps (``old_logps`` None: new)."""
+    def _rollout_batch(self, records: list[dict], indices: list[int]) -> tuple[dict[str, Any], bool]:
+        """``(batch, new)``: this micro-batch's rollouts, rewards and metrics, new on the first step of a rollout
+        batch (``new`` True) and the kept ones (with their advantages and the sampling policy's log-probs) on
+        its other ``num_iterations - 1`` steps."""
         mu = self.args.num_iterations
         k = self._micro_in_step
         self._micro_in_step += 1
         if mu > 1 and self.state.global_step % mu and self._cache and k in self._cache:
             cached = self._cache[k]
-            if [r.get("prompt") for r in cached[0]] != [r.get("prompt") for r in records]:
+            if cached["indices"] != indices:
                 raise RuntimeError("num_iterations: the repeated batch holds other prompts than the rollout batch")
-            return cached[1:]
-        rollouts = self._rollouts(records)
-        advantages, rewards, metrics = self._scores(records, rollouts)
+            return cached, False
+        rollouts = self._rollouts(records, indices)
+        rewards, metrics = self._rewards(records, rollouts)
+        batch = {"indices": indices, "rollouts": rollouts, "rewards": rewards, "metrics": metrics}
         if mu > 1:
             self._cache = {} if k == 0 or self._cache is None else self._cache
-            self._cache[k] = (records, rollouts, advantages, rewards, metrics, None)
-        return rollouts, advantages, rewards, metrics, None
+            self._cache[k] = batch
+        return batch, True
+
+    def _logps(self, model, rollouts, *, entropy: bool = False):
+        """Per-token log-probs of the rollouts under ``model`` (``[N, T]``, the layout of ``pad_rows``); with
+        ``share_prompt`` each prompt runs once for its ``num_generations`` completions."""
+        pad = self.processing_class.pad_token_id
+        pad = self.processing_class.eos_token_id if pad is None else pad
+        device = self.accelerator.device
+        if self.args.share_prompt:
+            g = self.args.num_generations
+            units = range(len(rollouts) // g)
+            packed = pack_shared_rows(
+                [rollouts[u * g].prompt_ids for u in units],
+                [[r.completion_ids for r in rollouts[u * g : (u + 1) * g]] for u in units],
+                [list(range(u * g, (u + 1) * g)) for u in units],
+                pad,
+                None,
+            )
+            packed = {key: packed[key].to(device) for key in SHARED_PREFIX_KEYS}
+            return shared_prefix_logps(model, **packed, per_token=True, entropy=entropy), packed["completion_mask"]
+        batch = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
+        ids, attn, comp = (batch[key].to(device) for key in ("input_ids", "attention_mask", "completion_mask"))
+        return completion_logps(model, ids, attn, comp, per_token=True, entropy=entropy), comp
+
+    def _ref_logps(self, model, rollouts) -> torch.Tensor:
+        with torch.no_grad():
+            if self._ref_is_base:
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    return self._logps(model, rollouts)[0].per_token
+            return self._logps(self.ref_model, rollouts)[0].per_token
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        records = inputs["records"]
-        k = self._micro_in_step
-        rollouts, advantages, rewards, metrics, old_logps = self._rollout_batch(records)
-        keep = self._kept(rewards, rollouts)
+        records, indices = inputs["records"], inputs["indices"]
+        batch, new = self._rollout_batch(records, indices)
+        rollouts, metrics = batch["rollouts"], dict(batch["metrics"])
+        out, comp = self._logps(model, rollouts, entropy=True)
+        mask = comp.to(out.per_token.dtype)
+        ref = self._ref_logps(model, rollouts) if self._needs_ref else None
+        if new:  # the sampling policy is this one: its log-probs, the KL penalty and the advantages are fixed now
+            old_logps = out.per_token.detach()
+            rewards = batch["rewards"]
+            if self.args.kl_reward_coef > 0:
+                kl = (kl_estimate(old_logps, ref, self.args.kl_reward_estimator) * mask).sum(1).cpu()
+                rewards = rewards - self.args.kl_reward_coef * kl
+                metrics["kl_penalty"] = float(kl.mean())
+            batch["advantages"], batch["filled"] = self._advantages(rewards)
+            batch["old_logps"] = old_logps if self.args.num_iterations > 1 else None
+            batch["metrics"] = metrics
+        advantages, old_logps = batch["advantages"], batch["old_logps"]
+        keep = self._kept(batch["filled"], rollouts)
         metrics["kept"] = float(keep.float().mean())
         self._signal_in_step = self._signal_in_step or bool((advantages[keep] != 0).any())
         metrics["zero_advantage_groups"] = float(
             (advantages.view(-1, self.args.num_generations) == 0).all(dim=1).float().mean()
         )
-        pad = self.processing_class.pad_token_id
-        pad = self.processing_class.eos_token_id if pad is None else pad
-        batch = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
+        metrics["entropy"] = float((out.entropy * mask).sum() / mask.sum().clamp(min=1))
         device = self.accelerator.device
-        ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
-        out = completion_logps(model, ids, attn, comp, per_token=True)
-        if self.args.num_iterations > 1 and old_logps is None:  # first step: the sampling policy is this one
-            entry = self._cache[k]
-            self._cache[k] = (*entry[:5], out.per_token.detach())
-            old_logps = out.per_token.detach()
-        ref = None
-        if self.loss_kwargs.get("beta", 0.0) > 0:
-            with torch.no_grad():
-                if self._ref_is_base:
-                    with self.accelerator.unwrap_model(model).disable_adapter():
-                        ref = completion_logps(model, ids, attn, comp, per_token=True).per_token
-                else:
-                    ref = completion_logps(self.ref_model, ids, attn, comp, per_token=True).per_token
         rows = keep.nonzero().squeeze(1).to(device)
         if rows.numel() == 0:  # nothing left to learn from in this batch: a zero loss that still has a graph
             loss = out.per_token.sum() * 0.0
@@ -318,7 +387,7 @@ class OnlineTrainer(CheckpointingTrainer):
             logps=out.per_token[rows],
             old_logps=None if old_logps is None else old_logps.to(device)[rows],
             advantages=advantages.to(device)[rows],
-            mask=comp.to(out.per_token.dtype)[rows],
+            mask=mask[rows],
             ref_logps=None if ref is None else ref[rows],
             max_completion_length=self.args.max_new_tokens,
         )

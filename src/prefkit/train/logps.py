@@ -73,12 +73,15 @@ class LogpOutput:
     where ``completion_mask[:, t] == 1``, else 0 (the layout of ``completion_mask``).
     ``logsumsq``: ``[N, T]`` or ``None``, detached; ``log sum_v p(v | input_ids[:, :t])^2`` at the
     completion positions, else 0 (WPO's weights).
+    ``entropy``: ``[N, T]`` or ``None``, detached; ``-sum_v p(v | input_ids[:, :t]) log p(v | ...)`` at the
+    completion positions, else 0 (logged by the online trainer).
     """
 
     sum: Tensor
     n_tokens: Tensor
     per_token: Tensor | None = None
     logsumsq: Tensor | None = None
+    entropy: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,13 +170,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, want_logsumsq, mm_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, want_logsumsq, want_entropy, mm_dtype):
         w = weight.to(mm_dtype)
         fdt = _float_dtype(w.dtype)
         m = hidden.shape[0]
         logp = torch.empty(m, dtype=fdt, device=hidden.device)
         lse = torch.empty(m, dtype=fdt, device=hidden.device)
         lss = torch.empty(m if want_logsumsq else 0, dtype=fdt, device=hidden.device)
+        ent = torch.empty(m if want_entropy else 0, dtype=fdt, device=hidden.device)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for s in range(0, m, chunk_size):
                 e = min(s + chunk_size, m)
@@ -184,14 +188,18 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 if want_logsumsq:
                     # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
                     lss[s:e] = torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse_c
+                if want_entropy:
+                    # H = logsumexp(z) - sum_v softmax(z)_v z_v  (-inf logits have probability 0)
+                    p = torch.exp(z - lse_c[:, None])
+                    ent[s:e] = lse_c - (p * torch.where(p > 0, z, torch.zeros_like(z))).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.scale, ctx.softcap, ctx.mm_dtype = chunk_size, scale, softcap, mm_dtype
-        ctx.mark_non_differentiable(lss)
-        return logp, lss
+        ctx.mark_non_differentiable(lss, ent)
+        return logp, lss, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, _grad_lss):
+    def backward(ctx, grad_logp, _grad_lss, _grad_ent):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk_size, scale, softcap = ctx.chunk_size, ctx.scale, ctx.softcap
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -232,7 +240,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def chunked_token_logps(
@@ -246,7 +254,8 @@ def chunked_token_logps(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     return_logsumsq: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Log-prob of each row's target token, computed ``chunk_size`` rows at a time.
 
     With ``z = softcap(logit_scale * (hidden @ weight.T + bias))`` (``softcap(x) = cap * tanh(x / cap)``,
@@ -269,10 +278,11 @@ def chunked_token_logps(
         logit_scale: multiplies the logits before soft-capping.
         softcap: soft-capping value (> 0) or None.
         return_logsumsq: also return ``log sum_v softmax(z)_v^2`` per row (detached).
+        return_entropy: also return the entropy ``-sum_v softmax(z)_v log softmax(z)_v`` per row (detached).
 
     Returns:
-        ``[M]`` log-probs in float32 (float64 when ``weight`` is float64), and with
-        ``return_logsumsq`` a second ``[M]`` detached tensor.
+        ``[M]`` log-probs in float32 (float64 when ``weight`` is float64), then with ``return_logsumsq``
+        and with ``return_entropy`` (in that order) a further ``[M]`` detached tensor each.
     """
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
@@ -298,7 +308,7 @@ def chunked_token_logps(
         raise ValueError(
             f"targets must lie in [0, {weight.shape[0]}); got range [{int(targets.min())}, {int(targets.max())}]"
         )
-    logp, lss = _ChunkedTokenLogps.apply(
+    logp, lss, ent = _ChunkedTokenLogps.apply(
         hidden,
         weight,
         bias,
@@ -307,9 +317,11 @@ def chunked_token_logps(
         float(logit_scale),
         None if softcap is None else float(softcap),
         bool(return_logsumsq),
+        bool(return_entropy),
         _matmul_dtype(weight),
     )
-    return (logp, lss) if return_logsumsq else logp
+    extras = ([lss] if return_logsumsq else []) + ([ent] if return_entropy else [])
+    return (logp, *extras) if extras else logp
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,6 +664,7 @@ def completion_logps(
     memory_mb: float = DEFAULT_MEMORY_MB,
     per_token: bool = False,
     logsumsq: bool = False,
+    entropy: bool = False,
 ) -> LogpOutput:
     """Summed (and optionally per-token) log-probs of the completion tokens of each row.
 
@@ -677,6 +690,7 @@ def completion_logps(
         memory_mb: with ``chunk_size="auto"``, the memory budget of one chunk's ``[rows, V]`` tensors.
         per_token: also return the ``[N, T]`` per-token log-probs.
         logsumsq: also return the ``[N, T]`` detached ``log sum_v p(v | prefix)^2``.
+        entropy: also return the ``[N, T]`` detached entropy of ``p(. | prefix)``.
 
     Returns:
         A :class:`LogpOutput` (float32, or float64 for a float64 model).
@@ -703,6 +717,7 @@ def completion_logps(
         memory_mb=memory_mb,
         per_token=per_token,
         logsumsq=logsumsq,
+        entropy=entropy,
     )
 
 
@@ -720,6 +735,7 @@ def _score(
     memory_mb: float,
     per_token: bool,
     logsumsq: bool,
+    entropy: bool = False,
 ) -> LogpOutput:
     """Run ``model`` on ``inputs`` and score ``targets`` ``[M]`` from the hidden states ``pick(hidden)``
     ``[M, H]`` that predict them; token ``m`` is position ``(rows[m], cols[m])`` of the ``shape = (N, T)``
@@ -739,8 +755,11 @@ def _score(
             logit_scale=head.scale,
             softcap=head.softcap,
             return_logsumsq=logsumsq,
+            return_entropy=entropy,
         )
-        logp, found["lss"] = result if logsumsq else (result, None)
+        logp, *extras = result if (logsumsq or entropy) else (result,)
+        found["lss"] = extras.pop(0) if logsumsq else None
+        found["ent"] = extras.pop(0) if entropy else None
         found["logp"] = logp.detach()
         # Zeros carrying logp's gradient: the forward's transform T maps them to T(0) = 0 with slope T'(0).
         # (The division comes after the reshape so that the output is no view: FSDP2 warns about views.)
@@ -763,6 +782,8 @@ def _score(
         out.per_token = logp.new_zeros(n, t).index_put((rows, cols), logp)
     if logsumsq:
         out.logsumsq = found["lss"].new_zeros(n, t).index_put((rows, cols), found["lss"]).detach()
+    if entropy:
+        out.entropy = found["ent"].new_zeros(n, t).index_put((rows, cols), found["ent"]).detach()
     return out
 
 
@@ -1008,6 +1029,7 @@ def shared_prefix_logps(
     memory_mb: float = DEFAULT_MEMORY_MB,
     per_token: bool = False,
     logsumsq: bool = False,
+    entropy: bool = False,
 ) -> LogpOutput:
     """`completion_logps` of ``N = U * K`` prompt + completion rows, from packed rows of ``U`` units.
 
@@ -1039,11 +1061,12 @@ def shared_prefix_logps(
             ``segment_ids``), units numbered in order of appearance, row by row.
         completion_mask: ``[N, T]``: the completion mask of the unpacked rows (completion ``k`` of unit
             ``u`` is 1 in row ``completion_rows[u, k]`` at columns ``P_u .. P_u + C_uk - 1``).
-        chunk_size, memory_mb, per_token, logsumsq: as in `completion_logps`.
+        chunk_size, memory_mb, per_token, logsumsq, entropy: as in `completion_logps`.
 
     Returns:
         The `LogpOutput` `completion_logps` gives for the unpacked ``[N, T]`` rows: ``sum`` and
-        ``n_tokens`` ``[N]``, ``per_token`` / ``logsumsq`` ``[N, T]`` in the layout of ``completion_mask``.
+        ``n_tokens`` ``[N]``, ``per_token`` / ``logsumsq`` / ``entropy`` ``[N, T]`` in the layout of
+        ``completion_mask``.
 
     Raises ``NotImplementedError`` (naming ``share_prompt`` / ``packing``) for an attention
     implementation that cannot express the packed rows, a model whose forward takes no
@@ -1082,4 +1105,5 @@ def shared_prefix_logps(
         memory_mb=memory_mb,
         per_token=per_token,
         logsumsq=logsumsq,
+        entropy=entropy,
     )

@@ -80,6 +80,10 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "num_iterations": (1, "optimizer steps per rollout batch (GRPO's mu); save_steps must be a multiple"),
     "dynamic_sampling": (False, "DAPO: leave groups with all-equal rewards out of the loss"),
     "overlong_filtering": (False, "DAPO: leave completions cut by max_new_tokens out of the loss"),
+    "min_new_tokens": (0, "no end token before this many tokens (benchmarks force equal lengths with it)"),
+    "share_prompt": (False, "score each prompt once for its num_generations completions (eager/sdpa attention)"),
+    "kl_reward_coef": (0.0, "KL as a reward term: reward - coef * sum_t KL_t to the reference, before advantages"),
+    "kl_reward_estimator": ("k1", "the estimator of kl_reward_coef's KL: k1, k2 or k3"),
 }
 
 
@@ -118,11 +122,17 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     _int("online.top_k", o["top_k"], 0)
     _int("online.rollout_batch_size", o["rollout_batch_size"], 1)
     _int("online.num_iterations", o["num_iterations"], 1)
+    _int("online.min_new_tokens", o["min_new_tokens"], 0)
+    if o["min_new_tokens"] > o["max_new_tokens"]:
+        raise _fail("online.min_new_tokens", f"at most max_new_tokens ({o['max_new_tokens']})", o["min_new_tokens"])
+    check_in_range("online.kl_reward_coef", o["kl_reward_coef"], ">= 0")
+    if o["kl_reward_estimator"] not in ("k1", "k2", "k3"):
+        raise _fail("online.kl_reward_estimator", "one of k1, k2, k3", o["kl_reward_estimator"])
     if o["max_prompt_length"] is not None:
         _int("online.max_prompt_length", o["max_prompt_length"], 1)
     if o["prompt_template"] is not None and not (isinstance(o["prompt_template"], str) and "{" in o["prompt_template"]):
         raise _fail("online.prompt_template", "a text with {field} placeholders", o["prompt_template"])
-    for key in ("chat", "dynamic_sampling", "overlong_filtering"):
+    for key in ("chat", "dynamic_sampling", "overlong_filtering", "share_prompt"):
         if not isinstance(o[key], bool):
             raise _fail(f"online.{key}", "true or false", o[key])
     check_in_range("online.temperature", o["temperature"], "> 0")
