@@ -99,3 +99,56 @@ def test_bad_reward_settings_are_named():
         build_reward("math")(["q"], ["#### 1"], solution=["1"])
     with pytest.raises(RewardError, match="unexpected keyword"):
         build_reward("length", max_tokens=3)
+
+
+def test_a_reward_file_with_a_dataclass_loads(tmp_path):
+    """A ``file.py:function`` reward is imported as a module would be (registered before it runs), so a file
+    that defines a dataclass, which looks its module up while being defined, loads."""
+    path = tmp_path / "my_reward.py"
+    path.write_text(
+        "import dataclasses\n\n@dataclasses.dataclass\nclass Cfg:\n    bonus: float = 0.25\n\n"
+        "def score(prompts, completions, **fields):\n    return [Cfg().bonus for _ in completions]\n"
+    )
+    fn = build_reward("callable", function=f"{path}:score")
+    assert fn(["p"], ["c"]) == [0.25]
+
+
+def test_the_lab_reward_is_registered_by_entry_point():
+    """`prefkit.online` builds the lab's true reward by name without importing the lab (entry point group
+    prefkit.rewards): the arithmetic answer and a preference world's true reward."""
+    from prefkit.lab.world import make_world
+
+    arithmetic = build_reward("lab", world="arithmetic")
+    assert arithmetic(["start 3 add 4 sub 2"] * 2, ["3 add 4 is 7 ; 7 sub 2 is 5 ; answer 5", "answer 6"]) == [1, 0]
+    world = make_world("default", 0)
+    true = build_reward("lab", world="default")
+    prompt = world.prompts[0]
+    assert true([prompt], ["clear helpful sun"]) == [world.true_reward(prompt, "clear helpful sun")]
+    with pytest.raises(RewardError, match="reward 'lab': unknown lab world 'nope'"):
+        build_reward("lab", world="nope")
+
+
+def test_a_reward_model_scores_completions(tmp_path):
+    """reward_model: a saved one-label classifier scores (prompt, completion) as the trainer's scorer does."""
+    import torch
+
+    from prefkit.data.scoring import score_items, tokenize_items
+    from prefkit.models.reward import build_reward_model, load_reward_model
+    from prefkit.models.tiny import build_byte_tokenizer
+    from prefkit.train.reward_trainer import model_scores
+
+    tok = build_byte_tokenizer()
+    model = build_reward_model("tiny", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    fn = build_reward("reward_model", model=str(tmp_path / "rm"), device="cpu")
+    got = fn(["Q: hi", "Q: hi"], ["hello there", "go away"])
+    rm = load_reward_model(str(tmp_path / "rm"))
+    items = tokenize_items([("Q: hi", "hello there"), ("Q: hi", "go away")], tok)
+    with torch.no_grad():
+        want = score_items(lambda *b: model_scores(rm, *b), items, model=rm, pad_token_id=tok.pad_token_id)
+    assert got == pytest.approx(want.tolist(), abs=1e-5) and got[0] != got[1]
+    with pytest.raises(RewardError, match="weights need a multi-objective model"):
+        build_reward("reward_model", model=str(tmp_path / "rm"), weights={"helpful": 1.0}, device="cpu")
+    with pytest.raises(RewardError, match="reward 'reward_model': cannot load"):
+        build_reward("reward_model", model=str(tmp_path / "missing"), device="cpu")

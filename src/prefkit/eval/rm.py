@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from prefkit.data.scoring import TokenizedItems, judge_pairs, score_items, tokenize_items
 from prefkit.eval import metrics as M
 from prefkit.eval.data import EvalSet, split_grid, true_scores
 from prefkit.eval.implicit import ImplicitReward
-from prefkit.eval.scoring import TokenizedItems, judge_pairs, score_items, tokenize_items
 
 __all__ = ["EvalOptions", "Evaluation", "evaluate_reward_model", "scorer_kind"]
 

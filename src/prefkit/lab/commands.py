@@ -24,6 +24,8 @@ STUDIES = {
     "noise": "labels flipped at set rates: dpo against the noise-aware losses (cdpo, robust_dpo), mean ± SE over seeds",
     "overopt": "best-of-N against a proxy reward model learned from few pairs: true and proxy reward against "
     "KL = log N - (N-1)/N (Gao et al. 2023)",
+    "online": "GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ on a verifiable arithmetic world (accuracy against "
+    "completions generated, mean ± SE over seeds), and GRPO on a true against a proxy reward (reward against KL)",
     "pluralism": "user groups of unequal shares: pooled BT against MixtureBT, PAL, VPL, MiCRo per group, for seen "
     "and unseen users; PAL on planted ideal points, a pets task, GPM against BT on cyclic preferences",
 }
@@ -139,6 +141,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--heldout-pairs", type=int, default=500, help="fresh pairs to measure the proxy on (default: 500)"
     )
     _pluralism(studies.add_parser("pluralism", help=STUDIES["pluralism"], description=STUDIES["pluralism"]))
+    _online(studies.add_parser("online", help=STUDIES["online"], description=STUDIES["online"]))
+
+
+def _online(parser: argparse.ArgumentParser) -> None:
+    from prefkit.lab.online_study import METHODS
+
+    parser.add_argument(
+        "--methods",
+        type=_names,
+        default=list(METHODS),
+        help=f"comma-separated methods (default: {','.join(METHODS)})",
+    )
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="one run per seed and method (default: 0,1,2)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default: 60)")
+    parser.add_argument("--prompts", type=int, default=8, help="problems per step (default: 8)")
+    parser.add_argument("--generations", type=int, default=8, help="completions per problem, G (default: 8)")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-4,
+        help="learning rate of the arithmetic runs (default: 1e-4; at 3e-4 and above AdamW's steps on sparse "
+        "rewards wreck the small reference's copying and accuracy falls)",
+    )
+    parser.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (default: 10)")
+    parser.add_argument(
+        "--no-overopt", action="store_true", help="skip the true-against-proxy reward part on the default world"
+    )
+    parser.add_argument("--output-dir", default="runs/lab/online", help="where results go (default: runs/lab/online)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where reference policies are cached (default: $PREFKIT_CACHE/lab or ~/.cache/prefkit/lab)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output; the results are still written")
 
 
 def _pluralism(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +231,8 @@ def _problem(args: argparse.Namespace) -> str | None:
         "users",
         "train_pairs",
         "test_pairs",
+        "prompts",
+        "eval_every",
     ):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -203,6 +241,16 @@ def _problem(args: argparse.Namespace) -> str | None:
         return f"--rates must be one or more flip rates in [0, 0.5), got {args.rates}"
     if args.study == "noise" and not args.seeds:
         return "--seeds must name at least one seed"
+    if args.study == "online":
+        from prefkit.lab.online_study import METHODS
+
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            return f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}"
+        if args.generations < 2:
+            return f"--generations must be at least 2 (group advantages), got {args.generations}"
+        if not args.seeds:
+            return "--seeds must name at least one seed"
     if args.study == "overopt" and args.n_max > args.pool:
         return f"--n-max ({args.n_max}) must be <= --pool ({args.pool})"
     return None
@@ -220,6 +268,23 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"prefkit lab study {args.study}: error: {problem}", file=sys.stderr)
         return 2
+    if args.study == "online":
+        from prefkit.lab.online_study import online_study
+
+        online_study(
+            methods=args.methods,
+            seeds=args.seeds,
+            steps=args.steps,
+            prompts=args.prompts,
+            generations=args.generations,
+            learning_rate=args.learning_rate,
+            eval_every=args.eval_every,
+            overopt=not args.no_overopt,
+            output_dir=args.output_dir,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+        )
+        return 0
     common = dict(seed=args.seed, output_dir=args.output_dir, cache_dir=args.cache_dir, progress=not args.quiet)
     if args.study == "pluralism":
         return _run_pluralism(args, common)

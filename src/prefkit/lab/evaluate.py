@@ -143,7 +143,7 @@ def score_responses(
     model: nn.Module, tokenizer, items: Sequence[tuple[str, str]], *, batch_size: int = 64, progress: bool = True
 ) -> np.ndarray:
     """``[N]`` reward-model scores of ``(prompt, response)`` items (tokenized as training tokenizes them)."""
-    from prefkit.eval.scoring import score_items, tokenize_items
+    from prefkit.data.scoring import score_items, tokenize_items
     from prefkit.train.reward_trainer import model_scores
 
     tokenized = tokenize_items(items, tokenizer)

@@ -183,6 +183,9 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         share_prompt=online["share_prompt"],
         kl_reward_coef=online["kl_reward_coef"],
         kl_reward_estimator=online["kl_reward_estimator"],
+        rollout_backend=online["rollout_backend"],
+        vllm_gpu_memory_utilization=online["vllm_gpu_memory_utilization"],
+        vllm_sleep_mode=online["vllm_sleep_mode"],
     )
     tokenizer = ensure_pad_token(load_tokenizer(m.tokenizer or m.model, trust_remote_code=m.trust_remote_code), m.model)
     policy = load_policy(

@@ -15,7 +15,11 @@ Built-ins (`REWARDS`, each built by name with its parameters by `build_reward`):
 ``length``          DAPO's soft overlong penalty on the completion's word count: 0 up to
                     ``max_words - buffer_words``, falling linearly to -1 at ``max_words``, -1 beyond
 ``bleu``            sentence BLEU against the reference field / 100 (BLEUBERI, with ``sacrebleu``)
+``reward_model``    a reward model's score: a prefkit reward model (scalar, multi-objective with
+                    ``weights`` per attribute, ...) or any one-label ``...ForSequenceClassification``
 ``callable``        any Python function with this protocol: ``module:function`` or ``file.py:function``
+``lab``             the true reward of a lab world (``world``: a preset or ``arithmetic``; registered
+                    by `prefkit.lab` through the ``prefkit.rewards`` entry point group)
 ==================  =================================================================================
 
 `CombinedReward` sums several with weights, keeps each one's values for logging, and stops with
@@ -29,6 +33,7 @@ import importlib
 import importlib.util
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +185,73 @@ class BleuReward:
         return out
 
 
+class RewardModelReward:
+    """A reward model's score of ``(prompt, completion)``, tokenized as reward-model training tokenizes it
+    (`prefkit.data.tokenize.tokenize_unpaired`: EOS after the completion, chat prompts through the
+    template). ``model``: a folder, Hub id or ``tiny`` (`prefkit.models.reward.load_reward_model`: prefkit
+    reward models and one-label ``...ForSequenceClassification`` models); ``tokenizer``: where its
+    tokenizer is (default: ``model``). ``weights`` (multi-objective models only): ``{attribute: weight}``
+    replacing the prompt gate, ``beta * sum_i w_i r'_i`` with the de-correlated attribute scores
+    (unnamed attributes weigh 0). The model is loaded once, on ``device`` (default: CUDA when there is one)."""
+
+    def __init__(
+        self,
+        model: str = "",
+        tokenizer: str | None = None,
+        weights: Mapping[str, float] | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ):
+        if not model or not isinstance(model, str):
+            raise RewardError(f"reward 'reward_model': expected model: a folder, Hub id or 'tiny', got {model!r}")
+        import torch
+
+        from prefkit.models.loading import load_tokenizer
+        from prefkit.models.reward import load_reward_model
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self.model = load_reward_model(model, dtype=dtype, device=device)
+            self.tokenizer = load_tokenizer(tokenizer or model)
+        except (OSError, ValueError) as err:
+            raise RewardError(f"reward 'reward_model': cannot load {model!r} ({err})") from err
+        self.batch_size, self.max_length = batch_size, max_length
+        self.weights = None
+        if weights is not None:
+            attributes = list(getattr(self.model, "attributes", []) or [])
+            if not attributes:
+                raise RewardError(f"reward 'reward_model': weights need a multi-objective model; {model!r} is not one")
+            unknown = sorted(set(weights) - set(attributes))
+            if unknown:
+                raise RewardError(
+                    f"reward 'reward_model': weights name unknown attributes {unknown}; the model has {attributes}"
+                )
+            self.weights = torch.tensor([float(weights.get(a, 0.0)) for a in attributes])
+
+    def _scores(self, input_ids, attention_mask, completion_mask):
+        from prefkit.train.reward_trainer import model_scores
+
+        if self.weights is None:
+            return model_scores(self.model, input_ids, attention_mask, completion_mask)
+        adjusted = self.model.decorrelate(self.model.attribute_scores(input_ids, attention_mask))
+        return self.model.config.beta * (adjusted * self.weights.to(adjusted)).sum(-1)
+
+    def __call__(self, prompts, completions, **fields) -> list[float]:
+        import torch
+
+        from prefkit.data.scoring import score_items, tokenize_items
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        items = tokenize_items(list(zip(prompts, completions)), self.tokenizer, max_length=self.max_length)
+        with torch.no_grad():
+            scores = score_items(
+                self._scores, items, model=self.model, pad_token_id=pad, batch_size=self.batch_size, progress=False
+            )
+        return [float(x) for x in scores.float().cpu()]
+
+
 def _callable(function: str = "") -> RewardFunction:
     """``module:function`` (an importable module) or ``path/to/file.py:function`` (a Python file, read
     relative to the current folder): a function with the reward protocol."""
@@ -193,9 +265,15 @@ def _callable(function: str = "") -> RewardFunction:
             path = Path(module_name)
             if not path.is_file():
                 raise RewardError(f"reward 'callable': {function!r}: no such file {module_name!r}")
-            spec = importlib.util.spec_from_file_location(f"prefkit_reward_{path.stem}", path)
+            name = f"prefkit_reward_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            sys.modules[name] = module  # registered first, as an import would: dataclasses and pickling look it up
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
         else:
             module = importlib.import_module(module_name)
         fn = getattr(module, attr)
@@ -212,19 +290,40 @@ REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "regex": RegexReward,
     "length": LengthReward,
     "bleu": BleuReward,
+    "reward_model": RewardModelReward,
     "callable": _callable,
 }
+# Rewards that packages above this one provide (the lab's true reward): entry points of this group, each a
+# factory ``(**params) -> reward function``, so `prefkit.online` does not import them.
+ENTRY_POINT_GROUP = "prefkit.rewards"
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in REWARDS}
+
+
+def reward_names() -> list[str]:
+    """Every reward `build_reward` knows: the built-ins, then the registered ones."""
+    return list(REWARDS) + sorted(_entry_points())
 
 
 def build_reward(name: str, **params: Any) -> RewardFunction:
-    """The reward ``name`` of `REWARDS` built with ``params``; `RewardError` for an unknown name or parameter."""
-    if name not in REWARDS:
-        raise RewardError(
-            f"unknown reward {name!r}; expected one of {', '.join(REWARDS)} (or callable: module:function)"
-        )
+    """The reward ``name`` (`REWARDS`, or registered under the ``prefkit.rewards`` entry points) built with
+    ``params``; `RewardError` for an unknown name or parameter."""
+    if name in REWARDS:
+        factory = REWARDS[name]
+    else:
+        registered = _entry_points()
+        if name not in registered:
+            raise RewardError(
+                f"unknown reward {name!r}; expected one of {', '.join(reward_names())} (or callable: module:function)"
+            )
+        factory = registered[name].load()
     try:
-        return REWARDS[name](**params)
-    except TypeError as err:
+        return factory(**params)
+    except (TypeError, ValueError) as err:
         raise RewardError(f"reward {name!r}: {err}") from err
 
 

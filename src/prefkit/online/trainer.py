@@ -96,6 +96,16 @@ class OnlineArguments(TrainingArguments):
         },
     )
     kl_reward_estimator: str = field(default="k1", metadata={"help": "KL estimator of kl_reward_coef: k1, k2, k3."})
+    rollout_backend: str = field(
+        default="hf",
+        metadata={"help": "hf (transformers generate, CPU or GPU) or vllm (a colocated vllm.LLM, GPU, prefkit[vllm])."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vllm: the share of GPU memory the colocated engine may take."}
+    )
+    vllm_sleep_mode: bool = field(
+        default=False, metadata={"help": "vllm: free the engine's weights and KV cache between generations."}
+    )
     num_iterations: int = field(
         default=1,
         metadata={
@@ -123,6 +133,12 @@ class OnlineArguments(TrainingArguments):
                     f"save_steps: expected a multiple of num_iterations ({self.num_iterations}) so that every "
                     f"checkpoint starts a rollout batch, got {self.save_steps}"
                 )
+        if self.rollout_backend not in ("hf", "vllm"):
+            raise ValueError(f"rollout_backend: expected hf or vllm, got {self.rollout_backend!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"vllm_gpu_memory_utilization: expected a number in (0, 1], got {self.vllm_gpu_memory_utilization!r}"
+            )
         if not (isinstance(self.kl_reward_coef, (int, float)) and 0 <= self.kl_reward_coef < math.inf):
             raise ValueError(f"kl_reward_coef: expected a finite number >= 0, got {self.kl_reward_coef!r}")
         if self.kl_reward_estimator not in KL_ESTIMATORS:
@@ -247,8 +263,29 @@ class OnlineTrainer(CheckpointingTrainer):
         prompt_ids = [tokenize_prompt(r["prompt"], tok, max_prompt_length=self.args.max_prompt_length) for r in records]
         policy = self.accelerator.unwrap_model(self.model)
         settings = dataclasses.replace(self.args.sampling, seed=self.args.seed * 1_000_003 + self.state.global_step)
+        if self.args.rollout_backend == "vllm":
+            return self._vllm_engine(policy).generate(prompt_ids, settings, prompt_seeds=indices)
         rollouts = HFRollouts(policy, tok, batch_size=self.args.rollout_batch_size)
         return rollouts.generate(prompt_ids, settings, prompt_seeds=indices)
+
+    _vllm = None
+    _vllm_step = -1
+
+    def _vllm_engine(self, policy):
+        """The colocated vLLM engine, built on first use, its weights synced from the policy once per step."""
+        from prefkit.online.vllm_rollouts import VLLMRollouts
+
+        if self._vllm is None:
+            self._vllm = VLLMRollouts(
+                policy,
+                self.processing_class,
+                gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
+                sleep_mode=self.args.vllm_sleep_mode,
+            )
+        if self._vllm_step != self.state.global_step:
+            self._vllm.sync_weights(policy)
+            self._vllm_step = self.state.global_step
+        return self._vllm
 
     def _rewards(self, records: list[dict], rollouts) -> tuple[torch.Tensor, dict[str, float]]:
         """``[N]`` total rewards (NaN where no reward could score the completion) and their metrics."""

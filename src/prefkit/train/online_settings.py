@@ -52,7 +52,7 @@ __all__ = ["ADVANTAGES", "ONLINE_KEYS", "REWARDS", "is_online_config", "read_onl
 
 # The rewards of prefkit.online.rewards and the advantage estimators of prefkit.losses.advantages, by name
 # (this module imports neither: it runs before torch; a test keeps the lists equal).
-REWARDS = ("math", "exact_match", "regex", "length", "bleu", "callable")
+REWARDS = ("math", "exact_match", "regex", "length", "bleu", "reward_model", "callable", "lab")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline")
 GROUPLESS_ADVANTAGES = ("reinforce_pp", "reinforce_baseline")
 
@@ -84,6 +84,9 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "share_prompt": (False, "score each prompt once for its num_generations completions (eager/sdpa attention)"),
     "kl_reward_coef": (0.0, "KL as a reward term: reward - coef * sum_t KL_t to the reference, before advantages"),
     "kl_reward_estimator": ("k1", "the estimator of kl_reward_coef's KL: k1, k2 or k3"),
+    "rollout_backend": ("hf", "hf (transformers generate) or vllm (a colocated vllm.LLM on a GPU: prefkit[vllm])"),
+    "vllm_gpu_memory_utilization": (0.3, "vllm: the share of GPU memory the engine may take"),
+    "vllm_sleep_mode": (False, "vllm: free the engine's weights and KV cache between generations"),
 }
 
 
@@ -132,7 +135,15 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
         _int("online.max_prompt_length", o["max_prompt_length"], 1)
     if o["prompt_template"] is not None and not (isinstance(o["prompt_template"], str) and "{" in o["prompt_template"]):
         raise _fail("online.prompt_template", "a text with {field} placeholders", o["prompt_template"])
-    for key in ("chat", "dynamic_sampling", "overlong_filtering", "share_prompt"):
+    if o["rollout_backend"] not in ("hf", "vllm"):
+        raise _fail("online.rollout_backend", "hf or vllm", o["rollout_backend"])
+    if o["rollout_backend"] == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise _fail("online.rollout_backend", "hf, or vllm with the vllm package installed (prefkit[vllm])", "vllm")
+    check_in_range("online.vllm_gpu_memory_utilization", o["vllm_gpu_memory_utilization"], "(0, 1]")
+    for key in ("chat", "dynamic_sampling", "overlong_filtering", "share_prompt", "vllm_sleep_mode"):
         if not isinstance(o[key], bool):
             raise _fail(f"online.{key}", "true or false", o[key])
     check_in_range("online.temperature", o["temperature"], "> 0")

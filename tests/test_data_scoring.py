@@ -1,11 +1,11 @@
-"""prefkit.eval.scoring: length-sorted batches, outputs back in input order."""
+"""prefkit.data.scoring: length-sorted batches, outputs back in input order."""
 
 import pytest
 import torch
 from torch import nn
 
 from prefkit.data.batching import batches_by_length
-from prefkit.eval.scoring import judge_pairs, score_items, tokenize_items
+from prefkit.data.scoring import judge_pairs, score_items, tokenize_items
 
 
 class SumScorer(nn.Module):

@@ -1,0 +1,104 @@
+"""The arithmetic world: answers, per-step correctness and the first wrong step, checked by hand."""
+
+import numpy as np
+import pytest
+
+from prefkit.lab.reasoning import ArithmeticWorld
+
+W = ArithmeticWorld()
+PROBLEM = "start 3 add 4 sub 2"
+
+
+def test_the_answer_and_the_correct_solution():
+    assert W.answer(PROBLEM) == 5
+    assert W.answer("start 1 sub 4") == 7  # (1 - 4) mod 10
+    assert W.solution(PROBLEM) == "3 add 4 is 7 ; 7 sub 2 is 5 ; answer 5"
+    assert W.step_labels(PROBLEM, W.solution(PROBLEM)) == [True, True]
+    assert W.first_error(PROBLEM, W.solution(PROBLEM)) == -1
+
+
+def test_a_wrong_step_propagates_and_is_the_first_error():
+    completion = "3 add 4 is 8 ; 8 sub 2 is 6 ; answer 6"
+    assert W.step_labels(PROBLEM, completion) == [False, True]  # step 2 is locally right, off the true path
+    assert W.first_error(PROBLEM, completion) == 0
+    assert W.reward([PROBLEM], [completion]) == [0.0]
+    late = "3 add 4 is 7 ; 7 sub 2 is 4 ; answer 4"
+    assert W.step_labels(PROBLEM, late) == [True, False] and W.first_error(PROBLEM, late) == 1
+
+
+def test_steps_that_do_not_follow_the_problem_are_wrong():
+    assert W.step_labels(PROBLEM, "3 sub 4 is 9 ; answer 9") == [False]  # wrong operation
+    assert W.step_labels(PROBLEM, "3 add 5 is 8 ; 8 sub 2 is 6 ; answer 6")[0] is False  # wrong operand
+    assert W.step_labels(PROBLEM, "3 add 4 is 7 ; 7 sub 2 is 5 ; 5 add 1 is 6 ; answer 6") == [True, True, False]
+    assert W.step_labels(PROBLEM, "4 add 4 is 8") == [False]  # wrong start
+
+
+def test_the_answer_reward_reads_the_word_after_answer():
+    assert W.reward([PROBLEM] * 4, ["answer 5", "x ; answer 5 ; answer 6", "answer", "5"]) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_noisy_solutions_are_wrong_at_the_set_rates():
+    world = ArithmeticWorld(min_ops=1, max_ops=1, add_error=0.0, sub_error=0.5)
+    rng = np.random.default_rng(0)
+    adds = [world.is_correct("start 2 add 3", world.solution("start 2 add 3", rng)) for _ in range(400)]
+    subs = [world.is_correct("start 2 sub 3", world.solution("start 2 sub 3", rng)) for _ in range(400)]
+    assert all(adds) and 0.4 < np.mean(subs) < 0.6
+
+
+def test_problems_are_parsed_strictly():
+    for bad in ("", "start", "start 3 mul 2", "begin 3 add 2", "start x add 2"):
+        with pytest.raises(ValueError, match="not an arithmetic problem"):
+            W.parse_problem(bad)
+    with pytest.raises(ValueError, match="sub_error"):
+        ArithmeticWorld(sub_error=1.0)
+    rng = np.random.default_rng(1)
+    for p in W.sample_problems(50, rng):
+        start, ops = W.parse_problem(p)
+        assert 0 <= start <= 9 and W.min_ops <= len(ops) <= W.max_ops
+        assert len(W.solution(p).split()) <= W.max_len
+
+
+def test_online_study_runs_both_parts(tmp_path, lab_cache, small_spec):
+    """A small run of `prefkit lab study online`: every method, its evaluation points, the proxy part, the
+    files. (The full study, whose figures are in benchmarks/RESULTS.md, runs from the README under -m slow.)"""
+    import json
+
+    from prefkit.lab.online_study import METHODS, online_study
+    from prefkit.lab.policy import ReferenceSpec
+
+    tiny = ReferenceSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=60)
+    r = online_study(
+        seeds=[0],
+        steps=2,
+        prompts=2,
+        generations=4,
+        eval_every=1,
+        eval_problems=8,
+        overopt_steps=2,
+        proxy_pairs=32,
+        output_dir=tmp_path / "online",
+        cache_dir=lab_cache,
+        progress=False,
+        arithmetic_spec=tiny,
+        world_spec=small_spec,
+    )
+    runs = r["methods"]["runs"]
+    assert [x["method"] for x in runs] == list(METHODS)
+    assert all([p["step"] for p in x["points"]] == [0, 1, 2] for x in runs)
+    assert all(0 <= p["accuracy"] <= 1 and 0 <= p["step_accuracy"] <= 1 for x in runs for p in x["points"])
+    assert [x["trained_on"] for x in r["overopt"]["runs"]] == ["true", "proxy"]
+    first = r["overopt"]["runs"][0]["points"]
+    assert first[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
+    for name in ("results.json", "results.md", "online.png"):
+        assert (tmp_path / "online" / name).is_file()
+    assert json.loads((tmp_path / "online" / "results.json").read_text())["study"] == "online"
+    assert "## The GRPO family on the arithmetic world" in (tmp_path / "online" / "results.md").read_text()
+
+
+def test_online_study_names_bad_settings(tmp_path):
+    from prefkit.lab.online_study import online_study
+
+    with pytest.raises(ValueError, match="unknown method"):
+        online_study(methods=["ppo"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="generations must be at least 2"):
+        online_study(generations=1, output_dir=tmp_path)
