@@ -94,6 +94,33 @@ def test_dynamic_sampling_and_overlong_filtering_leave_rows_out(tmp_path, tokeni
     assert all(k < 0.5 for k in kept)
 
 
+def even_prompts_only(prompts, completions, **fields):
+    """Signal on prompts "Write N:" with N even (the ASCII share), none on the odd ones (always 0)."""
+    return [ascii_share([], [c])[0] if int(p.split()[1][:-1]) % 2 == 0 else 0.0 for p, c in zip(prompts, completions)]
+
+
+def test_dapo_refills_the_batch_with_groups_that_have_signal(tmp_path, tokenizer):
+    """dynamic_sampling leaves the odd prompts' groups (equal rewards) out; with refill_rounds more prompts
+    are sampled until the batch is whole, so every kept group has signal and the batch stays full."""
+    reward = CombinedReward([("even", build_reward("callable", function=f"{__name__}:even_prompts_only"), 1.0)])
+    rows = {}
+    for rounds in (0, 4):
+        trainer = _trainer(
+            tmp_path / str(rounds),
+            tokenizer,
+            max_steps=4,
+            dynamic_sampling=True,
+            refill_rounds=rounds,
+            per_device_train_batch_size=4,
+        )
+        trainer.rewards = reward
+        trainer.train()
+        rows[rounds] = [r for r in _rows(tmp_path / str(rounds)) if r["split"] == "train"]
+    assert sum(r["kept"] for r in rows[0]) / 4 < 0.8  # about half the groups have no signal
+    assert all(r["kept"] == 1.0 for r in rows[4])  # refilled: 4 groups with signal every step
+    assert all(r["refill_rounds"] >= 1 for r in rows[4]) and "refill_rounds" not in rows[0][0]
+
+
 def test_several_updates_per_rollout_batch_move_the_ratio(tmp_path, tokenizer):
     trainer = _trainer(
         tmp_path, tokenizer, max_steps=4, num_iterations=2, loss_params={"epsilon_low": 0.01, "epsilon_high": 0.01}
@@ -215,6 +242,8 @@ def test_resume_is_exact(tmp_path, tokenizer):
         ({"num_iterations": 0}, "num_iterations: expected an integer >= 1"),
         ({"num_iterations": 2, "save_strategy": "steps", "save_steps": 3}, "save_steps: expected a multiple of"),
         ({"kl_reward_coef": -0.1}, "kl_reward_coef: expected a finite number >= 0"),
+        ({"refill_rounds": -1}, "refill_rounds: expected an integer >= 0"),
+        ({"rollout_backend": "sglang"}, "rollout_backend: expected hf or vllm"),
         ({"kl_reward_estimator": "k4"}, "kl_reward_estimator: expected one of k1, k2, k3"),
         ({"min_new_tokens": 9}, "min_new_tokens: expected an integer from 0 to max_new_tokens"),
     ],

@@ -152,3 +152,12 @@ def test_a_reward_model_scores_completions(tmp_path):
         build_reward("reward_model", model=str(tmp_path / "rm"), weights={"helpful": 1.0}, device="cpu")
     with pytest.raises(RewardError, match="reward 'reward_model': cannot load"):
         build_reward("reward_model", model=str(tmp_path / "missing"), device="cpu")
+
+
+def test_a_reward_model_of_the_wrong_kind_is_one_clear_error(tmp_path, tiny_model, tokenizer):
+    """A causal LM (no classification head) named as the reward model: refused with the reason, not scored
+    with a random head."""
+    tiny_model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    with pytest.raises(RewardError, match=r"^reward 'reward_model': cannot load .*this is not a reward model"):
+        build_reward("reward_model", model=str(tmp_path / "policy"), device="cpu")

@@ -179,6 +179,7 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         dynamic_sampling=online["dynamic_sampling"],
         num_iterations=online["num_iterations"],
         overlong_filtering=online["overlong_filtering"],
+        refill_rounds=online["refill_rounds"],
         min_new_tokens=online["min_new_tokens"],
         share_prompt=online["share_prompt"],
         kl_reward_coef=online["kl_reward_coef"],

@@ -323,6 +323,8 @@ def build_reward(name: str, **params: Any) -> RewardFunction:
         factory = registered[name].load()
     try:
         return factory(**params)
+    except RewardError:
+        raise
     except (TypeError, ValueError) as err:
         raise RewardError(f"reward {name!r}: {err}") from err
 

@@ -74,6 +74,13 @@ class OnlineArguments(TrainingArguments):
         default=False,
         metadata={"help": "DAPO: leave out of the loss the groups whose rewards are all equal (no signal)."},
     )
+    refill_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "DAPO with dynamic_sampling: up to N rounds of sampling more prompts until every group of "
+            "the batch has unequal rewards (0: the batch shrinks instead)."
+        },
+    )
     overlong_filtering: bool = field(
         default=False,
         metadata={"help": "DAPO: leave out of the loss the completions cut by max_new_tokens."},
@@ -133,6 +140,8 @@ class OnlineArguments(TrainingArguments):
                     f"save_steps: expected a multiple of num_iterations ({self.num_iterations}) so that every "
                     f"checkpoint starts a rollout batch, got {self.save_steps}"
                 )
+        if isinstance(self.refill_rounds, bool) or not isinstance(self.refill_rounds, int) or self.refill_rounds < 0:
+            raise ValueError(f"refill_rounds: expected an integer >= 0, got {self.refill_rounds!r}")
         if self.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"rollout_backend: expected hf or vllm, got {self.rollout_backend!r}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
@@ -255,7 +264,7 @@ class OnlineTrainer(CheckpointingTrainer):
     def floating_point_ops(self, inputs) -> int:
         return 0  # the batch holds prompt records, not token ids
 
-    def _rollouts(self, records: list[dict], indices: list[int]):
+    def _rollouts(self, records: list[dict], indices: list[int], seeds: list[int] | None = None):
         """``num_generations`` completions of each record's prompt. Each completion is seeded by the run's seed,
         the step and its prompt's index in the dataset, so it does not depend on the batch it is in, on resume
         or on the number of processes."""
@@ -264,9 +273,9 @@ class OnlineTrainer(CheckpointingTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         settings = dataclasses.replace(self.args.sampling, seed=self.args.seed * 1_000_003 + self.state.global_step)
         if self.args.rollout_backend == "vllm":
-            return self._vllm_engine(policy).generate(prompt_ids, settings, prompt_seeds=indices)
+            return self._vllm_engine(policy).generate(prompt_ids, settings, prompt_seeds=seeds or indices)
         rollouts = HFRollouts(policy, tok, batch_size=self.args.rollout_batch_size)
-        return rollouts.generate(prompt_ids, settings, prompt_seeds=indices)
+        return rollouts.generate(prompt_ids, settings, prompt_seeds=seeds or indices)
 
     _vllm = None
     _vllm_step = -1
@@ -326,8 +335,8 @@ class OnlineTrainer(CheckpointingTrainer):
 
     def _kept(self, rewards: torch.Tensor, rollouts) -> torch.Tensor:
         """Which completions enter the loss: all, less DAPO's equal-reward groups (``dynamic_sampling``) and
-        cut completions (``overlong_filtering``). DAPO refills the batch by sampling more prompts; here the
-        batch is smaller instead."""
+        cut completions (``overlong_filtering``). With ``refill_rounds`` the batch was refilled first
+        (`_refill`); without, it is smaller."""
         g = self.args.num_generations
         keep = torch.ones(len(rollouts), dtype=torch.bool)
         if self.args.dynamic_sampling:
@@ -354,11 +363,44 @@ class OnlineTrainer(CheckpointingTrainer):
             return cached, False
         rollouts = self._rollouts(records, indices)
         rewards, metrics = self._rewards(records, rollouts)
+        if self.args.dynamic_sampling and self.args.refill_rounds > 0:
+            rollouts, rewards, rounds = self._refill(records, indices, rollouts, rewards)
+            metrics["refill_rounds"] = float(rounds)
         batch = {"indices": indices, "rollouts": rollouts, "rewards": rewards, "metrics": metrics}
         if mu > 1:
             self._cache = {} if k == 0 or self._cache is None else self._cache
             self._cache[k] = batch
         return batch, True
+
+    def _refill(self, records: list[dict], indices: list[int], rollouts, rewards: torch.Tensor):
+        """DAPO's dynamic sampling with refill: while fewer than the batch's ``B`` groups have unequal rewards,
+        sample ``B`` more prompts of the dataset (seeded by the run's seed, the step, the round and the
+        process) and keep their groups that do, for at most ``refill_rounds`` rounds. Returns ``B`` groups
+        (groups without signal fill a batch that is still short; `_kept` leaves them out of the loss), their
+        rewards and the rounds taken. ``reward`` keeps logging the first sample, the policy on fresh prompts."""
+        g, size = self.args.num_generations, len(records)
+        spread = rewards.nan_to_num(nan=-math.inf).view(-1, g)
+        signal = ~(spread == spread[:, :1]).all(dim=1)
+        groups = [(rollouts[u * g : (u + 1) * g], rewards[u * g : (u + 1) * g]) for u in range(size)]
+        kept = [groups[u] for u in range(size) if signal[u]]
+        spare = [groups[u] for u in range(size) if not signal[u]]
+        generator = torch.Generator().manual_seed(
+            (self.args.seed * 1_000_003 + self.state.global_step) * 131 + self.accelerator.process_index
+        )
+        rounds, n = 0, len(self.train_dataset)
+        while len(kept) < size and rounds < self.args.refill_rounds:
+            rounds += 1
+            extra = torch.randint(n, (size,), generator=generator).tolist()
+            extra_records = [self.train_dataset[i][1] for i in extra]
+            # seed keys beyond the dataset's indices: a prompt drawn again samples afresh
+            new = self._rollouts(extra_records, extra, seeds=[i + rounds * n for i in extra])
+            new_rewards, _ = self._rewards(extra_records, new)
+            spread = new_rewards.nan_to_num(nan=-math.inf).view(-1, g)
+            for u in (~(spread == spread[:, :1]).all(dim=1)).nonzero().flatten().tolist():
+                kept.append((new[u * g : (u + 1) * g], new_rewards[u * g : (u + 1) * g]))
+        chosen = (kept + spare)[:size]
+        out_rollouts = [dataclasses.replace(r, prompt_index=u) for u, (unit, _) in enumerate(chosen) for r in unit]
+        return out_rollouts, torch.cat([r for _, r in chosen]), rounds
 
     def _logps(self, model, rollouts, *, entropy: bool = False):
         """Per-token log-probs of the rollouts under ``model`` (``[N, T]``, the layout of ``pad_rows``); with

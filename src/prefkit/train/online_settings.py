@@ -79,6 +79,7 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "rewards": (None, "a list of {reward: NAME, weight: W, ...parameters}"),
     "num_iterations": (1, "optimizer steps per rollout batch (GRPO's mu); save_steps must be a multiple"),
     "dynamic_sampling": (False, "DAPO: leave groups with all-equal rewards out of the loss"),
+    "refill_rounds": (0, "DAPO with dynamic_sampling: up to N rounds of sampling more prompts to refill the batch"),
     "overlong_filtering": (False, "DAPO: leave completions cut by max_new_tokens out of the loss"),
     "min_new_tokens": (0, "no end token before this many tokens (benchmarks force equal lengths with it)"),
     "share_prompt": (False, "score each prompt once for its num_generations completions (eager/sdpa attention)"),
@@ -126,6 +127,7 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     _int("online.rollout_batch_size", o["rollout_batch_size"], 1)
     _int("online.num_iterations", o["num_iterations"], 1)
     _int("online.min_new_tokens", o["min_new_tokens"], 0)
+    _int("online.refill_rounds", o["refill_rounds"], 0)
     if o["min_new_tokens"] > o["max_new_tokens"]:
         raise _fail("online.min_new_tokens", f"at most max_new_tokens ({o['max_new_tokens']})", o["min_new_tokens"])
     check_in_range("online.kl_reward_coef", o["kl_reward_coef"], ">= 0")
