@@ -40,8 +40,23 @@ def test_the_example_raises_its_reward(tmp_path, monkeypatch, capsys):
     assert "online.loss: 'grpo' -> 'dapo'" in capsys.readouterr().err
 
 
+def test_the_online_dpo_example_raises_its_reward(tmp_path, monkeypatch):
+    """An online: config with a pairwise loss trains OnlinePreferenceTrainer (online DPO) from the CLI."""
+    monkeypatch.chdir(REPO)
+    assert main(["train", "examples/online_dpo_tiny.yaml", f"output_dir={tmp_path / 'run'}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("split") == "train"]
+    rewards = [r["reward"] for r in train]
+    assert len(rewards) == 24 and sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.15, rewards
+    assert "implicit_rewards/margins" in train[-1] and "pairs" in train[-1]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "pairs `best_worst`" in report and "implicit_rewards" not in report.split("![")[0].split("| reward |")[0]
+
+
 BAD = [
-    ("online.loss=dpo", "online.loss: expected a policy loss (bnpo, cispo, dapo, dr_grpo, grpo, gspo), got 'dpo'"),
+    ("online.loss=bt", "online.loss: expected a policy loss (bnpo, cispo, dapo, dr_grpo, grpo, gspo) or a pairwise"),
+    ("online.pairs=random", "online.pairs: expected best_worst or all, got 'random'"),
+    ("online.ref_sync_steps=4", "online.pairs and online.ref_sync_steps are settings of online preference losses"),
     ("online.num_generations=1", "online.num_generations: expected at least 2 for advantage grpo"),
     ("online.temperature=0", "online.temperature: expected a finite number > 0, got 0"),
     ("online.loss_params.beta=-1", "online.loss_params.beta: expected a finite number >= 0, got -1.0 (loss 'grpo')"),

@@ -163,7 +163,14 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
     records = load_prompt_records(
         online["prompts_file"], online["prompt_field"], template=online["prompt_template"], chat=online["chat"]
     )
-    args = OnlineArguments(
+    from prefkit.losses import get_loss
+    from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer
+
+    args_class, trainer_class = OnlineArguments, OnlineTrainer
+    if get_loss(online["loss"]).kind == "pairwise":  # online preference optimisation (online DPO, ...)
+        args_class, trainer_class = OnlinePreferenceArguments, OnlinePreferenceTrainer
+        training.update(pairs=online["pairs"], ref_sync_steps=online["ref_sync_steps"])
+    args = args_class(
         **training,
         loss=online["loss"],
         loss_params=dict(online["loss_params"]),
@@ -207,7 +214,7 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         from prefkit.train.commands import name_the_base
 
         name_the_base(policy, tokenizer, str(out), args.should_save)
-    trainer = OnlineTrainer(
+    trainer = trainer_class(
         policy,
         args,
         train_dataset=records,

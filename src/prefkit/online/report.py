@@ -52,7 +52,7 @@ def write_online_report(out: str | Path, history: Sequence[Mapping[str, Any]], s
     lines = [
         "# Online run",
         "",
-        f"Loss `{settings.get('loss')}`, advantage `{settings.get('advantage')}`, "
+        f"Loss `{settings.get('loss')}`, {_how(settings)}, "
         f"{settings.get('num_generations')} completions per prompt, {len(rows)} steps.",
         "",
         "| | first step | last step |",
@@ -70,3 +70,16 @@ def write_online_report(out: str | Path, history: Sequence[Mapping[str, Any]], s
     report = out / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
+
+
+def _how(settings: Mapping[str, Any]) -> str:
+    """How the samples are learned from: the advantage (policy losses) or the pairs (pairwise losses)."""
+    from prefkit.losses import get_loss
+
+    try:
+        pairwise = get_loss(str(settings.get("loss"))).kind == "pairwise"
+    except KeyError:
+        pairwise = False
+    if pairwise:
+        return f"pairs `{settings.get('pairs', 'best_worst')}` from the rewards' scores"
+    return f"advantage `{settings.get('advantage')}`"

@@ -121,10 +121,15 @@ class OnlineArguments(TrainingArguments):
         },
     )
 
+    # The kind of loss this trainer's arguments take (`OnlinePreferenceArguments`: pairwise).
+    LOSS_KIND = "policy"
+
     def __post_init__(self):
         spec = get_loss(self.loss)
-        if spec.kind != "policy":
-            raise ValueError(f"loss {self.loss!r} is of kind {spec.kind!r}; the online trainer takes a policy loss")
+        if spec.kind != self.LOSS_KIND:
+            raise ValueError(
+                f"loss {self.loss!r} is of kind {spec.kind!r}; this online trainer takes a {self.LOSS_KIND} loss"
+            )
         resolve_loss_params([self.loss], self.loss_params)
         advantage = get_advantage(self.advantage)
         if advantage.needs_groups and self.num_generations < 2:
@@ -226,7 +231,7 @@ class OnlineTrainer(CheckpointingTrainer):
             model = get_peft_model(model, peft_config)
         # The reference of a LoRA policy is its base: the adapters switched off (no copy is held).
         self._ref_is_base = peft_config is not None and ref_model is None
-        self._needs_ref = self.loss_kwargs.get("beta", 0.0) > 0 or args.kl_reward_coef > 0
+        self._needs_ref = self._wants_reference(args)
         if self._needs_ref and ref_model is None and not self._ref_is_base:
             ref_model = copy.deepcopy(model)
         self.ref_model = ref_model
@@ -240,6 +245,10 @@ class OnlineTrainer(CheckpointingTrainer):
             processing_class=processing_class,
             callbacks=callbacks,
         )
+
+    def _wants_reference(self, args: OnlineArguments) -> bool:
+        """Whether log-probs of a reference are needed: the loss's KL term or the KL reward term."""
+        return self.loss_kwargs.get("beta", 0.0) > 0 or args.kl_reward_coef > 0
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.num_iterations == 1:

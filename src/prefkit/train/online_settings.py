@@ -15,7 +15,8 @@ A config with an ``online:`` section trains a policy on its own samples (`prefki
       num_generations: 8
       max_new_tokens: 8
       temperature: 1.0
-      loss: grpo                     # a policy loss: grpo, dapo, bnpo, dr_grpo, gspo, cispo
+      loss: grpo                     # a policy loss: grpo, dapo, bnpo, dr_grpo, gspo, cispo; or a pairwise
+                                     # loss (dpo, ipo, simpo, ...): online preference optimisation
       loss_params: {beta: 0.0}
       advantage: grpo                # grpo, dr_grpo, rloo, reinforce_pp, reinforce_baseline
       rewards:
@@ -85,6 +86,8 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "share_prompt": (False, "score each prompt once for its num_generations completions (eager/sdpa attention)"),
     "kl_reward_coef": (0.0, "KL as a reward term: reward - coef * sum_t KL_t to the reference, before advantages"),
     "kl_reward_estimator": ("k1", "the estimator of kl_reward_coef's KL: k1, k2 or k3"),
+    "pairs": ("best_worst", "online DPO: best_worst (highest vs lowest score) or all (every unequal pair)"),
+    "ref_sync_steps": (0, "online DPO: every N steps the reference takes the policy's weights (TR-DPO; 0: frozen)"),
     "rollout_backend": ("hf", "hf (transformers generate) or vllm (a colocated vllm.LLM on a GPU: prefkit[vllm])"),
     "vllm_gpu_memory_utilization": (0.3, "vllm: the share of GPU memory the engine may take"),
     "vllm_sleep_mode": (False, "vllm: free the engine's weights and KV cache between generations"),
@@ -151,9 +154,18 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     check_in_range("online.temperature", o["temperature"], "> 0")
     check_in_range("online.top_p", o["top_p"], "(0, 1]")
     catalog = loss_catalog()
-    if o["loss"] not in catalog or catalog[o["loss"]].kind != "policy":
+    if o["loss"] not in catalog or catalog[o["loss"]].kind not in ("policy", "pairwise"):
         policy = sorted(n for n, e in catalog.items() if e.kind == "policy")
-        raise _fail("online.loss", "a policy loss (" + ", ".join(policy) + ")", o["loss"])
+        raise _fail(
+            "online.loss",
+            "a policy loss (" + ", ".join(policy) + ") or a pairwise loss (online DPO: prefkit losses --kind pairwise)",
+            o["loss"],
+        )
+    if o["pairs"] not in ("best_worst", "all"):
+        raise _fail("online.pairs", "best_worst or all", o["pairs"])
+    _int("online.ref_sync_steps", o["ref_sync_steps"], 0)
+    if catalog[o["loss"]].kind == "policy" and (online.get("pairs") is not None or o["ref_sync_steps"]):
+        raise ConfigError("online.pairs and online.ref_sync_steps are settings of online preference losses (dpo, ...)")
     if not isinstance(o["loss_params"], Mapping):
         raise _fail("online.loss_params", "a mapping of hyper-parameters", o["loss_params"])
     try:

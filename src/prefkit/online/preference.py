@@ -1,0 +1,213 @@
+"""`OnlinePreferenceTrainer`: preference optimisation on the policy's own samples (online DPO and family).
+
+Each step samples ``K = num_generations`` completions of every prompt from the current policy (the
+rollouts of `OnlineTrainer`), labels them, and updates the policy with **any registered pairwise loss**
+(``dpo``: online DPO, Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback",
+arXiv:2402.04792; ``ipo``, ``simpo``, ...) on the labelled pairs, through the chunked log-prob engine.
+
+Labels. A judge turns the K completions of a prompt into pairs ``(chosen, rejected, weight)``:
+
+- from scores (the default): the configured rewards score each completion (a reward model, the lab's true
+  reward, a verifier, any callable); ``pairs="best_worst"``: the highest- against the lowest-scored
+  completion (weight 1; ties broken by sample order), as in Guo et al. and in RLHF Workflow's rejection
+  sampling; ``pairs="all"``: every pair with unequal scores, each weighted ``1 / (number of the prompt's
+  pairs)`` so that every prompt counts once. A prompt whose K scores are all equal gives no pair.
+- a pairwise judge (Python: ``judge=``), ``judge(prompts, first, second) -> P(first preferred)`` per pair:
+  a general preference model, a simulated annotator with its noise; each prompt's completions 1 and 2 are
+  compared and the label is drawn from that probability (seeded by the run, the step and the prompt).
+
+The batch loss is ``sum_p w_p loss_p / sum_p w_p`` over the pairs (the registered loss's per-pair values).
+
+Reference: the initial policy, frozen (the default), or with ``ref_sync_steps = N`` the policy itself every
+N steps (TR-DPO's hard update, Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+Alignment", arXiv:2404.09656). ``save_steps`` must then be a multiple of N, so that every checkpoint is
+taken right after a sync and resume rebuilds the reference from the saved policy exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+
+from prefkit.losses import PairLogps, get_loss
+from prefkit.online.trainer import OnlineArguments, OnlineTrainer
+from prefkit.train.checkpointing import TrainingStoppedError
+
+__all__ = ["OnlinePreferenceArguments", "OnlinePreferenceTrainer", "pairs_from_scores"]
+
+PAIRINGS = ("best_worst", "all")
+
+
+@dataclass
+class OnlinePreferenceArguments(OnlineArguments):
+    """`OnlineArguments` with a pairwise loss (default ``dpo``), K = ``num_generations`` (default 2), how
+    pairs are formed and how the reference moves."""
+
+    LOSS_KIND = "pairwise"
+
+    loss: str = field(default="dpo", metadata={"help": "A pairwise loss (`prefkit losses --kind pairwise`)."})
+    num_generations: int = field(default=2, metadata={"help": "Completions sampled per prompt (K >= 2)."})
+    pairs: str = field(default="best_worst", metadata={"help": "best_worst or all (pairs from the scores)."})
+    ref_sync_steps: int = field(
+        default=0, metadata={"help": "Every N steps the reference takes the policy's weights (0: frozen, TR-DPO)."}
+    )
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations: expected at least 2 completions per prompt to pair, got {self.num_generations}"
+            )
+        if self.pairs not in PAIRINGS:
+            raise ValueError(f"pairs: expected one of {', '.join(PAIRINGS)}, got {self.pairs!r}")
+        if isinstance(self.ref_sync_steps, bool) or not isinstance(self.ref_sync_steps, int) or self.ref_sync_steps < 0:
+            raise ValueError(f"ref_sync_steps: expected an integer >= 0, got {self.ref_sync_steps!r}")
+        super().__post_init__()
+        if self.ref_sync_steps and str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps":
+            if float(self.save_steps).is_integer() and int(self.save_steps) % self.ref_sync_steps:
+                raise ValueError(
+                    f"save_steps: expected a multiple of ref_sync_steps ({self.ref_sync_steps}) so that resume "
+                    f"rebuilds the moving reference exactly, got {self.save_steps}"
+                )
+
+
+def pairs_from_scores(scores: torch.Tensor, k: int, how: str = "best_worst") -> list[tuple[int, int, float]]:
+    """``(chosen row, rejected row, weight)`` from ``[U * K]`` scores (NaN: unscorable, never paired), rows
+    prompt-major. ``best_worst``: per prompt, its highest against its lowest score (the first of equal
+    ones), when they differ; ``all``: every pair of unequal scores, weight ``1 / its prompt's pairs``."""
+    if how not in PAIRINGS:
+        raise ValueError(f"pairs: expected one of {', '.join(PAIRINGS)}, got {how!r}")
+    out: list[tuple[int, int, float]] = []
+    for u, group in enumerate(scores.view(-1, k).tolist()):
+        scored = [(v, i) for i, v in enumerate(group) if not math.isnan(v)]
+        if len(scored) < 2:
+            continue
+        if how == "best_worst":
+            best = max(scored, key=lambda x: (x[0], -x[1]))
+            worst = min(scored, key=lambda x: (x[0], x[1]))
+            if best[0] > worst[0]:
+                out.append((u * k + best[1], u * k + worst[1], 1.0))
+            continue
+        mine = [(u * k + i, u * k + j) for vi, i in scored for vj, j in scored if vi > vj]
+        out.extend((c, r, 1.0 / len(mine)) for c, r in mine)
+    return out
+
+
+class OnlinePreferenceTrainer(OnlineTrainer):
+    """See the module docstring. As `OnlineTrainer`, plus ``judge``: a pairwise judge used instead of the
+    rewards' scores (it compares each prompt's first two completions)."""
+
+    def __init__(self, model, args: OnlinePreferenceArguments, *, judge=None, **kwargs):
+        if not isinstance(args, OnlinePreferenceArguments):
+            raise TypeError("OnlinePreferenceTrainer takes OnlinePreferenceArguments")
+        self.spec = get_loss(args.loss)
+        self.judge = judge
+        if args.ref_sync_steps and (kwargs.get("peft_config") is not None or not self.spec.needs_reference):
+            raise ValueError(
+                "ref_sync_steps: a moving reference needs a reference model of its own (not LoRA's base, not a "
+                f"reference-free loss; loss {args.loss!r})"
+            )
+        super().__init__(model, args, **kwargs)
+        if args.ref_sync_steps:
+            shapes = [p.shape for p in self.ref_model.parameters()]
+            if shapes != [p.shape for p in self.model.parameters()]:
+                raise ValueError(
+                    "ref_sync_steps: the reference must have the policy's architecture to take its weights"
+                )
+            self.add_callback(_SyncReference(self))
+
+    def _wants_reference(self, args) -> bool:
+        return get_loss(args.loss).needs_reference
+
+    def _judged_pairs(self, records: list[dict], rollouts) -> list[tuple[int, int, float]]:
+        k = self.args.num_generations
+        first = [rollouts[u * k] for u in range(len(records))]
+        second = [rollouts[u * k + 1] for u in range(len(records))]
+        probs = self.judge(
+            [records[u]["prompt"] for u in range(len(records))], [r.text for r in first], [r.text for r in second]
+        )
+        probs = [float(p) for p in probs]
+        if len(probs) != len(records) or any(not 0 <= p <= 1 for p in probs):
+            raise ValueError(f"the judge must return one probability in [0, 1] per prompt, got {probs!r}")
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        draws = torch.rand(len(records), generator=generator).tolist()
+        return [(u * k, u * k + 1, 1.0) if draws[u] < p else (u * k + 1, u * k, 1.0) for u, p in enumerate(probs)]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        records, indices = inputs["records"], inputs["indices"]
+        batch, _ = self._rollout_batch(records, indices)
+        rollouts, scores, metrics = batch["rollouts"], batch["rewards"], dict(batch["metrics"])
+        if self.judge is not None:
+            pairs = self._judged_pairs(records, rollouts)
+        else:
+            pairs = pairs_from_scores(scores, self.args.num_generations, self.args.pairs)
+        out, comp = self._logps(model, rollouts, entropy=True)
+        mask = comp.to(out.per_token.dtype)
+        metrics["pairs"] = float(len(pairs))
+        metrics["entropy"] = float((out.entropy * mask).sum() / mask.sum().clamp(min=1))
+        self._signal_in_step = self._signal_in_step or bool(pairs)
+        if not pairs:  # no prompt gave a pair: a zero loss that keeps the graph
+            self._store_metrics({k: torch.tensor([v]) for k, v in metrics.items() if not math.isnan(v)}, "train")
+            loss = out.per_token.sum() * 0.0
+            return (loss, None) if return_outputs else loss
+        device = self.accelerator.device
+        chosen = torch.tensor([c for c, _, _ in pairs], device=device)
+        rejected = torch.tensor([r for _, r, _ in pairs], device=device)
+        weights = torch.tensor([w for _, _, w in pairs], device=device, dtype=out.sum.dtype)
+        ref_sums = ref_tokens = None
+        if self._needs_ref:
+            ref_tokens = self._ref_logps(model, rollouts)
+            ref_sums = (ref_tokens * mask).sum(1)
+        pair = PairLogps(
+            policy_chosen=out.sum[chosen],
+            policy_rejected=out.sum[rejected],
+            chosen_len=out.n_tokens[chosen],
+            rejected_len=out.n_tokens[rejected],
+            ref_chosen=None if ref_sums is None else ref_sums[chosen],
+            ref_rejected=None if ref_sums is None else ref_sums[rejected],
+        )
+        if self.spec.needs_tokens:
+            pair.policy_chosen_tokens, pair.policy_rejected_tokens = out.per_token[chosen], out.per_token[rejected]
+            pair.chosen_mask, pair.rejected_mask = mask[chosen], mask[rejected]
+            if ref_tokens is not None:
+                pair.ref_chosen_tokens, pair.ref_rejected_tokens = ref_tokens[chosen], ref_tokens[rejected]
+        result = self.spec.fn(pair, **self.loss_kwargs)
+        loss = (result.loss * weights).sum() / weights.sum()
+        if not torch.isfinite(loss.detach()):
+            raise TrainingStoppedError(
+                f"non-finite {self.args.loss} loss ({loss.item()}) at step {self.state.global_step + 1}"
+            )
+        chosen_scores = scores[chosen.cpu()].nan_to_num()
+        rejected_scores = scores[rejected.cpu()].nan_to_num()
+        stored: dict[str, torch.Tensor] = {k: torch.tensor([v]) for k, v in metrics.items() if not math.isnan(v)}
+        stored["completion_length"] = torch.tensor([float(len(r)) for r in rollouts])
+        stored["score_gap"] = (chosen_scores - rejected_scores).float()
+        for key, value in result.metrics.items():  # the loss's implicit rewards, apart from the task's rewards/NAME
+            stored[key.replace("rewards/", "implicit_rewards/", 1)] = value.detach().float().cpu()
+        self._store_metrics(stored, "train")
+        return (loss, result) if return_outputs else loss
+
+
+class _SyncReference(TrainerCallback):
+    """TR-DPO's hard update: every ``ref_sync_steps`` steps (and when training resumes past a sync) the
+    reference takes the policy's weights."""
+
+    def __init__(self, trainer: OnlinePreferenceTrainer):
+        self.trainer = trainer
+
+    def _sync(self) -> None:
+        t = self.trainer
+        policy = t.accelerator.unwrap_model(t.model)
+        with torch.no_grad():
+            for target, source in zip(t.ref_model.parameters(), policy.parameters()):
+                target.copy_(source)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= self.trainer.args.ref_sync_steps:  # resumed after a sync (save_steps is a multiple)
+            self._sync()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.trainer.args.ref_sync_steps == 0:
+            self._sync()
