@@ -104,3 +104,33 @@ def test_the_names_the_check_knows_are_the_registries():
     from prefkit.online.rewards import reward_names
 
     assert set(REWARD_NAMES) == set(reward_names())  # the built-ins and the lab's, registered by entry point
+
+
+def test_online_dpo_with_a_lab_annotator_as_judge(tmp_path, monkeypatch):
+    """online.judge names a registered pairwise judge (the lab's Bradley-Terry annotator, entry point
+    prefkit.judges); the reward is then only logged. A bad judge is one line."""
+    monkeypatch.chdir(REPO)
+    args = [
+        "train",
+        "examples/online_dpo_tiny.yaml",
+        f"output_dir={tmp_path / 'run'}",
+        "max_steps=2",
+        "online.judge={judge: lab, world: default, temperature: 0.5, flip: 0.1}",
+    ]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pairs"] for r in rows if r.get("split") == "train"] == [4.0, 4.0]  # one judged pair per prompt
+    assert main([*args[:2], f"output_dir={tmp_path / 'bad'}", "online.judge={judge: lab, flip: 0.7}"]) == 2
+
+
+def test_the_lab_judge_is_bradley_terry_with_flips():
+    from prefkit.lab.world import make_world, sigmoid
+    from prefkit.online.preference import build_judge
+
+    world = make_world("default", 0)
+    prompt, a, b = world.prompts[0], "clear helpful sun", "rude wrong"
+    logit = world.preference_logit(prompt, a, b)
+    assert build_judge("lab", temperature=2.0)([prompt], [a], [b]) == pytest.approx([sigmoid(logit / 2.0)])
+    assert build_judge("lab", temperature=0, flip=0.2)([prompt], [a], [b]) == pytest.approx([0.8 if logit > 0 else 0.2])
+    with pytest.raises(ValueError, match="unknown judge 'gpt'"):
+        build_judge("gpt")

@@ -164,12 +164,18 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         online["prompts_file"], online["prompt_field"], template=online["prompt_template"], chat=online["chat"]
     )
     from prefkit.losses import get_loss
-    from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer
+    from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer, build_judge
 
-    args_class, trainer_class = OnlineArguments, OnlineTrainer
+    args_class, trainer_class, extra = OnlineArguments, OnlineTrainer, {}
     if get_loss(online["loss"]).kind == "pairwise":  # online preference optimisation (online DPO, ...)
         args_class, trainer_class = OnlinePreferenceArguments, OnlinePreferenceTrainer
         training.update(pairs=online["pairs"], ref_sync_steps=online["ref_sync_steps"])
+        if online["judge"] is not None:
+            spec = dict(online["judge"])
+            try:
+                extra["judge"] = build_judge(spec.pop("judge"), **spec)
+            except ValueError as err:
+                raise ConfigError(f"online.judge: {err}") from None
     args = args_class(
         **training,
         loss=online["loss"],
@@ -221,5 +227,6 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         processing_class=tokenizer,
         rewards=rewards,
         peft_config=m.lora_config(),
+        **extra,
     )
     return trainer, out

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -36,9 +37,31 @@ from prefkit.losses import PairLogps, get_loss
 from prefkit.online.trainer import OnlineArguments, OnlineTrainer
 from prefkit.train.checkpointing import TrainingStoppedError
 
-__all__ = ["OnlinePreferenceArguments", "OnlinePreferenceTrainer", "pairs_from_scores"]
+__all__ = ["OnlinePreferenceArguments", "OnlinePreferenceTrainer", "build_judge", "judge_names", "pairs_from_scores"]
 
 PAIRINGS = ("best_worst", "all")
+# Judges that packages above this one provide (the lab's annotators): entry points, each a factory
+# ``(**params) -> judge``; a judge is ``(prompts, first, second) -> [P(first preferred)]``.
+JUDGE_ENTRY_POINTS = "prefkit.judges"
+
+
+def judge_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return sorted(ep.name for ep in entry_points(group=JUDGE_ENTRY_POINTS))
+
+
+def build_judge(name: str, **params: Any):
+    """The pairwise judge registered as ``name`` (``lab``: a simulated annotator), built with ``params``."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=JUDGE_ENTRY_POINTS)}
+    if name not in found:
+        raise ValueError(f"unknown judge {name!r}; expected one of {', '.join(sorted(found)) or 'none registered'}")
+    try:
+        return found[name].load()(**params)
+    except TypeError as err:
+        raise ValueError(f"judge {name!r}: {err}") from err
 
 
 @dataclass

@@ -86,6 +86,7 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "share_prompt": (False, "score each prompt once for its num_generations completions (eager/sdpa attention)"),
     "kl_reward_coef": (0.0, "KL as a reward term: reward - coef * sum_t KL_t to the reference, before advantages"),
     "kl_reward_estimator": ("k1", "the estimator of kl_reward_coef's KL: k1, k2 or k3"),
+    "judge": (None, "online DPO: a pairwise judge labelling each prompt's first two samples, {judge: lab, ...}"),
     "pairs": ("best_worst", "online DPO: best_worst (highest vs lowest score) or all (every unequal pair)"),
     "ref_sync_steps": (0, "online DPO: every N steps the reference takes the policy's weights (TR-DPO; 0: frozen)"),
     "rollout_backend": ("hf", "hf (transformers generate) or vllm (a colocated vllm.LLM on a GPU: prefkit[vllm])"),
@@ -164,6 +165,11 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     if o["pairs"] not in ("best_worst", "all"):
         raise _fail("online.pairs", "best_worst or all", o["pairs"])
     _int("online.ref_sync_steps", o["ref_sync_steps"], 0)
+    if o["judge"] is not None:
+        if not isinstance(o["judge"], Mapping) or "judge" not in o["judge"]:
+            raise _fail("online.judge", "a mapping with judge: NAME (e.g. {judge: lab, world: default})", o["judge"])
+        if catalog[o["loss"]].kind != "pairwise":
+            raise ConfigError("online.judge labels pairs: it needs a pairwise loss (online DPO), not a policy loss")
     if catalog[o["loss"]].kind == "policy" and (online.get("pairs") is not None or o["ref_sync_steps"]):
         raise ConfigError("online.pairs and online.ref_sync_steps are settings of online preference losses (dpo, ...)")
     if not isinstance(o["loss_params"], Mapping):
