@@ -134,3 +134,21 @@ def test_the_lab_judge_is_bradley_terry_with_flips():
     assert build_judge("lab", temperature=0, flip=0.2)([prompt], [a], [b]) == pytest.approx([0.8 if logit > 0 else 0.2])
     with pytest.raises(ValueError, match="unknown judge 'gpt'"):
         build_judge("gpt")
+
+
+def test_iterative_dpo_from_a_config_and_its_resume(tmp_path, monkeypatch, capsys):
+    """online.rounds: iterative DPO from the CLI on the lab world (model lab:default, reward lab); a second
+    run into the same folder is refused without --resume; with it, the finished rounds are kept."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    args = ["train", "examples/iterative_dpo_lab.yaml", f"output_dir={out}", "online.rounds=2", "num_train_epochs=1"]
+    assert main(args) == 0
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and (out / "round_2" / "model" / "config.json").is_file()
+    assert rounds[1]["reward"] > rounds[0]["reward"]
+    capsys.readouterr()
+    assert main(args) == 2 and "already holds rounds; pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "round 2: done before" in capsys.readouterr().out
+    assert main([*args, "online.loss=ipo", "--resume"]) == 2
+    assert "online.loss: 'dpo' -> 'ipo'" in capsys.readouterr().err

@@ -66,14 +66,18 @@ def is_llama2c_file(name_or_path: str) -> bool:
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, **kwargs: Any):
     """A tokenizer ready for preference training.
 
-    ``"tiny"`` gives the byte tokenizer. Otherwise ``AutoTokenizer.from_pretrained``. A tokenizer
+    ``"tiny"`` gives the byte tokenizer; a registered ``SCHEME:REST`` spec (`model_source`, e.g.
+    ``lab:default``) its loader's tokenizer. Otherwise ``AutoTokenizer.from_pretrained``. A tokenizer
     without a pad token gets ``pad = eos`` (logged); one with neither is an error, because the
     collators need a pad id and completions need an EOS.
     """
+    source = model_source(name_or_path) if isinstance(name_or_path, str) else None
     if name_or_path == TINY:
         from prefkit.models.tiny import build_byte_tokenizer
 
         tokenizer = build_byte_tokenizer()
+    elif source is not None:  # a registered SCHEME:REST spec, e.g. lab:default
+        tokenizer = source(name_or_path, progress=False)[1]
     elif is_llama2c_file(name_or_path):
         from prefkit.models.llama2c import load_llama2c_tokenizer
 
@@ -119,7 +123,8 @@ def load_policy(
 
     ``"tiny"`` builds `prefkit.models.tiny.build_tiny_llama` with the sizes of ``tiny`` (a
     `TinySpec`) and ``vocab_size`` (default: the byte tokenizer's). A llama2.c ``*.bin`` file is
-    converted by `prefkit.models.llama2c.load_llama2c_model`. Anything else goes to
+    converted by `prefkit.models.llama2c.load_llama2c_model`; a registered ``SCHEME:REST`` spec
+    (`model_source`, e.g. ``lab:default``) by its loader. Anything else goes to
     ``AutoModelForCausalLM.from_pretrained(name_or_path, dtype=..., ...)``.
     """
     torch_dtype = resolve_dtype(dtype)
@@ -143,6 +148,10 @@ def load_policy(
         if isinstance(torch_dtype, torch.dtype):
             model = model.to(torch_dtype)
         return model
+    source = model_source(name_or_path) if isinstance(name_or_path, str) else None
+    if source is not None:  # a registered SCHEME:REST spec, e.g. lab:default (a lab world's reference)
+        model = source(name_or_path, progress=True)[0]
+        return model.to(torch_dtype) if isinstance(torch_dtype, torch.dtype) else model
     if is_llama2c_file(name_or_path):
         from prefkit.models.llama2c import load_llama2c_model
 

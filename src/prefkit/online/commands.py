@@ -66,13 +66,13 @@ def _saved_settings(out: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
     return saved, online
 
 
-def _check_resume(values: dict, online: dict, out: Path, resume) -> None:
+def _check_resume(values: dict, online: dict, out: Path, resume, *, need_checkpoint: bool = True) -> None:
     from prefkit.train.resume import MAY_CHANGE, changed_settings
 
     saved = _saved_settings(out)
     if saved is None:
         raise ConfigError(f"--resume: {out / 'config.yaml'} is missing, so the run to continue is unknown")
-    if resume is True and not any(p.name.startswith("checkpoint-") for p in out.iterdir()):
+    if need_checkpoint and resume is True and not any(p.name.startswith("checkpoint-") for p in out.iterdir()):
         raise ConfigError(f"--resume: output_dir {str(out)!r} holds no checkpoint-* folder to resume from")
     before, now = saved
     differ = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed_settings(before, values).items() if k not in MAY_CHANGE]
@@ -97,6 +97,15 @@ def run_online(config_path: str, overrides: Sequence[str], resume=None) -> int:
     from prefkit.train.checkpointing import CheckpointError, TrainingStoppedError
 
     try:
+        if online["rounds"]:
+            try:
+                _run_iterative(values, online, resume)
+            except (ConfigError, DataError, RewardError):
+                raise
+            except (ValueError, OSError, ImportError) as err:
+                message = " ".join(str(err).split())
+                raise ConfigError(f"iterative DPO failed ({type(err).__name__}): {message}") from err
+            return 0
         try:
             trainer, out = _build(values, online, resume)
         except (ConfigError, DataError, RewardError):
@@ -130,25 +139,87 @@ def run_online(config_path: str, overrides: Sequence[str], resume=None) -> int:
     return 0
 
 
-def _build(values: dict[str, Any], online: dict[str, Any], resume):
-    from prefkit.models.loading import ensure_pad_token, load_policy, load_tokenizer
-    from prefkit.online.rewards import CombinedReward, build_reward
-    from prefkit.online.trainer import OnlineArguments, OnlineTrainer
+def _run_iterative(values: dict[str, Any], online: dict[str, Any], resume) -> Path:
+    """Iterative DPO (``online.rounds`` > 0): `prefkit.online.iterative.iterative_dpo` from the config; the
+    top-level training keys configure every round's offline run."""
+    from prefkit.online.iterative import IterativeSettings, iterative_dpo
+    from prefkit.online.rollouts import SamplingSettings
+    from prefkit.train.config import PreferenceConfig
+
+    m, training = _split(values)
+    if m.use_lora:
+        raise ConfigError("online.rounds (iterative DPO) trains whole models; LoRA (lora_r) is not supported there")
+    out = Path(training.pop("output_dir"))
+    if resume:
+        _check_resume(values, online, out, resume, need_checkpoint=False)
+    elif any(out.glob("round_*")):
+        raise ConfigError(
+            f"output_dir {str(out)!r} already holds rounds; pass --resume to continue that run or choose another"
+        )
+    settings = IterativeSettings(
+        rounds=online["rounds"],
+        sampling=SamplingSettings(
+            n=online["num_generations"],
+            temperature=online["temperature"],
+            top_p=online["top_p"],
+            top_k=online["top_k"],
+            max_new_tokens=online["max_new_tokens"],
+            min_new_tokens=online["min_new_tokens"],
+            seed=int(training.get("seed", 42)),
+        ),
+        pairs=online["pairs"],
+        ref_update=online["ref_update"],
+        same_prompts=online["same_prompts"],
+        max_prompt_length=online["max_prompt_length"],
+    )
+    training.update(loss=online["loss"], loss_params=dict(online["loss_params"]))
+    PreferenceConfig(**{**training, "output_dir": str(out / "check")})  # every round's settings, checked now
+    rewards, judge, records = _rewards(online), _judge(online), _records(online)
+    policy, tokenizer = _policy_and_tokenizer(m)
+    _save_config(out, values, online)
+
+    def load(path: str):
+        from prefkit.models.loading import load_policy
+
+        return load_policy(path, dtype=m.dtype, attn_implementation=m.attn_implementation)
+
+    rounds = iterative_dpo(
+        policy,
+        tokenizer,
+        records,
+        settings=settings,
+        training=training,
+        rewards=rewards,
+        judge=judge,
+        output_dir=out,
+        load_policy=load,
+        resume=bool(resume),
+    )
+    last = out / f"round_{settings.rounds}" / "model"
+    print(f"\nDone. Output in {out}/ (the final policy: {last})")
+    print("  round_N/pairs.jsonl  each round's pairs (a pairwise file prefkit train reads)")
+    print("  rounds.jsonl         per round: mean reward of its samples, pairs, training loss")
+    for r in rounds:
+        reward, pairs = r.get("reward", float("nan")), r.get("pairs", 0)
+        print(f"  round {r['round']}: mean reward of its samples {reward:.4f}, {pairs:.0f} pairs")
+    return out
+
+
+def _split(values: dict[str, Any]):
+    """``(ModelConfig, training keys)`` of the config's top-level values."""
     from prefkit.train.config import ModelConfig
 
     model_keys = {f for f in ModelConfig.__dataclass_fields__}
     m = ModelConfig(**{k: v for k, v in values.items() if k in model_keys})
     training = {k: v for k, v in values.items() if k not in model_keys}
     training.setdefault("output_dir", "runs/online")
-    out = Path(training["output_dir"])
-    if resume:
-        _check_resume(values, online, out, resume)
-    elif out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir()):
-        raise ConfigError(
-            f"output_dir {str(out)!r} already holds checkpoints; pass --resume to continue that run or choose "
-            "another output_dir"
-        )
-    rewards = CombinedReward(
+    return m, training
+
+
+def _rewards(online: dict[str, Any]):
+    from prefkit.online.rewards import CombinedReward, build_reward
+
+    return CombinedReward(
         [
             (
                 f"{item['reward']}"
@@ -160,22 +231,70 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
             for item in online["rewards"]
         ]
     )
-    records = load_prompt_records(
+
+
+def _judge(online: dict[str, Any]):
+    """The pairwise judge ``online.judge`` names, or None."""
+    from prefkit.online.preference import build_judge
+
+    if online["judge"] is None:
+        return None
+    spec = dict(online["judge"])
+    try:
+        return build_judge(spec.pop("judge"), **spec)
+    except ValueError as err:
+        raise ConfigError(f"online.judge: {err}") from None
+
+
+def _records(online: dict[str, Any]) -> list[dict[str, Any]]:
+    return load_prompt_records(
         online["prompts_file"], online["prompt_field"], template=online["prompt_template"], chat=online["chat"]
     )
+
+
+def _policy_and_tokenizer(m):
+    from prefkit.models.loading import ensure_pad_token, load_policy, load_tokenizer
+
+    tokenizer = ensure_pad_token(load_tokenizer(m.tokenizer or m.model, trust_remote_code=m.trust_remote_code), m.model)
+    policy = load_policy(
+        m.model,
+        dtype=m.dtype,
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+        tiny=m.tiny_spec,
+        vocab_size=len(tokenizer) if m.model == "tiny" else None,
+    )
+    return policy, tokenizer
+
+
+def _save_config(out: Path, values: dict[str, Any], online: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump({**values, "online": online}, sort_keys=False, allow_unicode=True)
+    (out / "config.yaml").write_text("# prefkit online config as run: `prefkit train THIS_FILE` re-runs it.\n" + text)
+
+
+def _build(values: dict[str, Any], online: dict[str, Any], resume):
+    from prefkit.online.trainer import OnlineArguments, OnlineTrainer
+
+    m, training = _split(values)
+    out = Path(training["output_dir"])
+    if resume:
+        _check_resume(values, online, out, resume)
+    elif out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir()):
+        raise ConfigError(
+            f"output_dir {str(out)!r} already holds checkpoints; pass --resume to continue that run or choose "
+            "another output_dir"
+        )
+    rewards = _rewards(online)
+    records = _records(online)
     from prefkit.losses import get_loss
-    from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer, build_judge
+    from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer
 
     args_class, trainer_class, extra = OnlineArguments, OnlineTrainer, {}
     if get_loss(online["loss"]).kind == "pairwise":  # online preference optimisation (online DPO, ...)
         args_class, trainer_class = OnlinePreferenceArguments, OnlinePreferenceTrainer
         training.update(pairs=online["pairs"], ref_sync_steps=online["ref_sync_steps"])
-        if online["judge"] is not None:
-            spec = dict(online["judge"])
-            try:
-                extra["judge"] = build_judge(spec.pop("judge"), **spec)
-            except ValueError as err:
-                raise ConfigError(f"online.judge: {err}") from None
+        extra["judge"] = _judge(online)
     args = args_class(
         **training,
         loss=online["loss"],
@@ -201,21 +320,9 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         vllm_gpu_memory_utilization=online["vllm_gpu_memory_utilization"],
         vllm_sleep_mode=online["vllm_sleep_mode"],
     )
-    tokenizer = ensure_pad_token(load_tokenizer(m.tokenizer or m.model, trust_remote_code=m.trust_remote_code), m.model)
-    policy = load_policy(
-        m.model,
-        dtype=m.dtype,
-        trust_remote_code=m.trust_remote_code,
-        attn_implementation=m.attn_implementation,
-        tiny=m.tiny_spec,
-        vocab_size=len(tokenizer) if m.model == "tiny" else None,
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    policy, tokenizer = _policy_and_tokenizer(m)
     if args.should_save:
-        text = yaml.safe_dump({**values, "online": online}, sort_keys=False, allow_unicode=True)
-        (out / "config.yaml").write_text(
-            "# prefkit online config as run: `prefkit train THIS_FILE` re-runs it.\n" + text
-        )
+        _save_config(out, values, online)
     if m.use_lora:  # adapters name their base: a built one (tiny) is saved beside them
         from prefkit.train.commands import name_the_base
 

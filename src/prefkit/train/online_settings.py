@@ -89,6 +89,9 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "judge": (None, "online DPO: a pairwise judge labelling each prompt's first two samples, {judge: lab, ...}"),
     "pairs": ("best_worst", "online DPO: best_worst (highest vs lowest score) or all (every unequal pair)"),
     "ref_sync_steps": (0, "online DPO: every N steps the reference takes the policy's weights (TR-DPO; 0: frozen)"),
+    "rounds": (0, "iterative DPO: rounds of sample -> label -> train offline (0: online training instead)"),
+    "ref_update": ("previous", "iterative DPO: each round's reference: previous (the round's start) or initial"),
+    "same_prompts": (False, "iterative DPO: every round samples all prompts (default: a new part each round)"),
     "rollout_backend": ("hf", "hf (transformers generate) or vllm (a colocated vllm.LLM on a GPU: prefkit[vllm])"),
     "vllm_gpu_memory_utilization": (0.3, "vllm: the share of GPU memory the engine may take"),
     "vllm_sleep_mode": (False, "vllm: free the engine's weights and KV cache between generations"),
@@ -165,6 +168,13 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     if o["pairs"] not in ("best_worst", "all"):
         raise _fail("online.pairs", "best_worst or all", o["pairs"])
     _int("online.ref_sync_steps", o["ref_sync_steps"], 0)
+    _int("online.rounds", o["rounds"], 0)
+    if o["ref_update"] not in ("previous", "initial"):
+        raise _fail("online.ref_update", "previous or initial", o["ref_update"])
+    if not isinstance(o["same_prompts"], bool):
+        raise _fail("online.same_prompts", "true or false", o["same_prompts"])
+    if o["rounds"] and catalog[o["loss"]].kind != "pairwise":
+        raise ConfigError("online.rounds (iterative DPO) trains a pairwise loss (dpo, ipo, ...), not a policy loss")
     if o["judge"] is not None:
         if not isinstance(o["judge"], Mapping) or "judge" not in o["judge"]:
             raise _fail("online.judge", "a mapping with judge: NAME (e.g. {judge: lab, world: default})", o["judge"])

@@ -422,6 +422,18 @@ def apply_aliases(values: dict[str, Any], where: str = "") -> dict[str, Any]:
     return out
 
 
+def _registered_source(value: str) -> bool:
+    """A ``SCHEME:REST`` spec whose scheme a package registers (entry points ``prefkit.model_sources``)."""
+    from importlib.metadata import entry_points
+
+    scheme, sep, _ = value.partition(":")
+    return (
+        bool(sep)
+        and scheme.isidentifier()
+        and any(ep.name == scheme for ep in entry_points(group="prefkit.model_sources"))
+    )
+
+
 def check_model_path(key: str, value: Any, *, allow_tiny: bool = True) -> None:
     """A model / tokenizer source must be ``tiny``, an existing local folder or file, or a Hub model id;
     a path that looks local (``./x``, ``runs/x`` where ``runs/`` exists, ``a/b/c``) but is missing is
@@ -431,7 +443,7 @@ def check_model_path(key: str, value: Any, *, allow_tiny: bool = True) -> None:
     if not isinstance(value, str) or not value.strip():
         raise _fail(key, "a local folder, a Hub model id" + (" or tiny" if allow_tiny else ""), value)
     path = Path(os.path.expanduser(value))
-    if path.exists() or not _looks_local(value, (".bin", ".safetensors", ".pt")):
+    if path.exists() or _registered_source(value) or not _looks_local(value, (".bin", ".safetensors", ".pt")):
         return
     parent = path.parent
     hint = ""
