@@ -1,0 +1,115 @@
+"""PPOTrainer: the reward rises with a learning critic, critic warm-up leaves the policy alone, resume is
+exact (critic, its optimizer and the reward statistics in the checkpoint), bad settings are named."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from prefkit.models.tiny import build_tiny_llama
+from prefkit.online.ppo import PPOArguments, PPOTrainer, RunningMoments
+from prefkit.online.rewards import CombinedReward, build_reward
+
+transformers.logging.set_verbosity_error()
+
+
+def ascii_share(prompts, completions, **fields):
+    return [sum(ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        num_generations=2,
+        max_new_tokens=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        report_to="none",
+    )
+    base.update(kw)
+    return PPOArguments(**base)
+
+
+def _trainer(tmp_path, tokenizer, **kw):
+    model = build_tiny_llama(vocab_size=len(tokenizer), seed=0, hidden_size=32, num_heads=2, intermediate_size=64)
+    rewards = CombinedReward([("ascii", build_reward("callable", function=f"{__name__}:ascii_share"), 1.0)])
+    records = [{"prompt": f"Write {i}:"} for i in range(16)]
+    return PPOTrainer(model, _args(tmp_path, **kw), train_dataset=records, processing_class=tokenizer, rewards=rewards)
+
+
+def _rows(tmp_path):
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_ppo_raises_the_reward_and_the_critic_learns(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, max_steps=20, learning_rate=1e-2, num_iterations=2)
+    critic_before = [p.detach().clone() for p in trainer.critic.parameters()]
+    trainer.train()
+    rows = _rows(tmp_path)
+    rewards = [r["reward"] for r in rows]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.critic.parameters()))
+    assert rows[0]["values"] == pytest.approx(0.0, abs=1e-6)  # the head starts at zero
+    assert {"value_loss", "returns", "kl", "score", "entropy"} <= set(rows[-1])
+
+
+def test_critic_warm_up_trains_only_the_critic(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, max_steps=2, critic_warmup_steps=2)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    critic_before = [p.detach().clone() for p in trainer.critic.parameters()]
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.critic.parameters()))
+
+
+def test_resume_is_exact_with_the_critic(tmp_path, tokenizer):
+    straight = _trainer(tmp_path / "a", tokenizer, max_steps=4)
+    straight.train()
+    first = _trainer(tmp_path / "b", tokenizer, max_steps=4, save_strategy="steps", save_steps=2)
+    first.args.max_steps = 2
+    first.train()
+    assert (tmp_path / "b" / "run" / "checkpoint-2" / "critic.pt").is_file()
+    resumed = _trainer(tmp_path / "b", tokenizer, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    a = [r["loss"] for r in _rows(tmp_path / "a")]
+    b = [r["loss"] for r in _rows(tmp_path / "b")]
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    for p, q in zip(straight.critic.parameters(), resumed.critic.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_running_moments_match_the_whole_sample():
+    m = RunningMoments()
+    data = torch.tensor([1.0, 4.0, 2.0, 8.0, 5.0, 7.0])
+    m.update(data[:2])
+    m.update(data[2:5])
+    m.update(data[5:])
+    assert m.mean == pytest.approx(float(data.mean())) and m.std == pytest.approx(float(data.std()))
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"gamma": 1.5}, "gamma: expected a number in"),
+        ({"lam": -0.1}, "lam: expected a number in"),
+        ({"cliprange_value": 0}, "cliprange_value: expected a number > 0"),
+        ({"reward_clip": -1}, "reward_clip: expected a number >= 0"),
+        ({"critic_warmup_steps": -1}, "critic_warmup_steps: expected an integer >= 0"),
+        ({"loss": "dpo"}, "takes a policy loss"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **kw)
