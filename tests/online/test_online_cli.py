@@ -55,6 +55,8 @@ def test_the_online_dpo_example_raises_its_reward(tmp_path, monkeypatch):
 
 BAD = [
     ("online.loss=bt", "online.loss: expected a policy loss (bnpo, cispo, dapo, dr_grpo, grpo, gspo) or a pairwise"),
+    ("online.ppo={gamma: 0.9}", "online.ppo sets PPO's switches: name the critic too (online.critic: policy)"),
+    ("online.critic=policy && online.loss=dpo", "online.critic (PPO) trains a policy loss"),
     ("online.pairs=random", "online.pairs: expected best_worst or all, got 'random'"),
     ("online.ref_sync_steps=4", "online.pairs and online.ref_sync_steps are settings of online preference losses"),
     ("online.num_generations=1", "online.num_generations: expected at least 2 for advantage grpo"),
@@ -77,7 +79,7 @@ BAD = [
 @pytest.mark.parametrize(("override", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_online_settings_are_one_line(override, message, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    assert main(["train", str(EXAMPLE), override]) == 2
+    assert main(["train", str(EXAMPLE), *override.split(" && ")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("prefkit train: error: ") and err.count("\n") == 1 and message in err, err
 
@@ -152,3 +154,19 @@ def test_iterative_dpo_from_a_config_and_its_resume(tmp_path, monkeypatch, capsy
     assert "round 2: done before" in capsys.readouterr().out
     assert main([*args, "online.loss=ipo", "--resume"]) == 2
     assert "online.loss: 'dpo' -> 'ipo'" in capsys.readouterr().err
+
+
+def test_the_ppo_example_raises_its_reward_and_saves_the_critic(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    assert main(["train", "examples/ppo_tiny.yaml", f"output_dir={out}", "max_steps=16", "save_steps=8"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in rows if r.get("split") == "train"]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
+    assert (out / "critic.pt").is_file() and (out / "checkpoint-8" / "critic.pt").is_file()
+    assert "PPO with a critic" in (out / "report.md").read_text()
+    capsys.readouterr()
+    bad = ["train", "examples/ppo_tiny.yaml", f"output_dir={tmp_path / 'bad'}", "online.ppo={gama: 0.9}"]
+    assert (
+        main(bad) == 2 and "unknown key 'online.ppo.gama'. Did you mean 'online.ppo.gamma'?" in capsys.readouterr().err
+    )

@@ -60,7 +60,7 @@ def test_ppo_raises_the_reward_and_the_critic_learns(tmp_path, tokenizer):
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
     assert any(not torch.equal(a, b) for a, b in zip(critic_before, trainer.critic.parameters()))
     assert rows[0]["values"] == pytest.approx(0.0, abs=1e-6)  # the head starts at zero
-    assert {"value_loss", "returns", "kl", "score", "entropy"} <= set(rows[-1])
+    assert {"value_loss", "returns", "kl_penalty", "score", "entropy"} <= set(rows[-1])
 
 
 def test_critic_warm_up_trains_only_the_critic(tmp_path, tokenizer):

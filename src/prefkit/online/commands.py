@@ -291,6 +291,16 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
     from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer
 
     args_class, trainer_class, extra = OnlineArguments, OnlineTrainer, {}
+    if online["critic"] is not None:  # PPO with a critic
+        from prefkit.online.ppo import PPOArguments, PPOTrainer
+
+        args_class, trainer_class = PPOArguments, PPOTrainer
+        training.update(dict(online["ppo"]))
+        online = {**online, "advantage": "reinforce_baseline"}  # unused: PPO's advantages are GAE
+        if online["critic"] != "policy":
+            from prefkit.models.reward import load_reward_model
+
+            extra["critic_from"] = getattr(load_reward_model(online["critic"]), "model", None)
     if get_loss(online["loss"]).kind == "pairwise":  # online preference optimisation (online DPO, ...)
         args_class, trainer_class = OnlinePreferenceArguments, OnlinePreferenceTrainer
         training.update(pairs=online["pairs"], ref_sync_steps=online["ref_sync_steps"])

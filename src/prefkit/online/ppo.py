@@ -211,7 +211,7 @@ class PPOTrainer(OnlineTrainer):
                 ref = self._ref_logps(model, rollouts)
                 kl = kl_estimate(old_logps, ref, self.args.kl_reward_estimator) * mask
                 token_rewards = token_rewards - self.args.kl_reward_coef * kl
-                metrics["kl"] = float(kl.sum(1).mean())
+                metrics["kl_penalty"] = float(kl.sum(1).mean())  # as OnlineTrainer's kl_reward_coef logs it
             last = (mask.cumsum(1) * mask).argmax(1)  # the last completion token of each row
             scores = self._scores(batch["rewards"]).to(device)
             token_rewards[torch.arange(len(rollouts), device=device), last] += scores
@@ -237,7 +237,8 @@ class PPOTrainer(OnlineTrainer):
         self._signal_in_step = self._signal_in_step or not warming_up
         if not torch.isfinite(loss.detach()) or not torch.isfinite(v_loss.detach()):
             raise TrainingStoppedError(
-                f"non-finite PPO loss (policy {loss.item()}, value {v_loss.item()}) at step {self.state.global_step + 1}"
+                f"non-finite PPO loss (policy {loss.item()}, value {v_loss.item()}) at step "
+                f"{self.state.global_step + 1}"
             )
         stored = {k: torch.tensor([v]) for k, v in metrics.items() if not math.isnan(v)}
         stored["value_loss"] = v_loss.detach().reshape(1).cpu()

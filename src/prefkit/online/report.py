@@ -80,6 +80,8 @@ def _how(settings: Mapping[str, Any]) -> str:
         pairwise = get_loss(str(settings.get("loss"))).kind == "pairwise"
     except KeyError:
         pairwise = False
+    if settings.get("critic") is not None:
+        return "PPO with a critic (GAE advantages)"
     if pairwise:
         return f"pairs `{settings.get('pairs', 'best_worst')}` from the rewards' scores"
     return f"advantage `{settings.get('advantage')}`"

@@ -92,6 +92,12 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "rounds": (0, "iterative DPO: rounds of sample -> label -> train offline (0: online training instead)"),
     "ref_update": ("previous", "iterative DPO: each round's reference: previous (the round's start) or initial"),
     "same_prompts": (False, "iterative DPO: every round samples all prompts (default: a new part each round)"),
+    "critic": (None, "PPO with a critic: policy (a copy of its backbone, zero head) or a reward model's folder"),
+    "ppo": (
+        {},
+        "PPO's switches: gamma, lam, cliprange_value, reward_normalization, reward_clip, whiten_advantages, "
+        "critic_warmup_steps, critic_learning_rate (docs/online.md)",
+    ),
     "rollout_backend": ("hf", "hf (transformers generate) or vllm (a colocated vllm.LLM on a GPU: prefkit[vllm])"),
     "vllm_gpu_memory_utilization": (0.3, "vllm: the share of GPU memory the engine may take"),
     "vllm_sleep_mode": (False, "vllm: free the engine's weights and KV cache between generations"),
@@ -168,6 +174,7 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     if o["pairs"] not in ("best_worst", "all"):
         raise _fail("online.pairs", "best_worst or all", o["pairs"])
     _int("online.ref_sync_steps", o["ref_sync_steps"], 0)
+    _check_ppo(o, catalog)
     _int("online.rounds", o["rounds"], 0)
     if o["ref_update"] not in ("previous", "initial"):
         raise _fail("online.ref_update", "previous or initial", o["ref_update"])
@@ -192,7 +199,7 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
         raise ConfigError(f"online.loss_params: {err}") from None
     if o["advantage"] not in ADVANTAGES:
         raise _fail("online.advantage", "one of " + ", ".join(ADVANTAGES), o["advantage"])
-    if o["advantage"] not in GROUPLESS_ADVANTAGES and o["num_generations"] < 2:
+    if o["advantage"] not in GROUPLESS_ADVANTAGES and o["num_generations"] < 2 and o["critic"] is None:
         raise _fail("online.num_generations", f"at least 2 for advantage {o['advantage']} (it compares a group)", 1)
     if not isinstance(o["advantage_params"], Mapping):
         raise _fail("online.advantage_params", "a mapping", o["advantage_params"])
@@ -209,6 +216,44 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise _fail(f"{where}.weight", "a finite number", weight)
     return o
+
+
+PPO_KEYS = {
+    "gamma": "[0, 1]",
+    "lam": "[0, 1]",
+    "cliprange_value": "> 0",
+    "reward_clip": ">= 0",
+    "critic_learning_rate": "> 0",
+}
+PPO_FLAGS = ("reward_normalization", "whiten_advantages")
+
+
+def _check_ppo(o: dict[str, Any], catalog) -> None:
+    """``online.critic`` (PPO) and ``online.ppo``'s switches."""
+    ppo = o["ppo"]
+    if not isinstance(ppo, Mapping):
+        raise _fail("online.ppo", "a mapping of PPO settings", ppo)
+    if ppo and o["critic"] is None:
+        raise ConfigError("online.ppo sets PPO's switches: name the critic too (online.critic: policy)")
+    if o["critic"] is None:
+        return
+    if not isinstance(o["critic"], str) or not o["critic"]:
+        raise _fail("online.critic", "policy or a reward model's folder", o["critic"])
+    if o["critic"] != "policy":
+        check_model_path("online.critic", o["critic"], allow_tiny=False)
+    if catalog[o["loss"]].kind != "policy":
+        raise ConfigError("online.critic (PPO) trains a policy loss (dapo, grpo, ...), not a pairwise loss")
+    known = (*PPO_KEYS, *PPO_FLAGS, "critic_warmup_steps")
+    for key, value in ppo.items():
+        if key not in known:
+            hint = _suggest(str(key), list(known)).replace(" Did you mean '", " Did you mean 'online.ppo.")
+            raise ConfigError(f"unknown key 'online.ppo.{key}'.{hint} Keys: {', '.join(known)}")
+        if key in PPO_FLAGS and not isinstance(value, bool):
+            raise _fail(f"online.ppo.{key}", "true or false", value)
+        if key == "critic_warmup_steps":
+            _int("online.ppo.critic_warmup_steps", value, 0)
+        if key in PPO_KEYS:
+            check_in_range(f"online.ppo.{key}", value, PPO_KEYS[key])
 
 
 def read_online_settings(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
