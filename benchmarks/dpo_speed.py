@@ -484,6 +484,19 @@ class ChildError(RuntimeError):
     """A framework's subprocess failed."""
 
 
+def run_child_script(script: str, spec_path: Path, log_path: Path, threads: int, what: str) -> None:
+    """``python SCRIPT --child SPEC`` with ``threads`` OpenMP/MKL threads, its output in ``log_path``;
+    `ChildError` with the log's last lines when it fails. Every benchmark runs each framework this way."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.run(
+            [sys.executable, script, "--child", str(spec_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+        raise ChildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
 def launch(framework: str, setup: Setup, folder: Path, opts: argparse.Namespace) -> dict[str, Any]:
     """Run one framework in a subprocess on the inputs in ``folder``; its measurements."""
     tag = framework.replace("+", "_")
@@ -506,19 +519,10 @@ def launch(framework: str, setup: Setup, folder: Path, opts: argparse.Namespace)
     }
     spec_path = folder / f"spec-{tag}.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
-    log_path = folder / f"log-{tag}.txt"
     print(f"  {setup.name}: running {framework} ...", flush=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--child", str(spec_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-        raise ChildError(f"{framework} on {setup.name} failed (exit {proc.returncode}):\n{tail}")
+    run_child_script(
+        os.path.abspath(__file__), spec_path, folder / f"log-{tag}.txt", opts.threads, f"{framework} on {setup.name}"
+    )
     return json.loads(Path(spec["result"]).read_text())
 
 

@@ -45,7 +45,6 @@ import json
 import os
 import random
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -298,7 +297,9 @@ def prepare(shape: Shape, folder: Path, n_prompts: int, seed: int) -> None:
             fh.write(json.dumps({"prompt": words}) + "\n")
 
 
-def launch(framework: str, shape: Shape, folder: Path, opts, gate: bool) -> dict[str, Any]:
+def launch(framework: str, shape: Shape, folder: Path, opts, gate: bool, script: str | None = None) -> dict[str, Any]:
+    """Run ``framework`` in its own process (``script --child SPEC``; default this script) on the inputs in
+    ``folder``; its measurements."""
     tag = framework.replace("+", "_") + ("-gate" if gate else "")
     spec = {
         "framework": framework,
@@ -319,19 +320,10 @@ def launch(framework: str, shape: Shape, folder: Path, opts, gate: bool) -> dict
     }
     spec_path = folder / f"spec-{tag}.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
-    log_path = folder / f"log-{tag}.txt"
     print(f"  {shape.name}: running {framework}{' (gate: identical rollouts)' if gate else ''} ...", flush=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--child", str(spec_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-        raise dpo.ChildError(f"{framework} failed (exit {proc.returncode}):\n{tail}")
+    dpo.run_child_script(
+        script or os.path.abspath(__file__), spec_path, folder / f"log-{tag}.txt", opts.threads, framework
+    )
     return json.loads(Path(spec["result"]).read_text())
 
 

@@ -1,57 +1,33 @@
 """OnlinePreferenceTrainer: pairs from scores by hand, the loss's closed form at step 1, the reward rises,
 a pairwise judge, TR-DPO's moving reference with exact resume, bad settings named."""
 
-import json
 import math
 
 import pytest
 import torch
 import transformers
+from online_helpers import ascii_reward, base_args, tiny_policy, train_rows
 
-from prefkit.models.tiny import build_tiny_llama
 from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer, pairs_from_scores
-from prefkit.online.rewards import CombinedReward, build_reward
 
 transformers.logging.set_verbosity_error()
 
 
-def ascii_share(prompts, completions, **fields):
-    return [sum(ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-
-
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_new_tokens=8,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        report_to="none",
+    return OnlinePreferenceArguments(
+        **base_args(tmp_path, **{**dict(max_steps=3, per_device_train_batch_size=4, num_generations=4), **kw})
     )
-    base.update(kw)
-    return OnlinePreferenceArguments(**base)
 
 
 def _trainer(tmp_path, tokenizer, judge=None, **kw):
-    model = build_tiny_llama(vocab_size=len(tokenizer), seed=0, hidden_size=32, num_heads=2, intermediate_size=64)
-    rewards = CombinedReward([("ascii", build_reward("callable", function=f"{__name__}:ascii_share"), 1.0)])
+    model, rewards = tiny_policy(tokenizer), ascii_reward()
     records = [{"prompt": f"Write {i}:"} for i in range(16)]
     return OnlinePreferenceTrainer(
         model, _args(tmp_path, **kw), train_dataset=records, processing_class=tokenizer, rewards=rewards, judge=judge
     )
 
 
-def _rows(tmp_path):
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+_rows = train_rows
 
 
 def test_pairs_from_scores_by_hand():

@@ -1,54 +1,29 @@
 """PPOTrainer: the reward rises with a learning critic, critic warm-up leaves the policy alone, resume is
 exact (critic, its optimizer and the reward statistics in the checkpoint), bad settings are named."""
 
-import json
-
 import pytest
 import torch
 import transformers
+from online_helpers import ascii_reward, base_args, tiny_policy, train_rows
 
-from prefkit.models.tiny import build_tiny_llama
 from prefkit.online.ppo import PPOArguments, PPOTrainer, RunningMoments
-from prefkit.online.rewards import CombinedReward, build_reward
 
 transformers.logging.set_verbosity_error()
 
 
-def ascii_share(prompts, completions, **fields):
-    return [sum(ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-
-
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        num_generations=2,
-        max_new_tokens=8,
-        learning_rate=3e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        report_to="none",
+    return PPOArguments(
+        **base_args(tmp_path, **{**dict(max_steps=4, per_device_train_batch_size=8, num_generations=2), **kw})
     )
-    base.update(kw)
-    return PPOArguments(**base)
 
 
 def _trainer(tmp_path, tokenizer, **kw):
-    model = build_tiny_llama(vocab_size=len(tokenizer), seed=0, hidden_size=32, num_heads=2, intermediate_size=64)
-    rewards = CombinedReward([("ascii", build_reward("callable", function=f"{__name__}:ascii_share"), 1.0)])
+    model, rewards = tiny_policy(tokenizer), ascii_reward()
     records = [{"prompt": f"Write {i}:"} for i in range(16)]
     return PPOTrainer(model, _args(tmp_path, **kw), train_dataset=records, processing_class=tokenizer, rewards=rewards)
 
 
-def _rows(tmp_path):
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+_rows = train_rows
 
 
 def test_ppo_raises_the_reward_and_the_critic_learns(tmp_path, tokenizer):

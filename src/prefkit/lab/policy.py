@@ -138,32 +138,32 @@ def _lr_factor(step: int, spec: ReferenceSpec) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain_reference(world: World, seed: int = 0, spec: ReferenceSpec = ReferenceSpec(), progress: bool = True):
-    """Train the reference policy from scratch (no cache); returns ``(model, tokenizer, info)``."""
-    start = time.perf_counter()
-    tokenizer = build_world_tokenizer(world)
-    model = build_tiny_llama(
+def new_policy(tokenizer, spec: ReferenceSpec, seed: int, max_positions: int = 128):
+    """A freshly initialised tiny Llama of ``spec``'s size for ``tokenizer``."""
+    return build_tiny_llama(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         num_layers=spec.num_layers,
         num_heads=spec.num_heads,
         intermediate_size=spec.intermediate_size,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         seed=seed,
     )
-    rng = np.random.default_rng([seed, 7])
-    heldout = _base_samples(world, spec.heldout_samples, rng)
+
+
+def pretrain(model, make_batch, spec: ReferenceSpec, seed: int, desc: str, progress: bool) -> list[float]:
+    """Maximum likelihood on ``spec.steps`` batches ``make_batch()`` (`pad_rows` output): AdamW at
+    ``spec.learning_rate``, warm-up then cosine decay (`_lr_factor`); the per-step losses. Leaves the model
+    in eval mode; torch's global RNG is left as it was."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, spec))
     model.train()
-    losses = []
+    losses: list[float] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        bar = tqdm(
-            range(spec.steps), desc=f"pre-training the reference policy of world {world.name!r}", disable=not progress
-        )
+        bar = tqdm(range(spec.steps), desc=desc, disable=not progress)
         for _ in bar:
-            batch = pad_rows(*_encode(tokenizer, _base_samples(world, spec.batch_size, rng)), 0, None)
+            batch = make_batch()
             loss = -_response_logps(model, batch).sum() / batch["completion_mask"].sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -172,6 +172,24 @@ def pretrain_reference(world: World, seed: int = 0, spec: ReferenceSpec = Refere
             losses.append(loss.item())
             bar.set_postfix(nll=f"{np.mean(losses[-20:]):.3f}")
     model.eval()
+    return losses
+
+
+def pretrain_reference(world: World, seed: int = 0, spec: ReferenceSpec = ReferenceSpec(), progress: bool = True):
+    """Train the reference policy from scratch (no cache); returns ``(model, tokenizer, info)``."""
+    start = time.perf_counter()
+    tokenizer = build_world_tokenizer(world)
+    model = new_policy(tokenizer, spec, seed)
+    rng = np.random.default_rng([seed, 7])
+    heldout = _base_samples(world, spec.heldout_samples, rng)
+    losses = pretrain(
+        model,
+        lambda: pad_rows(*_encode(tokenizer, _base_samples(world, spec.batch_size, rng)), 0, None),
+        spec,
+        seed,
+        f"pre-training the reference policy of world {world.name!r}",
+        progress,
+    )
     info = {
         "world": world.name,
         "seed": seed,

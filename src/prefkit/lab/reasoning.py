@@ -34,20 +34,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from prefkit.data.collators import pad_rows
 from prefkit.lab.policy import (
     LabPolicy,
     ReferenceSpec,
-    _lr_factor,
     _save_atomically,
     build_world_tokenizer,
     default_cache_dir,
     load_lab_policy,
+    new_policy,
+    pretrain,
 )
-from prefkit.models.tiny import build_tiny_llama
 
 __all__ = ["ArithmeticWorld", "arithmetic_reference"]
 
@@ -222,36 +220,16 @@ def arithmetic_reference(
         return load_lab_policy(folder)
     start = time.perf_counter()
     tokenizer = build_world_tokenizer(world)
-    model = build_tiny_llama(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-        num_heads=spec.num_heads,
-        intermediate_size=spec.intermediate_size,
-        max_position_embeddings=64,
-        seed=seed,
-    )
-    from prefkit.train.logps import completion_logps
-
+    model = new_policy(tokenizer, spec, seed, max_positions=64)
     rng = np.random.default_rng([seed, 11])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, spec))
-    model.train()
-    losses = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        bar = tqdm(range(spec.steps), desc="pre-training the arithmetic reference policy", disable=not progress)
-        for _ in bar:
-            batch = _batch(world, tokenizer, world.sample_problems(spec.batch_size, rng), rng)
-            out = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            loss = -out.sum.sum() / batch["completion_mask"].sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(nll=f"{np.mean(losses[-20:]):.3f}")
-    model.eval()
+    losses = pretrain(
+        model,
+        lambda: _batch(world, tokenizer, world.sample_problems(spec.batch_size, rng), rng),
+        spec,
+        seed,
+        "pre-training the arithmetic reference policy",
+        progress,
+    )
     heldout = world.sample_problems(256, np.random.default_rng([seed, 13]))
     info = {
         "world": world.name,
