@@ -95,7 +95,13 @@ def _batch(kind: str, sign: float):
         return batch, [logps]
     if kind == "list":
         policy = _leaf([[sign * BIG, 0.0], [0.0, sign * BIG]])
-        batch = ListLogps(policy=policy, ranking=torch.tensor([[0, 1], [1, 0]]), length=torch.ones(2, 2))
+        batch = ListLogps(
+            policy=policy,
+            ranking=torch.tensor([[0, 1], [1, 0]]),
+            length=torch.ones(2, 2),
+            ref=torch.zeros(2, 2),
+            win_prob=torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
+        )
         return batch, [policy]
     raise AssertionError(kind)
 

@@ -54,7 +54,7 @@ def test_the_online_dpo_example_raises_its_reward(tmp_path, monkeypatch):
 
 
 BAD = [
-    ("online.loss=bt", "online.loss: expected a policy loss (bnpo, cispo, dapo, dr_grpo, grpo, gspo) or a pairwise"),
+    ("online.loss=bt", "online.loss: expected a policy loss (bnpo, cispo, dapo, dr_grpo, grpo, gspo), a pairwise"),
     ("online.ppo={gamma: 0.9}", "online.ppo sets PPO's switches: name the critic too (online.critic: policy)"),
     ("online.critic=policy && online.loss=dpo", "online.critic (PPO) trains a policy loss"),
     ("online.pairs=random", "online.pairs: expected best_worst or all, got 'random'"),

@@ -110,7 +110,7 @@ def test_a_moving_reference_syncs_and_resumes_exactly(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"loss": "grpo"}, "takes a pairwise loss"),
+        ({"loss": "grpo"}, "takes a pairwise or list loss"),
         ({"num_generations": 1}, "num_generations: expected at least 2"),
         ({"pairs": "random"}, "pairs: expected one of best_worst, all"),
         ({"ref_sync_steps": -1}, "ref_sync_steps: expected an integer >= 0"),
@@ -120,3 +120,31 @@ def test_a_moving_reference_syncs_and_resumes_exactly(tmp_path, tokenizer):
 def test_bad_settings_are_named(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         _args(tmp_path, **kw)
+
+
+def test_win_probabilities_by_hand(tmp_path, tokenizer):
+    """From scores by Bradley-Terry: P(i > j) = sigmoid(s_i - s_j), averaged over the other samples."""
+    trainer = _trainer(tmp_path, tokenizer, loss="sppo", num_generations=3)
+    scores = torch.tensor([1.0, 0.0, float("nan")])
+    win = trainer._win_probs([{"prompt": "x"}], None, scores)[0]
+    s = 1 / (1 + math.exp(-1.0))  # sigmoid(1)
+    assert win.tolist() == pytest.approx([(s + 0.5) / 2, (1 - s + 0.5) / 2, 0.5], abs=1e-6)
+
+
+def sharp_judge(prompts, first, second):
+    """A preference model that is sure: sigmoid(20 x the difference of the ASCII shares)."""
+    from online_helpers import ascii_share
+
+    a, b = ascii_share(prompts, first), ascii_share(prompts, second)
+    return [1 / (1 + math.exp(-20 * (x - y))) for x, y in zip(a, b)]
+
+
+def test_online_sppo_raises_the_reward(tmp_path, tokenizer):
+    """SPPO on K = 4 samples per prompt, win probabilities from a pairwise judge over all 6 pairs of each."""
+    trainer = _trainer(
+        tmp_path, tokenizer, judge=sharp_judge, loss="sppo", loss_params={"beta": 0.1}, max_steps=16, learning_rate=1e-2
+    )
+    trainer.train()
+    rewards = [r["reward"] for r in _rows(tmp_path)]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
+    assert "win_prob" in _rows(tmp_path)[-1]

@@ -4,6 +4,7 @@
 from prefkit.losses import (  # noqa: E402,F401
     advantages,
     auxiliary,
+    listwise,
     pairwise,
     policy_gradient,
     preference_models,

@@ -87,12 +87,14 @@ class UnpairedLogps:
 @dataclass
 class ListLogps:
     """``K`` completions per prompt: ``policy``/``ref`` are ``[B, K]``, ``ranking`` ``[B, K]``
-    holds completion indices from best to worst; ``length`` ``[B, K]`` token counts."""
+    holds completion indices from best to worst; ``length`` ``[B, K]`` token counts; ``win_prob``
+    ``[B, K]`` (optional) each completion's estimated probability of beating the others (SPPO)."""
 
     policy: Tensor
     ranking: Tensor
     length: Tensor
     ref: Tensor | None = None
+    win_prob: Tensor | None = None
 
 
 @dataclass

@@ -301,7 +301,7 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
             from prefkit.models.reward import load_reward_model
 
             extra["critic_from"] = getattr(load_reward_model(online["critic"]), "model", None)
-    if get_loss(online["loss"]).kind == "pairwise":  # online preference optimisation (online DPO, ...)
+    if get_loss(online["loss"]).kind in ("pairwise", "list"):  # online preference optimisation (online DPO, SPPO)
         args_class, trainer_class = OnlinePreferenceArguments, OnlinePreferenceTrainer
         training.update(pairs=online["pairs"], ref_sync_steps=online["ref_sync_steps"])
         extra["judge"] = _judge(online)

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainerCallback
 
-from prefkit.losses import PairLogps, get_loss
+from prefkit.losses import ListLogps, PairLogps, get_loss
 from prefkit.online.trainer import OnlineArguments, OnlineTrainer
 from prefkit.train.checkpointing import TrainingStoppedError
 
@@ -69,7 +69,7 @@ class OnlinePreferenceArguments(OnlineArguments):
     """`OnlineArguments` with a pairwise loss (default ``dpo``), K = ``num_generations`` (default 2), how
     pairs are formed and how the reference moves."""
 
-    LOSS_KIND = "pairwise"
+    LOSS_KINDS: ClassVar[tuple[str, ...]] = ("pairwise", "list")
 
     loss: str = field(default="dpo", metadata={"help": "A pairwise loss (`prefkit losses --kind pairwise`)."})
     num_generations: int = field(default=2, metadata={"help": "Completions sampled per prompt (K >= 2)."})
@@ -162,6 +162,8 @@ class OnlinePreferenceTrainer(OnlineTrainer):
         records, indices = inputs["records"], inputs["indices"]
         batch, _ = self._rollout_batch(records, indices)
         rollouts, scores, metrics = batch["rollouts"], batch["rewards"], dict(batch["metrics"])
+        if self.spec.kind == "list":
+            return self._list_loss(model, records, rollouts, scores, metrics, return_outputs)
         if self.judge is not None:
             pairs = self._judged_pairs(records, rollouts)
         else:
@@ -209,6 +211,57 @@ class OnlinePreferenceTrainer(OnlineTrainer):
         stored["score_gap"] = (chosen_scores - rejected_scores).float()
         for key, value in result.metrics.items():  # the loss's implicit rewards, apart from the task's rewards/NAME
             stored[key.replace("rewards/", "implicit_rewards/", 1)] = value.detach().float().cpu()
+        self._store_metrics(stored, "train")
+        return (loss, result) if return_outputs else loss
+
+    def _win_probs(self, records: list[dict], rollouts, scores: torch.Tensor) -> torch.Tensor:
+        """``[U, K]``: each sample's mean probability of beating the prompt's other K - 1 samples, from the judge
+        (every pair judged once, ``P(j > i) = 1 - P(i > j)``) or from the scores by Bradley-Terry,
+        ``P(i > j) = sigmoid(s_i - s_j)`` (unscorable samples count as a coin flip)."""
+        k, units = self.args.num_generations, len(records)
+        if self.judge is None:
+            s = scores.view(units, k)
+            prob = torch.sigmoid(s[:, :, None] - s[:, None, :])
+            prob = torch.where(torch.isnan(prob), torch.full_like(prob, 0.5), prob)
+        else:
+            pairs = [(u, i, j) for u in range(units) for i in range(k) for j in range(i + 1, k)]
+            judged = self.judge(
+                [records[u]["prompt"] for u, _, _ in pairs],
+                [rollouts[u * k + i].text for u, i, _ in pairs],
+                [rollouts[u * k + j].text for u, _, j in pairs],
+            )
+            prob = torch.full((units, k, k), 0.5)
+            for (u, i, j), p in zip(pairs, judged):
+                prob[u, i, j], prob[u, j, i] = float(p), 1.0 - float(p)
+        off_diagonal = 1.0 - torch.eye(k)
+        return (prob * off_diagonal).sum(-1) / (k - 1)
+
+    def _list_loss(self, model, records, rollouts, scores, metrics, return_outputs):
+        """A list loss (``sppo``) on all K samples of each prompt, ranked by win probability."""
+        k, units = self.args.num_generations, len(records)
+        out, comp = self._logps(model, rollouts, entropy=True)
+        mask = comp.to(out.per_token.dtype)
+        win = self._win_probs(records, rollouts, scores).to(out.sum.device)
+        ref = (self._ref_logps(model, rollouts) * mask).sum(1) if self._needs_ref else None
+        batch = ListLogps(
+            policy=out.sum.view(units, k),
+            ranking=win.argsort(dim=1, descending=True),
+            length=out.n_tokens.view(units, k),
+            ref=None if ref is None else ref.view(units, k),
+            win_prob=win.to(out.sum.dtype),
+        )
+        result = self.spec.fn(batch, **self.loss_kwargs)
+        loss = result.loss.mean()
+        if not torch.isfinite(loss.detach()):
+            raise TrainingStoppedError(
+                f"non-finite {self.args.loss} loss ({loss.item()}) at step {self.state.global_step + 1}"
+            )
+        self._signal_in_step = True
+        stored = {key: torch.tensor([v]) for key, v in metrics.items() if not math.isnan(v)}
+        stored["entropy"] = ((out.entropy * mask).sum() / mask.sum().clamp(min=1)).reshape(1).cpu()
+        stored["completion_length"] = torch.tensor([float(len(r)) for r in rollouts])
+        for key, value in result.metrics.items():
+            stored[key] = value.detach().float().cpu()
         self._store_metrics(stored, "train")
         return (loss, result) if return_outputs else loss
 

@@ -28,7 +28,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainingArguments
@@ -121,14 +121,15 @@ class OnlineArguments(TrainingArguments):
         },
     )
 
-    # The kind of loss this trainer's arguments take (`OnlinePreferenceArguments`: pairwise).
-    LOSS_KIND = "policy"
+    # The kinds of loss this trainer's arguments take (`OnlinePreferenceArguments`: pairwise and list).
+    LOSS_KINDS: ClassVar[tuple[str, ...]] = ("policy",)
 
     def __post_init__(self):
         spec = get_loss(self.loss)
-        if spec.kind != self.LOSS_KIND:
+        if spec.kind not in self.LOSS_KINDS:
             raise ValueError(
-                f"loss {self.loss!r} is of kind {spec.kind!r}; this online trainer takes a {self.LOSS_KIND} loss"
+                f"loss {self.loss!r} is of kind {spec.kind!r}; this online trainer takes a "
+                f"{' or '.join(self.LOSS_KINDS)} loss"
             )
         resolve_loss_params([self.loss], self.loss_params)
         advantage = get_advantage(self.advantage)

@@ -164,11 +164,12 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     check_in_range("online.temperature", o["temperature"], "> 0")
     check_in_range("online.top_p", o["top_p"], "(0, 1]")
     catalog = loss_catalog()
-    if o["loss"] not in catalog or catalog[o["loss"]].kind not in ("policy", "pairwise"):
+    if o["loss"] not in catalog or catalog[o["loss"]].kind not in ("policy", "pairwise", "list"):
         policy = sorted(n for n, e in catalog.items() if e.kind == "policy")
         raise _fail(
             "online.loss",
-            "a policy loss (" + ", ".join(policy) + ") or a pairwise loss (online DPO: prefkit losses --kind pairwise)",
+            "a policy loss (" + ", ".join(policy) + "), a pairwise loss (online DPO: prefkit losses --kind pairwise) "
+            "or a list loss (sppo)",
             o["loss"],
         )
     if o["pairs"] not in ("best_worst", "all"):
@@ -181,12 +182,12 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
     if not isinstance(o["same_prompts"], bool):
         raise _fail("online.same_prompts", "true or false", o["same_prompts"])
     if o["rounds"] and catalog[o["loss"]].kind != "pairwise":
-        raise ConfigError("online.rounds (iterative DPO) trains a pairwise loss (dpo, ipo, ...), not a policy loss")
+        raise ConfigError("online.rounds (iterative DPO) trains a pairwise loss (dpo, ipo, ...)")
     if o["judge"] is not None:
         if not isinstance(o["judge"], Mapping) or "judge" not in o["judge"]:
             raise _fail("online.judge", "a mapping with judge: NAME (e.g. {judge: lab, world: default})", o["judge"])
-        if catalog[o["loss"]].kind != "pairwise":
-            raise ConfigError("online.judge labels pairs: it needs a pairwise loss (online DPO), not a policy loss")
+        if catalog[o["loss"]].kind == "policy":
+            raise ConfigError("online.judge labels pairs: it needs a pairwise or list loss (online DPO, sppo)")
     if catalog[o["loss"]].kind == "policy" and (online.get("pairs") is not None or o["ref_sync_steps"]):
         raise ConfigError("online.pairs and online.ref_sync_steps are settings of online preference losses (dpo, ...)")
     if not isinstance(o["loss_params"], Mapping):
@@ -242,7 +243,7 @@ def _check_ppo(o: dict[str, Any], catalog) -> None:
     if o["critic"] != "policy":
         check_model_path("online.critic", o["critic"], allow_tiny=False)
     if catalog[o["loss"]].kind != "policy":
-        raise ConfigError("online.critic (PPO) trains a policy loss (dapo, grpo, ...), not a pairwise loss")
+        raise ConfigError("online.critic (PPO) trains a policy loss (dapo, grpo, ...)")
     known = (*PPO_KEYS, *PPO_FLAGS, "critic_warmup_steps")
     for key, value in ppo.items():
         if key not in known:
