@@ -102,3 +102,29 @@ def test_online_study_names_bad_settings(tmp_path):
         online_study(methods=["ppo"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="generations must be at least 2"):
         online_study(generations=1, output_dir=tmp_path)
+
+
+def test_rlhf_study_runs(tmp_path, lab_cache, small_spec):
+    """A small run of `prefkit lab study rlhf`: every method on a single and a min-ensemble proxy."""
+    from prefkit.lab.rlhf_study import METHODS, rlhf_study
+
+    r = rlhf_study(
+        proxies=["single", "min"],
+        seeds=[0],
+        steps=1,
+        completions_per_step=4,
+        eval_every=1,
+        proxy_pairs=32,
+        ensemble=2,
+        output_dir=tmp_path / "rlhf",
+        cache_dir=lab_cache,
+        progress=False,
+        world_spec=small_spec,
+    )
+    assert [(x["proxy"], x["method"]) for x in r["runs"]] == [(p, m) for p in ("single", "min") for m in METHODS]
+    assert all([p["step"] for p in x["points"]] == [0, 1] for x in r["runs"])
+    assert set(r["agreement"]) == {"single", "mean", "min"}
+    for name in ("results.json", "results.md", "rlhf.png"):
+        assert (tmp_path / "rlhf" / name).is_file()
+    with pytest.raises(ValueError, match="unknown proxy kind"):
+        rlhf_study(proxies=["max"], output_dir=tmp_path / "x")

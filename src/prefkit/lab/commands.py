@@ -26,6 +26,8 @@ STUDIES = {
     "KL = log N - (N-1)/N (Gao et al. 2023)",
     "online": "GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ on a verifiable arithmetic world (accuracy against "
     "completions generated, mean ± SE over seeds), and GRPO on a true against a proxy reward (reward against KL)",
+    "rlhf": "PPO, GRPO and online DPO trained on a proxy reward model (single, ensemble mean, ensemble min): true "
+    "and proxy reward against KL, mean ± SE over seeds",
     "pluralism": "user groups of unequal shares: pooled BT against MixtureBT, PAL, VPL, MiCRo per group, for seen "
     "and unseen users; PAL on planted ideal points, a pets task, GPM against BT on cyclic preferences",
 }
@@ -142,6 +144,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     _pluralism(studies.add_parser("pluralism", help=STUDIES["pluralism"], description=STUDIES["pluralism"]))
     _online(studies.add_parser("online", help=STUDIES["online"], description=STUDIES["online"]))
+    _rlhf(studies.add_parser("rlhf", help=STUDIES["rlhf"], description=STUDIES["rlhf"]))
+
+
+def _rlhf(parser: argparse.ArgumentParser) -> None:
+    from prefkit.lab.rlhf_study import METHODS, PROXIES
+
+    parser.add_argument("--methods", type=_names, default=list(METHODS), help=f"default: {','.join(METHODS)}")
+    parser.add_argument("--proxies", type=_names, default=list(PROXIES), help=f"default: {','.join(PROXIES)}")
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="one run per seed (default: 0,1,2)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default: 40)")
+    parser.add_argument("--output-dir", default="runs/lab/rlhf", help="where results go (default: runs/lab/rlhf)")
+    parser.add_argument("--cache-dir", default=None, help="where reference policies are cached")
+    parser.add_argument("--quiet", action="store_true", help="no progress output; the results are still written")
 
 
 def _online(parser: argparse.ArgumentParser) -> None:
@@ -268,6 +283,23 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"prefkit lab study {args.study}: error: {problem}", file=sys.stderr)
         return 2
+    if args.study == "rlhf":
+        from prefkit.lab.rlhf_study import rlhf_study
+
+        try:
+            rlhf_study(
+                methods=args.methods,
+                proxies=args.proxies,
+                seeds=args.seeds,
+                steps=args.steps,
+                output_dir=args.output_dir,
+                cache_dir=args.cache_dir,
+                progress=not args.quiet,
+            )
+        except ValueError as err:
+            print(f"prefkit lab study rlhf: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.study == "online":
         from prefkit.lab.online_study import online_study
 

@@ -55,11 +55,20 @@ def _se(values: Sequence[float]) -> float:
 
 
 def _args(
-    output_dir: str, *, steps: int, prompts: int, generations: int, max_new_tokens: int, lr: float, seed: int, **method
+    output_dir: str,
+    *,
+    steps: int,
+    prompts: int,
+    generations: int,
+    max_new_tokens: int,
+    lr: float,
+    seed: int,
+    args_class=None,
+    **method,
 ):
     from prefkit.online.trainer import OnlineArguments
 
-    return OnlineArguments(
+    return (args_class or OnlineArguments)(
         output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=prompts,
@@ -97,8 +106,8 @@ def _evaluator(every: int, evaluate: Callable[[Any, int], dict[str, float]]):
     return Every()
 
 
-def _train_online(reference, records, rewards, args, evaluate, every: int, ref_model=None):
-    """Train a copy of the reference with `OnlineTrainer`; the evaluation points."""
+def _train_online(reference, records, rewards, args, evaluate, every: int, ref_model=None, trainer_class=None):
+    """Train a copy of the reference with ``trainer_class`` (default `OnlineTrainer`); the evaluation points."""
     import copy
 
     from prefkit.online.trainer import OnlineTrainer
@@ -106,7 +115,7 @@ def _train_online(reference, records, rewards, args, evaluate, every: int, ref_m
     model = copy.deepcopy(reference.model).requires_grad_(True)
     callback = _evaluator(every, evaluate)
     with contextlib.redirect_stdout(io.StringIO()):
-        trainer = OnlineTrainer(
+        trainer = (trainer_class or OnlineTrainer)(
             model,
             args,
             train_dataset=records,
@@ -197,36 +206,20 @@ def methods_part(
 # ----- part 2: true against proxy reward on the preference world -----
 
 
-def overopt_part(
-    seeds: Sequence[int],
-    *,
-    steps: int,
-    prompts: int,
-    generations: int,
-    learning_rate: float,
-    eval_every: int,
-    proxy_pairs: int,
-    cache_dir,
-    say,
-    progress: bool,
-    spec=None,
-) -> dict[str, Any]:
+def proxy_reward_model(world, reference, pairs: int, seed: int):
+    """A Bradley-Terry reward model on the reference's backbone from ``pairs`` Bradley-Terry (temperature 1)
+    pairs drawn with ``seed`` (100 steps of 32, as the ``overopt`` study's proxy); its scorer,
+    ``items -> [N] scores`` of ``(prompt, response)`` items."""
     from prefkit.lab import BradleyTerry, draw_dataset
-    from prefkit.lab.evaluate import reward_model_agreement, score_responses, truth_pairs
-    from prefkit.lab.policy import ReferenceSpec, reference_policy
+    from prefkit.lab.evaluate import score_responses
     from prefkit.lab.runs import train_reward_model
     from prefkit.lab.studies import _trainable
-    from prefkit.lab.world import make_world
-    from prefkit.online.rewards import CombinedReward
-    from prefkit.online.sampling import completion_log_probs, sample_completions
 
-    world = make_world("default", 0)
-    reference = reference_policy(world, 0, spec=spec or ReferenceSpec(), cache_dir=cache_dir, progress=progress)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        pairs = draw_dataset(world, "pairwise", proxy_pairs, BradleyTerry(1.0), seed=1)
+        data = draw_dataset(world, "pairwise", pairs, BradleyTerry(1.0), seed=seed)
         rm = train_reward_model(
             _trainable(reference),
-            pairs,
+            data,
             output_dir=tmp,
             steps=100,
             batch_size=32,
@@ -235,11 +228,17 @@ def overopt_part(
             progress=False,
         ).model
 
-    def proxy_scores(items):
+    def scores(items):
         return score_responses(rm, reference.tokenizer, items, batch_size=256, progress=False)
 
-    agreement = reward_model_agreement(world, proxy_scores, truth_pairs(world, 500, seed=2))["agreement"]
-    say(f"  proxy reward model: {proxy_pairs} pairs, agreement with the true preferences {agreement:.3f}")
+    return scores
+
+
+def world_evaluator(world, reference, proxy_scores):
+    """``evaluate(model, step)``: 16 samples (seed 777) of every prompt of ``world``; their mean true reward,
+    mean proxy reward and the KL to the reference (the mean summed log-ratio)."""
+    from prefkit.online.sampling import completion_log_probs, sample_completions
+
     tok = reference.tokenizer
     pad = tok.pad_token_id
 
@@ -256,6 +255,36 @@ def overopt_part(
             "proxy": float(np.mean(proxy_scores(items))),
             "kl": float(log_ratio.mean()),
         }
+
+    return evaluate
+
+
+def overopt_part(
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    prompts: int,
+    generations: int,
+    learning_rate: float,
+    eval_every: int,
+    proxy_pairs: int,
+    cache_dir,
+    say,
+    progress: bool,
+    spec=None,
+) -> dict[str, Any]:
+    from prefkit.lab.evaluate import reward_model_agreement, truth_pairs
+    from prefkit.lab.policy import ReferenceSpec, reference_policy
+    from prefkit.lab.world import make_world
+    from prefkit.online.rewards import CombinedReward
+
+    world = make_world("default", 0)
+    reference = reference_policy(world, 0, spec=spec or ReferenceSpec(), cache_dir=cache_dir, progress=progress)
+    proxy_scores = proxy_reward_model(world, reference, proxy_pairs, seed=1)
+
+    agreement = reward_model_agreement(world, proxy_scores, truth_pairs(world, 500, seed=2))["agreement"]
+    say(f"  proxy reward model: {proxy_pairs} pairs, agreement with the true preferences {agreement:.3f}")
+    evaluate = world_evaluator(world, reference, proxy_scores)
 
     def true_reward(prompts_, completions, **fields):
         return [world.true_reward(p, c) for p, c in zip(prompts_, completions)]
