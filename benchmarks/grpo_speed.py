@@ -442,7 +442,6 @@ def main(argv: list[str] | None = None) -> int:
     if len({tuple(v) for v in firsts.values()}) != 1 or len(next(iter(firsts.values()))) != shape.prompt:
         raise SystemExit(f"the frameworks tokenized the first prompt differently: {firsts}")
     results = {n: figures(r, shape, opts.warmup) for n, r in raws.items()}
-    info = dpo.machine_info(opts)
     s = shape
     describe = (
         f"{s.setup.arch} vocab {s.setup.vocab:,}, hidden {s.setup.hidden}, {s.setup.layers} layers; {s.prompts} "
@@ -450,7 +449,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{s.completion} tokens (forced); grpo loss, beta {BETA}, AdamW lr {opts.lr:g}; {opts.dtype} on "
         f"{opts.device}, {opts.threads} threads; {opts.warmup} warm-up + {opts.steps} timed steps"
     )
-    print(f"\n== {s.name}: {describe}")
+    return finish("GRPO speed", "grpo_speed", s.name, describe, results, gate, opts, command)
+
+
+def finish(title: str, marker: str, name: str, describe: str, results, gate, opts, command: str) -> int:
+    """Print the table, check the gate on identical rollouts, and (gate passed, ``--results-md``) write the
+    ``<!-- MARKER:NAME-DEVICE-DTYPE -->`` section; the exit status (1: the gate failed)."""
+    info = dpo.machine_info(opts)
+    print(f"\n== {title}, {name}: {describe}")
     print(table(results, gate, markdown=False))
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"command: {command}")
@@ -463,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.results_md:
         from _results_md import section, write_section
 
-        key = f"{s.name}-{opts.device}-{opts.dtype}"
+        key = f"{name}-{opts.device}-{opts.dtype}"
         body = [
-            f"## GRPO speed: {key}",
+            f"## {title}: {key}",
             "",
             f"Run {dt.date.today().isoformat()}: `{command}`",
             "",
@@ -475,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             table(results, gate, markdown=True),
         ]
-        write_section(opts.results_md, f"grpo_speed:{key}", section(f"grpo_speed:{key}", "\n".join(body)))
-        print(f"wrote the grpo_speed:{key} section of {opts.results_md}")
+        write_section(opts.results_md, f"{marker}:{key}", section(f"{marker}:{key}", "\n".join(body)))
+        print(f"wrote the {marker}:{key} section of {opts.results_md}")
     return 0
 
 

@@ -25,7 +25,6 @@ identical AdamW update at learning rate 1e-2, must agree within 1e-3 relative (1
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import os
 import shlex
@@ -231,39 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     if len({tuple(v) for v in firsts.values()}) != 1:
         raise SystemExit(f"the frameworks tokenized the first prompt differently: {firsts}")
     results = {n: grpo.figures(r, shape, opts.warmup) for n, r in raws.items()}
-    info = dpo.machine_info(opts)
     describe = (
         f"{shape.setup.arch} vocab {shape.setup.vocab:,}, hidden {shape.setup.hidden}, {shape.setup.layers} layers; "
         f"{shape.prompts} prompts x K=2 = {shape.completions} completions per step, prompt {shape.prompt} + "
         f"completion {shape.completion} tokens (forced); DPO beta {BETA}, AdamW lr {opts.lr:g}; {opts.dtype} on "
         f"{opts.device}, {opts.threads} threads; {opts.warmup} warm-up + {opts.steps} timed steps"
     )
-    print(f"\n== online DPO, {shape.name}: {describe}")
-    print(grpo.table(results, gate, markdown=False))
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(f"command: {command}")
-    failures = grpo.gate_failures(gate, opts.dtype)
-    if failures:
-        print("LOSS GATE FAILED (results not written to Markdown):\n  " + "\n  ".join(failures))
-        return 1
-    if opts.results_md:
-        from _results_md import section, write_section
-
-        key = f"{shape.name}-{opts.device}-{opts.dtype}"
-        body = [
-            f"## Online DPO speed: {key}",
-            "",
-            f"Run {dt.date.today().isoformat()}: `{command}`",
-            "",
-            "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
-            "",
-            describe + ".",
-            "",
-            grpo.table(results, gate, markdown=True),
-        ]
-        write_section(opts.results_md, f"online_dpo_speed:{key}", section(f"online_dpo_speed:{key}", "\n".join(body)))
-        print(f"wrote the online_dpo_speed:{key} section of {opts.results_md}")
-    return 0
+    return grpo.finish("Online DPO speed", "online_dpo_speed", shape.name, describe, results, gate, opts, command)
 
 
 if __name__ == "__main__":
