@@ -128,3 +128,21 @@ def test_rlhf_study_runs(tmp_path, lab_cache, small_spec):
         assert (tmp_path / "rlhf" / name).is_file()
     with pytest.raises(ValueError, match="unknown proxy kind"):
         rlhf_study(proxies=["max"], output_dir=tmp_path / "x")
+
+
+def test_budget_study_runs(tmp_path, lab_cache, small_spec):
+    """A small run of `prefkit lab study budget`: every method at the smallest budget, and the coverage case's
+    offline pairs contain no good word."""
+    from prefkit.lab.budget_study import METHODS, _offline_pairs, budget_study
+    from prefkit.lab.policy import reference_policy
+    from prefkit.lab.world import GOOD_WORDS, make_world
+
+    r = budget_study(
+        budget=48, seeds=[0], output_dir=tmp_path / "b", cache_dir=lab_cache, progress=False, world_spec=small_spec
+    )
+    assert [(x["method"], x["coverage"]) for x in r["runs"]] == [(m, False) for m in METHODS] + [("offline_dpo", True)]
+    assert (tmp_path / "b" / "results.md").is_file()
+    world = make_world("default", 0)
+    ref = reference_policy(world, 0, spec=small_spec, cache_dir=lab_cache, progress=False)
+    pairs = _offline_pairs(world, ref, 20, seed=0, coverage=True)
+    assert len(pairs) == 20 and not any(w in GOOD_WORDS for p in pairs for w in (p.chosen + " " + p.rejected).split())

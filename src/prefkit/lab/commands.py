@@ -28,6 +28,8 @@ STUDIES = {
     "completions generated, mean ± SE over seeds), and GRPO on a true against a proxy reward (reward against KL)",
     "rlhf": "PPO, GRPO and online DPO trained on a proxy reward model (single, ensemble mean, ensemble min): true "
     "and proxy reward against KL, mean ± SE over seeds",
+    "budget": "online against offline preference learning at one label budget: offline DPO, iterative DPO, online "
+    "DPO, GRPO; and offline data without the high-reward region (coverage)",
     "pluralism": "user groups of unequal shares: pooled BT against MixtureBT, PAL, VPL, MiCRo per group, for seen "
     "and unseen users; PAL on planted ideal points, a pets task, GPM against BT on cyclic preferences",
 }
@@ -145,6 +147,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _pluralism(studies.add_parser("pluralism", help=STUDIES["pluralism"], description=STUDIES["pluralism"]))
     _online(studies.add_parser("online", help=STUDIES["online"], description=STUDIES["online"]))
     _rlhf(studies.add_parser("rlhf", help=STUDIES["rlhf"], description=STUDIES["rlhf"]))
+    _budget(studies.add_parser("budget", help=STUDIES["budget"], description=STUDIES["budget"]))
+
+
+def _budget(parser: argparse.ArgumentParser) -> None:
+    from prefkit.lab.budget_study import METHODS
+
+    parser.add_argument("--methods", type=_names, default=list(METHODS), help=f"default: {','.join(METHODS)}")
+    parser.add_argument("--budget", type=int, default=384, help="annotator calls per method (default: 384)")
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="one run per seed (default: 0,1,2)")
+    parser.add_argument("--no-coverage", action="store_true", help="skip the coverage case")
+    parser.add_argument("--output-dir", default="runs/lab/budget", help="where results go (default: runs/lab/budget)")
+    parser.add_argument("--cache-dir", default=None, help="where reference policies are cached")
+    parser.add_argument("--quiet", action="store_true", help="no progress output; the results are still written")
 
 
 def _rlhf(parser: argparse.ArgumentParser) -> None:
@@ -283,6 +298,23 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"prefkit lab study {args.study}: error: {problem}", file=sys.stderr)
         return 2
+    if args.study == "budget":
+        from prefkit.lab.budget_study import budget_study
+
+        try:
+            budget_study(
+                methods=args.methods,
+                budget=args.budget,
+                seeds=args.seeds,
+                coverage=(False,) if args.no_coverage else (False, True),
+                output_dir=args.output_dir,
+                cache_dir=args.cache_dir,
+                progress=not args.quiet,
+            )
+        except ValueError as err:
+            print(f"prefkit lab study budget: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.study == "rlhf":
         from prefkit.lab.rlhf_study import rlhf_study
 
