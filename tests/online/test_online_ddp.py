@@ -5,7 +5,8 @@ runs under ``accelerate launch`` (2 processes, gloo) with 2 prompts per process,
 prompts. The sampler gives both runs the same prompts per step; every completion is seeded by the run's
 seed, the step and its prompt's dataset index (not by the process or the batch), so both runs sample the
 same completions; advantages see the rewards of every process (REINFORCE++ normalises over the global
-batch); the grpo loss is a mean over completions, and DDP averages the two processes' equal-sized means. So
+batch); the grpo loss is a mean over completions and online DPO's a mean over pairs (one per prompt: the
+vowel-share reward does not tie), and DDP averages the two processes' equal-sized means. So
 the sampled completions are equal, and the logged losses and rewards and the parameter updates agree within
 float rounding.
 """
@@ -20,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "scripts" / "online_ddp_worker.py"
-CASES = ("grpo", "rpp-shared")
+CASES = ("grpo", "rpp-shared", "online-dpo")
 TOL = 1e-5
 
 

@@ -16,7 +16,9 @@ Labels. A judge turns the K completions of a prompt into pairs ``(chosen, reject
   a general preference model, a simulated annotator with its noise; each prompt's completions 1 and 2 are
   compared and the label is drawn from that probability (seeded by the run, the step and the prompt).
 
-The batch loss is ``sum_p w_p loss_p / sum_p w_p`` over the pairs (the registered loss's per-pair values).
+The batch loss is ``sum_p w_p loss_p / sum_p w_p`` over the pairs (the registered loss's per-pair values);
+under several processes the denominator is every process's weights (so ties, which give a process fewer
+pairs, do not reweight it: a 2-process run equals one process, tested).
 
 Reference: the initial policy, frozen (the default), or with ``ref_sync_steps = N`` the policy itself every
 N steps (TR-DPO's hard update, Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
@@ -173,6 +175,12 @@ class OnlinePreferenceTrainer(OnlineTrainer):
         metrics["pairs"] = float(len(pairs))
         metrics["entropy"] = float((out.entropy * mask).sum() / mask.sum().clamp(min=1))
         self._signal_in_step = self._signal_in_step or bool(pairs)
+        # The loss is a weighted mean over the pairs of every process (DDP averages the processes' losses), so
+        # a process with fewer pairs (tied samples give none) does not count its pairs more.
+        normaliser = float(sum(w for _, _, w in pairs))
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.gather(torch.tensor([normaliser], device=self.accelerator.device)).sum()
+            normaliser = float(total) / self.accelerator.num_processes
         if not pairs:  # no prompt gave a pair: a zero loss that keeps the graph
             self._store_metrics({k: torch.tensor([v]) for k, v in metrics.items() if not math.isnan(v)}, "train")
             loss = out.per_token.sum() * 0.0
@@ -199,7 +207,7 @@ class OnlinePreferenceTrainer(OnlineTrainer):
             if ref_tokens is not None:
                 pair.ref_chosen_tokens, pair.ref_rejected_tokens = ref_tokens[chosen], ref_tokens[rejected]
         result = self.spec.fn(pair, **self.loss_kwargs)
-        loss = (result.loss * weights).sum() / weights.sum()
+        loss = (result.loss * weights).sum() / normaliser
         if not torch.isfinite(loss.detach()):
             raise TrainingStoppedError(
                 f"non-finite {self.args.loss} loss ({loss.item()}) at step {self.state.global_step + 1}"

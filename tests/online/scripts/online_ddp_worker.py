@@ -7,7 +7,8 @@
 Builds everything from seeds (tiny Llama, byte tokenizer, 8 prompts, a rule reward; nothing is downloaded)
 and, for each case (``grpo``: the grpo loss and group-normalised advantages with a KL term to a frozen
 copy; ``rpp-shared``: REINFORCE++'s batch-normalised advantages, whose statistics span every process's
-completions, with ``share_prompt``), trains ``--steps`` SGD steps of ``--batch`` prompts x 4 completions per
+completions, with ``share_prompt``; ``online-dpo``: `OnlinePreferenceTrainer`, DPO on the best and worst
+of each prompt's 4 samples), trains ``--steps`` SGD steps of ``--batch`` prompts x 4 completions per
 process and writes from the main process ``OUT_DIR/CASE.pt`` with the logged ``losses``, the logged
 ``reward`` of each step, the ``completions`` every process sampled (gathered, in global order), the
 trained parameters ``before`` and ``after``, and ``num_processes``.
@@ -22,10 +23,11 @@ import tempfile
 import torch
 
 from prefkit.models.tiny import build_byte_tokenizer, build_tiny_llama
+from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer
 from prefkit.online.rewards import CombinedReward, build_reward
 from prefkit.online.trainer import OnlineArguments, OnlineTrainer
 
-CASES = ("grpo", "rpp-shared")
+CASES = ("grpo", "rpp-shared", "online-dpo")
 
 
 def vowel_share(prompts, completions, **fields):
@@ -34,12 +36,20 @@ def vowel_share(prompts, completions, **fields):
 
 def build_trainer(case: str, batch: int, steps: int, output_dir: str) -> OnlineTrainer:
     tokenizer = build_byte_tokenizer()
-    args = OnlineArguments(
+    dpo = case == "online-dpo"
+    method = (
+        {"loss": "dpo", "loss_params": {"beta": 0.1}}
+        if dpo
+        else {
+            "loss": "grpo",
+            "loss_params": {"beta": 0.04} if case == "grpo" else {},
+            "advantage": "grpo" if case == "grpo" else "reinforce_pp",
+            "share_prompt": case == "rpp-shared",
+        }
+    )
+    args = (OnlinePreferenceArguments if dpo else OnlineArguments)(
         output_dir=output_dir,
-        loss="grpo",
-        loss_params={"beta": 0.04} if case == "grpo" else {},
-        advantage="grpo" if case == "grpo" else "reinforce_pp",
-        share_prompt=case == "rpp-shared",
+        **method,
         num_generations=4,
         max_new_tokens=6,
         max_steps=steps,
@@ -61,7 +71,8 @@ def build_trainer(case: str, batch: int, steps: int, output_dir: str) -> OnlineT
         [("vowels", build_reward("callable", function=f"{os.path.abspath(__file__)}:vowel_share"), 1.0)]
     )
     records = [{"prompt": f"Q{i}: say{' please' * (i % 3)}", "id": f"p{i}"} for i in range(8)]
-    return OnlineTrainer(model, args, train_dataset=records, processing_class=tokenizer, rewards=rewards)
+    trainer_class = OnlinePreferenceTrainer if dpo else OnlineTrainer
+    return trainer_class(model, args, train_dataset=records, processing_class=tokenizer, rewards=rewards)
 
 
 def run(case: str, batch: int, steps: int, out: str) -> None:
