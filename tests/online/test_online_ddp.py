@@ -6,7 +6,9 @@ prompts. The sampler gives both runs the same prompts per step; every completion
 seed, the step and its prompt's dataset index (not by the process or the batch), so both runs sample the
 same completions; advantages see the rewards of every process (REINFORCE++ normalises over the global
 batch); the grpo loss is a mean over completions and online DPO's a mean over pairs (one per prompt: the
-vowel-share reward does not tie), and DDP averages the two processes' equal-sized means. So
+vowel-share reward does not tie), and DDP averages the two processes' equal-sized means. PPO's critic is
+not wrapped: its gradients are averaged by the trainer, its value loss is normalised by every process's
+tokens, and the reward statistics and advantage whitening see every process's values. So
 the sampled completions are equal, and the logged losses and rewards and the parameter updates agree within
 float rounding.
 """
@@ -21,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "scripts" / "online_ddp_worker.py"
-CASES = ("grpo", "rpp-shared", "online-dpo")
+CASES = ("grpo", "rpp-shared", "online-dpo", "ppo")
 TOL = 1e-5
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["gae", "value_loss", "whiten"]
+__all__ = ["gae", "masked_moments", "value_loss", "whiten"]
 
 
 def gae(
@@ -46,13 +46,23 @@ def gae(
     return advantages, (advantages + v) * m
 
 
-def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over the masked entries (``shift_mean=False`` adds the mean back), 0
-    elsewhere: PPO's advantage whitening (Schulman et al. 2017; Ziegler et al. 2019)."""
+def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """``[count, sum, sum of squares]`` of the masked entries (summable across processes)."""
     m = mask.to(x.dtype)
-    n = m.sum().clamp(min=1.0)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1.0)
+    return torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])
+
+
+def whiten(
+    x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8, moments: Tensor | None = None
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries (``shift_mean=False`` adds the mean back), 0
+    elsewhere: PPO's advantage whitening (Schulman et al. 2017; Ziegler et al. 2019). The mean and the
+    unbiased variance come from ``moments`` (`masked_moments`, e.g. summed over processes) when given."""
+    m = mask.to(x.dtype)
+    count, total, squares = masked_moments(x, mask) if moments is None else moments.to(x.dtype)
+    n = count.clamp(min=1.0)
+    mean = total / n
+    var = ((squares - n * mean * mean) / (n - 1).clamp(min=1.0)).clamp(min=0.0)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

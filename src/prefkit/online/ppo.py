@@ -26,8 +26,10 @@ Each piece is switchable, defaults from the paper named:
 ==========================  ========  ==============================================================
 
 Checkpoints carry the critic, its optimizer and the running reward statistics (``critic.pt``), so resume is
-exact; the final model folder holds the policy, and ``critic.pt`` beside it the critic. One process for now:
-the critic is not wrapped for DDP.
+exact; the final model folder holds the policy, and ``critic.pt`` beside it the critic. Under several
+processes (accelerate) the critic's gradients are averaged over the processes before its step, and the
+reward statistics and the advantage whitening use every process's values; with the per-sequence ``grpo``
+policy loss a 2-process run equals one process (tested; ``dapo``'s token mean is per process).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 from prefkit.data.collators import pad_rows
 from prefkit.losses import PolicyLogps, get_loss
 from prefkit.losses.policy_gradient import kl_estimate
-from prefkit.losses.value import gae, value_loss, whiten
+from prefkit.losses.value import gae, masked_moments, value_loss, whiten
 from prefkit.models.value import build_value_model
 from prefkit.online.trainer import OnlineArguments, OnlineTrainer
 from prefkit.train.checkpointing import TrainingStoppedError
@@ -129,8 +131,6 @@ class PPOTrainer(OnlineTrainer):
         if kwargs.get("peft_config") is not None:
             raise ValueError("PPO with LoRA is not supported yet: train the whole policy")
         super().__init__(model, args, **kwargs)
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError("PPO's critic is not distributed yet: run PPOTrainer in one process")
         self.critic = (critic or build_value_model(self.accelerator.unwrap_model(self.model), critic_from)).to(
             self.args.device
         )
@@ -145,6 +145,10 @@ class PPOTrainer(OnlineTrainer):
     # ----- the critic's optimizer step, checkpoints and final save -----
 
     def _watch_gradient(self, grad_norm) -> None:
+        if self.accelerator.num_processes > 1:  # the critic is not wrapped: average its gradients as DDP would
+            for p in self.critic.parameters():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         if self.args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.args.max_grad_norm)
         self.critic_optimizer.step()
@@ -184,8 +188,11 @@ class PPOTrainer(OnlineTrainer):
     def _scores(self, raw: torch.Tensor) -> torch.Tensor:
         """The scores PPO learns from: unscorable ones 0, then normalised and clipped as configured."""
         scores = torch.nan_to_num(raw, nan=0.0)
-        if self.args.reward_normalization:
-            self.score_moments.update(scores)
+        if self.args.reward_normalization:  # the statistics of every process's scores
+            seen = scores
+            if self.accelerator.num_processes > 1:
+                seen = self.accelerator.gather(scores.to(self.accelerator.device)).cpu()
+            self.score_moments.update(seen)
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
         if self.args.reward_clip:
             scores = scores.clamp(-self.args.reward_clip, self.args.reward_clip)
@@ -216,13 +223,20 @@ class PPOTrainer(OnlineTrainer):
             scores = self._scores(batch["rewards"]).to(device)
             token_rewards[torch.arange(len(rollouts), device=device), last] += scores
             advantages, returns = gae(token_rewards, old_values, mask, gamma=self.args.gamma, lam=self.args.lam)
-            if self.args.whiten_advantages:
-                advantages = whiten(advantages, mask)
+            if self.args.whiten_advantages:  # over every process's completion tokens
+                moments = masked_moments(advantages, mask)
+                if self.accelerator.num_processes > 1:
+                    moments = self.accelerator.reduce(moments, reduction="sum")
+                advantages = whiten(advantages, mask, moments=moments)
             batch.update(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
             metrics["score"] = float(scores.mean())
             batch["metrics"] = dict(metrics)  # the later PPO epochs on this batch log the same
         values = self.critic.token_values(ids, attn, comp)
         v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, clip=self.args.cliprange_value)
+        if self.accelerator.num_processes > 1:  # a mean over every process's tokens once the gradients are averaged
+            tokens = mask.sum().detach().reshape(1)
+            everyone = self.accelerator.gather(tokens).sum()
+            v_loss = v_loss * tokens[0] * self.accelerator.num_processes / everyone
         (v_loss / self.args.gradient_accumulation_steps).backward()  # the critic's own graph and optimizer
         warming_up = self.state.global_step < self.args.critic_warmup_steps
         policy = PolicyLogps(

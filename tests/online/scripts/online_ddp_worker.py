@@ -8,7 +8,8 @@ Builds everything from seeds (tiny Llama, byte tokenizer, 8 prompts, a rule rewa
 and, for each case (``grpo``: the grpo loss and group-normalised advantages with a KL term to a frozen
 copy; ``rpp-shared``: REINFORCE++'s batch-normalised advantages, whose statistics span every process's
 completions, with ``share_prompt``; ``online-dpo``: `OnlinePreferenceTrainer`, DPO on the best and worst
-of each prompt's 4 samples), trains ``--steps`` SGD steps of ``--batch`` prompts x 4 completions per
+of each prompt's 4 samples; ``ppo``: `PPOTrainer` with the per-sequence grpo loss, its critic compared
+too), trains ``--steps`` SGD steps of ``--batch`` prompts x 4 completions per
 process and writes from the main process ``OUT_DIR/CASE.pt`` with the logged ``losses``, the logged
 ``reward`` of each step, the ``completions`` every process sampled (gathered, in global order), the
 trained parameters ``before`` and ``after``, and ``num_processes``.
@@ -23,11 +24,12 @@ import tempfile
 import torch
 
 from prefkit.models.tiny import build_byte_tokenizer, build_tiny_llama
+from prefkit.online.ppo import PPOArguments, PPOTrainer
 from prefkit.online.preference import OnlinePreferenceArguments, OnlinePreferenceTrainer
 from prefkit.online.rewards import CombinedReward, build_reward
 from prefkit.online.trainer import OnlineArguments, OnlineTrainer
 
-CASES = ("grpo", "rpp-shared", "online-dpo")
+CASES = ("grpo", "rpp-shared", "online-dpo", "ppo")
 
 
 def vowel_share(prompts, completions, **fields):
@@ -36,10 +38,12 @@ def vowel_share(prompts, completions, **fields):
 
 def build_trainer(case: str, batch: int, steps: int, output_dir: str) -> OnlineTrainer:
     tokenizer = build_byte_tokenizer()
-    dpo = case == "online-dpo"
+    dpo, ppo = case == "online-dpo", case == "ppo"
     method = (
         {"loss": "dpo", "loss_params": {"beta": 0.1}}
         if dpo
+        else {"loss": "grpo", "loss_params": {"epsilon_low": 0.2, "epsilon_high": 0.2}, "kl_reward_coef": 0.05}
+        if ppo
         else {
             "loss": "grpo",
             "loss_params": {"beta": 0.04} if case == "grpo" else {},
@@ -47,7 +51,8 @@ def build_trainer(case: str, batch: int, steps: int, output_dir: str) -> OnlineT
             "share_prompt": case == "rpp-shared",
         }
     )
-    args = (OnlinePreferenceArguments if dpo else OnlineArguments)(
+    args_class = OnlinePreferenceArguments if dpo else PPOArguments if ppo else OnlineArguments
+    args = args_class(
         output_dir=output_dir,
         **method,
         num_generations=4,
@@ -71,7 +76,7 @@ def build_trainer(case: str, batch: int, steps: int, output_dir: str) -> OnlineT
         [("vowels", build_reward("callable", function=f"{os.path.abspath(__file__)}:vowel_share"), 1.0)]
     )
     records = [{"prompt": f"Q{i}: say{' please' * (i % 3)}", "id": f"p{i}"} for i in range(8)]
-    trainer_class = OnlinePreferenceTrainer if dpo else OnlineTrainer
+    trainer_class = OnlinePreferenceTrainer if dpo else PPOTrainer if ppo else OnlineTrainer
     return trainer_class(model, args, train_dataset=records, processing_class=tokenizer, rewards=rewards)
 
 
@@ -87,10 +92,17 @@ def run(case: str, batch: int, steps: int, out: str) -> None:
             return rollouts
 
         trainer._rollouts = recording
-        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        critic = getattr(trainer, "critic", None)
+
+        def weights(model) -> dict:
+            out = {n: p.detach().clone() for n, p in model.named_parameters()}
+            if critic is not None:  # PPO: the critic's updates are compared too
+                out.update({f"critic.{n}": p.detach().clone() for n, p in critic.named_parameters()})
+            return out
+
+        before = weights(trainer.model)
         trainer.train()
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        after = weights(trainer.accelerator.unwrap_model(trainer.model))
         everyone = [sampled]
         if torch.distributed.is_initialized():
             everyone = [None] * trainer.accelerator.num_processes
