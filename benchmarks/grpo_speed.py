@@ -236,10 +236,14 @@ def trl_trainer(model, tokenizer, prompts, spec, callbacks, gen: GenTimer):
     return trainer, first
 
 
-def run_child(spec_path: Path) -> None:
+def run_child(spec_path: Path, makers: dict[str, Any] | None = None) -> None:
+    """Train one framework as ``spec_path`` says (``makers``: framework prefix -> trainer builder; default this
+    script's prefkit and TRL builders) and write its measurements next to it: step stamps, the time spent in
+    generation, the exact loss of every step (from ``training_step``: logs may be rounded), peak memory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+    makers = makers or {"prefkit": prefkit_trainer, "trl": trl_trainer}
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
     probe = dpo.MemoryProbe(spec["device"])
@@ -248,22 +252,24 @@ def run_child(spec_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
     prompts = [json.loads(line)["prompt"] for line in Path(spec["prompts"]).read_text().splitlines()]
     timer = dpo.step_timer_callback(probe)
-    losses: list[float] = []
-
-    class Losses(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     gen = GenTimer(spec["device"])
+    losses: list[float] = []
     gen_marks: list[float] = []
 
     class GenMarks(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             gen_marks.append(gen.seconds)
 
-    make = prefkit_trainer if spec["framework"].startswith("prefkit") else trl_trainer
-    trainer, first_ids = make(model, tokenizer, prompts, spec, [timer, Losses(), GenMarks()], gen)
+    make = next(fn for prefix, fn in makers.items() if spec["framework"].startswith(prefix))
+    trainer, first_ids = make(model, tokenizer, prompts, spec, [timer, GenMarks()], gen)
+    step = trainer.training_step
+
+    def recorded(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        losses.append(float(loss))
+        return loss
+
+    trainer.training_step = recorded
     trainer.train()
     result = {
         "framework": spec["framework"],

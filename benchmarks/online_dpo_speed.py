@@ -25,14 +25,12 @@ identical AdamW update at learning rate 1e-2, must agree within 1e-3 relative (1
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-import dpo_speed as dpo  # benchmarks/ is on sys.path when this script runs
 import grpo_speed as grpo
 
 FRAMEWORKS = ("prefkit", "prefkit+shared", "trl")
@@ -159,60 +157,10 @@ def _fixed_completions(prompt_ids, prompt_mask, shape, spec):
     return completion_ids, torch.ones_like(completion_ids)
 
 
-def run_child(spec_path: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-    spec = json.loads(spec_path.read_text())
-    torch.set_num_threads(spec["threads"])
-    probe = dpo.MemoryProbe(spec["device"])
-    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
-    prompts = [json.loads(line)["prompt"] for line in Path(spec["prompts"]).read_text().splitlines()]
-    timer = dpo.step_timer_callback(probe)
-    losses: list[float] = []
-    gen = grpo.GenTimer(spec["device"])
-    marks: list[float] = []
-
-    class Record(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            marks.append(gen.seconds)
-
-    make = prefkit_trainer if spec["framework"].startswith("prefkit") else trl_trainer
-    trainer, first_ids = make(model, tokenizer, prompts, spec, [timer, Record()], gen)
-    step = trainer.training_step
-
-    def recorded(*args, **kwargs):  # the exact loss of each step (TRL's logs round it to 4 decimals)
-        loss = step(*args, **kwargs)
-        losses.append(float(loss))
-        return loss
-
-    trainer.training_step = recorded
-    trainer.train()
-    Path(spec["result"]).write_text(
-        json.dumps(
-            {
-                "framework": spec["framework"],
-                "first_prompt_ids": list(first_ids),
-                "losses": losses,
-                "step_begins": timer.begins,
-                "step_ends": timer.ends,
-                "gen_marks": marks,
-                "setup_peak_mib": timer.setup_peak_mib,
-                "train_start_mib": timer.train_start_mib,
-                "train_peak_mib": probe.peak(),
-                "threads": torch.get_num_threads(),
-                "load_average": os.getloadavg()[0],
-            }
-        )
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     opts = grpo.parse_args(argv)
     if opts.child is not None:
-        run_child(opts.child)
+        grpo.run_child(opts.child, {"prefkit": prefkit_trainer, "trl": trl_trainer})
         return 0
     import torch
 
