@@ -170,3 +170,11 @@ def test_the_ppo_example_raises_its_reward_and_saves_the_critic(tmp_path, monkey
     assert (
         main(bad) == 2 and "unknown key 'online.ppo.gama'. Did you mean 'online.ppo.gamma'?" in capsys.readouterr().err
     )
+
+
+def test_ppo_with_a_value_head_on_the_policy_from_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    args = ["train", "examples/ppo_tiny.yaml", f"output_dir={out}", "max_steps=2", "save_steps=2"]
+    assert main([*args, "online.critic=shared", "online.ppo={vf_coef: 0.2}"]) == 0
+    assert (out / "critic.pt").is_file()

@@ -38,6 +38,22 @@ def test_ppo_raises_the_reward_and_the_critic_learns(tmp_path, tokenizer):
     assert {"value_loss", "returns", "kl_penalty", "score", "entropy"} <= set(rows[-1])
 
 
+def test_a_value_head_on_the_policy_backbone(tmp_path, tokenizer):
+    """shared_critic: the values come from the policy's own hidden states; the head and the reward learn, and
+    the value loss (weighted by vf_coef) flows into the policy's backbone."""
+    trainer = _trainer(tmp_path, tokenizer, max_steps=16, learning_rate=1e-2, shared_critic=True, vf_coef=0.5)
+    assert type(trainer.critic).__name__ == "SharedValueHead"
+    head_before = [p.detach().clone() for p in trainer.critic.parameters()]
+    trainer.train()
+    rows = _rows(tmp_path)
+    rewards = [r["reward"] for r in rows]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, trainer.critic.parameters()))
+    assert rows[0]["values"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["values"] != pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="shared_critic reads unpacked rows"):
+        _args(tmp_path, shared_critic=True, share_prompt=True)
+
+
 def test_critic_warm_up_trains_only_the_critic(tmp_path, tokenizer):
     trainer = _trainer(tmp_path, tokenizer, max_steps=2, critic_warmup_steps=2)
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -82,6 +98,7 @@ def test_running_moments_match_the_whole_sample():
         ({"cliprange_value": 0}, "cliprange_value: expected a number > 0"),
         ({"reward_clip": -1}, "reward_clip: expected a number >= 0"),
         ({"critic_warmup_steps": -1}, "critic_warmup_steps: expected an integer >= 0"),
+        ({"vf_coef": 0}, "vf_coef: expected a number > 0"),
         ({"loss": "dpo"}, "takes a policy loss"),
     ],
 )

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ValueModel", "build_value_model"]
+__all__ = ["SharedValueHead", "ValueModel", "build_value_model"]
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -41,6 +41,26 @@ class ValueModel(nn.Module):
     def token_values(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
         """``[N, T]``: at each completion position ``t`` the value read at ``t - 1``, else 0."""
         values = self(input_ids, attention_mask)
+        out = torch.zeros_like(values)
+        out[:, 1:] = values[:, :-1]
+        return out * completion_mask.to(out.dtype)
+
+
+class SharedValueHead(nn.Module):
+    """A value head on the policy's own backbone: ``V = head(h)`` from the hidden states of the policy's forward
+    (the log-prob engine hands them over), so the critic shares the backbone and the policy's backward trains
+    both (the value loss weighted by ``vf_coef``). The head starts at zero."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.head = nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+
+    def token_values_from(self, hidden: Tensor, completion_mask: Tensor) -> Tensor:
+        """``[N, T]``: at each completion position ``t`` the value read from ``hidden[:, t - 1]``, else 0."""
+        values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
         out = torch.zeros_like(values)
         out[:, 1:] = values[:, :-1]
         return out * completion_mask.to(out.dtype)

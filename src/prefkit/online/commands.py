@@ -297,7 +297,9 @@ def _build(values: dict[str, Any], online: dict[str, Any], resume):
         args_class, trainer_class = PPOArguments, PPOTrainer
         training.update(dict(online["ppo"]))
         online = {**online, "advantage": "reinforce_baseline"}  # unused: PPO's advantages are GAE
-        if online["critic"] != "policy":
+        if online["critic"] == "shared":
+            training["shared_critic"] = True
+        elif online["critic"] != "policy":
             from prefkit.models.reward import load_reward_model
 
             extra["critic_from"] = getattr(load_reward_model(online["critic"]), "model", None)

@@ -5,8 +5,10 @@ Each step samples completions (`OnlineTrainer`'s rollouts; ``num_generations`` p
 scores them with the rewards, and builds per-token rewards: the KL penalty ``-kl_reward_coef * KL_t`` to
 the reference on every completion token (estimator ``kl_reward_estimator``, k1 by default) plus the score
 on the last one. A critic (`prefkit.models.value.ValueModel`, a separate model: a copy of the policy's
-backbone with a zero head, or a reward model's backbone and head with ``critic_from``) gives each token's
-value; GAE(gamma, lam) gives advantages and returns (`prefkit.losses.value.gae`). The policy takes the
+backbone with a zero head, or a reward model's backbone and head with ``critic_from``; or with
+``shared_critic`` a `SharedValueHead` on the policy's own backbone, trained through the policy's backward
+with ``vf_coef`` x the value loss) gives each token's value;
+GAE(gamma, lam) gives advantages and returns (`prefkit.losses.value.gae`). The policy takes the
 registered policy loss (``dapo`` with a symmetric 0.2 clip range by default: PPO-clip averaged over all
 completion tokens) on those per-token advantages; the critic the clipped value loss
 (`prefkit.losses.value.value_loss`) with its own AdamW. ``num_iterations`` (PPO epochs) reuses a rollout
@@ -23,6 +25,8 @@ Each piece is switchable, defaults from the paper named:
 ``whiten_advantages``       True      advantages whitened over the batch's tokens (Ziegler et al.)
 ``critic_warmup_steps``     0         steps that train only the critic first (Secrets of RLHF)
 ``critic_learning_rate``    None      the critic's AdamW learning rate (None: ``learning_rate``)
+``shared_critic``           False     a value head on the policy's backbone instead of a separate critic
+``vf_coef``                 0.1       the value loss's weight in the shared backward (TRL's vf_coef)
 ==========================  ========  ==============================================================
 
 Checkpoints carry the critic, its optimizer and the running reward statistics (``critic.pt``), so resume is
@@ -45,7 +49,7 @@ from prefkit.data.collators import pad_rows
 from prefkit.losses import PolicyLogps, get_loss
 from prefkit.losses.policy_gradient import kl_estimate
 from prefkit.losses.value import gae, masked_moments, value_loss, whiten
-from prefkit.models.value import build_value_model
+from prefkit.models.value import SharedValueHead, build_value_model
 from prefkit.online.trainer import OnlineArguments, OnlineTrainer
 from prefkit.train.checkpointing import TrainingStoppedError
 
@@ -74,6 +78,11 @@ class PPOArguments(OnlineArguments):
     whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over the batch."})
     critic_warmup_steps: int = field(default=0, metadata={"help": "Steps that train only the critic first."})
     critic_learning_rate: float | None = field(default=None, metadata={"help": "Critic lr (None: learning_rate)."})
+    shared_critic: bool = field(
+        default=False,
+        metadata={"help": "A value head on the policy's own backbone (trained by vf_coef x the value loss)."},
+    )
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss with a shared critic."})
 
     def __post_init__(self):
         for key in ("gamma", "lam"):
@@ -88,6 +97,10 @@ class PPOArguments(OnlineArguments):
             raise ValueError(f"critic_warmup_steps: expected an integer >= 0, got {self.critic_warmup_steps!r}")
         if self.critic_warmup_steps < 0:
             raise ValueError(f"critic_warmup_steps: expected an integer >= 0, got {self.critic_warmup_steps!r}")
+        if not (isinstance(self.vf_coef, (int, float)) and self.vf_coef > 0):
+            raise ValueError(f"vf_coef: expected a number > 0, got {self.vf_coef!r}")
+        if self.shared_critic and self.share_prompt:
+            raise ValueError("shared_critic reads unpacked rows: it cannot be combined with share_prompt")
         if self.critic_learning_rate is not None and not self.critic_learning_rate > 0:
             raise ValueError(f"critic_learning_rate: expected a number > 0, got {self.critic_learning_rate!r}")
         super().__post_init__()
@@ -131,9 +144,13 @@ class PPOTrainer(OnlineTrainer):
         if kwargs.get("peft_config") is not None:
             raise ValueError("PPO with LoRA is not supported yet: train the whole policy")
         super().__init__(model, args, **kwargs)
-        self.critic = (critic or build_value_model(self.accelerator.unwrap_model(self.model), critic_from)).to(
-            self.args.device
-        )
+        policy = self.accelerator.unwrap_model(self.model)
+        if args.shared_critic:
+            if critic is not None or critic_from is not None:
+                raise ValueError("shared_critic puts a value head on the policy: give no critic or critic_from")
+            critic = SharedValueHead(policy.config.get_text_config().hidden_size)
+        self.critic = (critic or build_value_model(policy, critic_from)).to(self.args.device)
+        self.shared = isinstance(self.critic, SharedValueHead)
         self.critic_optimizer = torch.optim.AdamW(
             self.critic.parameters(), lr=args.critic_learning_rate or args.learning_rate, weight_decay=0.0
         )
@@ -207,11 +224,18 @@ class PPOTrainer(OnlineTrainer):
         pad = self.processing_class.eos_token_id if pad is None else pad
         rows = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
         ids, attn, comp = (rows[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
-        out, _ = self._logps(model, rollouts, entropy=True)
+        hidden: dict[str, torch.Tensor] = {}
+        hook = (lambda h: hidden.__setitem__("h", h)) if self.shared else None
+        out, _ = self._logps(model, rollouts, entropy=True, hidden_hook=hook)
         mask = comp.to(out.per_token.dtype)
+        if self.shared:
+            values = self.critic.token_values_from(hidden["h"], comp)
         if new:  # the sampling policy is this one: fix its log-probs, the values, advantages and returns
-            with torch.no_grad():
-                old_values = self.critic.token_values(ids, attn, comp)
+            if self.shared:
+                old_values = values.detach()
+            else:
+                with torch.no_grad():
+                    old_values = self.critic.token_values(ids, attn, comp)
             old_logps = out.per_token.detach()
             token_rewards = torch.zeros_like(old_logps)
             if self.args.kl_reward_coef > 0:
@@ -231,13 +255,15 @@ class PPOTrainer(OnlineTrainer):
             batch.update(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
             metrics["score"] = float(scores.mean())
             batch["metrics"] = dict(metrics)  # the later PPO epochs on this batch log the same
-        values = self.critic.token_values(ids, attn, comp)
+        if not self.shared:
+            values = self.critic.token_values(ids, attn, comp)
         v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, clip=self.args.cliprange_value)
         if self.accelerator.num_processes > 1:  # a mean over every process's tokens once the gradients are averaged
             tokens = mask.sum().detach().reshape(1)
             everyone = self.accelerator.gather(tokens).sum()
             v_loss = v_loss * tokens[0] * self.accelerator.num_processes / everyone
-        (v_loss / self.args.gradient_accumulation_steps).backward()  # the critic's own graph and optimizer
+        if not self.shared:  # the critic's own graph; its optimizer steps with the policy's
+            (v_loss / self.args.gradient_accumulation_steps).backward()
         warming_up = self.state.global_step < self.args.critic_warmup_steps
         policy = PolicyLogps(
             logps=out.per_token,
@@ -248,6 +274,8 @@ class PPOTrainer(OnlineTrainer):
         )
         result = get_loss(self.args.loss)(policy, **self.loss_kwargs)
         loss = result.loss.mean() * (0.0 if warming_up else 1.0)
+        if self.shared:  # one backward through the shared backbone trains the policy and the value head
+            loss = loss + self.args.vf_coef * v_loss
         self._signal_in_step = self._signal_in_step or not warming_up
         if not torch.isfinite(loss.detach()) or not torch.isfinite(v_loss.detach()):
             raise TrainingStoppedError(

@@ -412,13 +412,16 @@ class OnlineTrainer(CheckpointingTrainer):
         out_rollouts = [dataclasses.replace(r, prompt_index=u) for u, (unit, _) in enumerate(chosen) for r in unit]
         return out_rollouts, torch.cat([r for _, r in chosen]), rounds
 
-    def _logps(self, model, rollouts, *, entropy: bool = False):
+    def _logps(self, model, rollouts, *, entropy: bool = False, hidden_hook=None):
         """Per-token log-probs of the rollouts under ``model`` (``[N, T]``, the layout of ``pad_rows``); with
-        ``share_prompt`` each prompt runs once for its ``num_generations`` completions."""
+        ``share_prompt`` each prompt runs once for its ``num_generations`` completions. ``hidden_hook`` (unpacked
+        rows only) receives the final hidden states (`completion_logps`)."""
         pad = self.processing_class.pad_token_id
         pad = self.processing_class.eos_token_id if pad is None else pad
         device = self.accelerator.device
         if self.args.share_prompt:
+            if hidden_hook is not None:
+                raise ValueError("share_prompt packs the rows: a value head on the policy needs unpacked rows")
             g = self.args.num_generations
             units = range(len(rollouts) // g)
             packed = pack_shared_rows(
@@ -432,7 +435,8 @@ class OnlineTrainer(CheckpointingTrainer):
             return shared_prefix_logps(model, **packed, per_token=True, entropy=entropy), packed["completion_mask"]
         batch = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
         ids, attn, comp = (batch[key].to(device) for key in ("input_ids", "attention_mask", "completion_mask"))
-        return completion_logps(model, ids, attn, comp, per_token=True, entropy=entropy), comp
+        out = completion_logps(model, ids, attn, comp, per_token=True, entropy=entropy, hidden_hook=hidden_hook)
+        return out, comp
 
     def _ref_logps(self, model, rollouts) -> torch.Tensor:
         with torch.no_grad():

@@ -665,6 +665,7 @@ def completion_logps(
     per_token: bool = False,
     logsumsq: bool = False,
     entropy: bool = False,
+    hidden_hook: Callable[[Tensor], None] | None = None,
 ) -> LogpOutput:
     """Summed (and optionally per-token) log-probs of the completion tokens of each row.
 
@@ -691,6 +692,8 @@ def completion_logps(
         per_token: also return the ``[N, T]`` per-token log-probs.
         logsumsq: also return the ``[N, T]`` detached ``log sum_v p(v | prefix)^2``.
         entropy: also return the ``[N, T]`` detached entropy of ``p(. | prefix)``.
+        hidden_hook: called with the ``[N, T, H]`` final hidden states (what the LM head receives, with their
+            gradient) during the forward, e.g. for a value head on the same backbone (PPO).
 
     Returns:
         A :class:`LogpOutput` (float32, or float64 for a float64 model).
@@ -718,6 +721,7 @@ def completion_logps(
         per_token=per_token,
         logsumsq=logsumsq,
         entropy=entropy,
+        hidden_hook=hidden_hook,
     )
 
 
@@ -736,6 +740,7 @@ def _score(
     per_token: bool,
     logsumsq: bool,
     entropy: bool = False,
+    hidden_hook: Callable[[Tensor], None] | None = None,
 ) -> LogpOutput:
     """Run ``model`` on ``inputs`` and score ``targets`` ``[M]`` from the hidden states ``pick(hidden)``
     ``[M, H]`` that predict them; token ``m`` is position ``(rows[m], cols[m])`` of the ``shape = (N, T)``
@@ -745,6 +750,8 @@ def _score(
     slope = head.scale
 
     def on_hidden(hidden: Tensor) -> Tensor:
+        if hidden_hook is not None:
+            hidden_hook(hidden)
         result = chunked_token_logps(
             pick(hidden),
             head.module.weight,

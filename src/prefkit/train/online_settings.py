@@ -92,7 +92,11 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "rounds": (0, "iterative DPO: rounds of sample -> label -> train offline (0: online training instead)"),
     "ref_update": ("previous", "iterative DPO: each round's reference: previous (the round's start) or initial"),
     "same_prompts": (False, "iterative DPO: every round samples all prompts (default: a new part each round)"),
-    "critic": (None, "PPO with a critic: policy (a copy of its backbone, zero head) or a reward model's folder"),
+    "critic": (
+        None,
+        "PPO with a critic: policy (a copy of its backbone, zero head), shared (a value head on the policy's own "
+        "backbone) or a reward model's folder",
+    ),
     "ppo": (
         {},
         "PPO's switches: gamma, lam, cliprange_value, reward_normalization, reward_clip, whiten_advantages, "
@@ -225,6 +229,7 @@ PPO_KEYS = {
     "cliprange_value": "> 0",
     "reward_clip": ">= 0",
     "critic_learning_rate": "> 0",
+    "vf_coef": "> 0",
 }
 PPO_FLAGS = ("reward_normalization", "whiten_advantages")
 
@@ -239,8 +244,8 @@ def _check_ppo(o: dict[str, Any], catalog) -> None:
     if o["critic"] is None:
         return
     if not isinstance(o["critic"], str) or not o["critic"]:
-        raise _fail("online.critic", "policy or a reward model's folder", o["critic"])
-    if o["critic"] != "policy":
+        raise _fail("online.critic", "policy, shared or a reward model's folder", o["critic"])
+    if o["critic"] not in ("policy", "shared"):
         check_model_path("online.critic", o["critic"], allow_tiny=False)
     if catalog[o["loss"]].kind != "policy":
         raise ConfigError("online.critic (PPO) trains a policy loss (dapo, grpo, ...)")
