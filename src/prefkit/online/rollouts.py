@@ -232,18 +232,17 @@ class _GumbelSampler(LogitsProcessor):
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float(), dim=-1)
-        vocab = scores.shape[1]
+        z = scores.float()
         uniform = torch.stack(
-            [torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float32) for g in self.generators]
+            [torch.rand(z.shape[1], generator=g, device=z.device, dtype=torch.float32) for g in self.generators]
         )
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
-        noisy = logp + gumbel  # -inf stays -inf: truncated tokens are never picked
+        # arg-max of logits + Gumbel noise (a row's log-normaliser does not move it; -inf stays -inf, so
+        # truncated tokens are never picked); greedy decoding takes the same arg-max of what is returned
+        noisy = z - torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
         picked = noisy.argmax(dim=-1)
         self.picked.append(picked)
-        self.steps.append(logp.gather(1, picked[:, None]).squeeze(1))
-        out = torch.full_like(noisy, -math.inf)
-        return out.scatter_(1, picked[:, None], 0.0)
+        self.steps.append(z.gather(1, picked[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1))
+        return noisy
 
     def logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """``[N, steps]`` log-probs of the generated tokens (after a row ends, ``generate`` pads it and the
