@@ -317,7 +317,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="YAML config: one flat mapping of keys (docs/training.md); with a personalized: section, a "
         "personalized reward head, on frozen embeddings or end_to_end: true with its backbone (docs/personalized.md); "
         "with an online: section, a policy trained on its own samples and rewards: GRPO, DAPO, Dr. GRPO, GSPO, "
-        "CISPO (docs/online.md, examples/grpo_tiny.yaml)",
+        "CISPO (examples/grpo_tiny.yaml); online DPO with any pairwise loss, SPPO (online_dpo_tiny.yaml); "
+        "iterative DPO with online.rounds (iterative_dpo_lab.yaml); PPO with online.critic (ppo_tiny.yaml); "
+        "docs/online.md",
     )
     parser.add_argument(
         "overrides",
