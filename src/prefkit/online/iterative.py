@@ -42,7 +42,7 @@ import torch
 
 from prefkit.data.records import PairwiseRecord
 from prefkit.data.tokenize import tokenize_prompt
-from prefkit.online.preference import PAIRINGS, pairs_from_scores
+from prefkit.online.preference import PAIRINGS, judged_pairs, pairs_from_scores
 from prefkit.online.rewards import CombinedReward
 from prefkit.online.rollouts import HFRollouts, SamplingSettings
 
@@ -110,21 +110,11 @@ def label_round(
     sampling = dataclasses.replace(settings.sampling, seed=settings.sampling.seed * 1_000_003 + round_number)
     rollouts = HFRollouts(policy, tokenizer).generate(ids, sampling, prompt_seeds=[i for i, _ in prompts])
     records = [r for _, r in prompts]
-    keys = sorted({k for rec in records for k in rec if k != "prompt"})
-    fields = {k: [records[x.prompt_index].get(k) for x in rollouts] for k in keys}
-    totals, _ = rewards([records[x.prompt_index]["prompt"] for x in rollouts], [x.text for x in rollouts], **fields)
+    totals, _ = rewards.score_rollouts(records, rollouts)
     scores = torch.tensor([float("nan") if t is None else t for t in totals])
     k = sampling.n
     if judge is not None:
-        probs = judge(
-            [r["prompt"] for r in records],
-            [rollouts[u * k].text for u in range(len(records))],
-            [rollouts[u * k + 1].text for u in range(len(records))],
-        )
-        draws = torch.rand(len(records), generator=torch.Generator().manual_seed(sampling.seed)).tolist()
-        pairs = [
-            (u * k, u * k + 1, 1.0) if draws[u] < float(p) else (u * k + 1, u * k, 1.0) for u, p in enumerate(probs)
-        ]
+        pairs = judged_pairs(judge, records, rollouts, k, sampling.seed)
     else:
         pairs = pairs_from_scores(scores, k, settings.pairs)
     rows = []

@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 
-from prefkit.data.collators import pad_rows
 from prefkit.losses import PolicyLogps, get_loss
 from prefkit.losses.policy_gradient import kl_estimate
 from prefkit.losses.value import gae, masked_moments, value_loss, whiten
@@ -220,13 +219,13 @@ class PPOTrainer(OnlineTrainer):
         batch, new = self._rollout_batch(records, indices)
         rollouts, metrics = batch["rollouts"], dict(batch["metrics"])
         device = self.accelerator.device
-        pad = self.processing_class.pad_token_id
-        pad = self.processing_class.eos_token_id if pad is None else pad
-        rows = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
-        ids, attn, comp = (rows[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
+        rows = self._model_inputs(rollouts)
+        # the critic reads unpacked rows: the same ones unless share_prompt packed them for the policy
+        plain = rows if "attention_mask" in rows else self._model_inputs(rollouts, packed=False)
+        ids, attn, comp = plain["input_ids"], plain["attention_mask"], plain["completion_mask"]
         hidden: dict[str, torch.Tensor] = {}
         hook = (lambda h: hidden.__setitem__("h", h)) if self.shared else None
-        out, _ = self._logps(model, rollouts, entropy=True, hidden_hook=hook)
+        out = self._logps(model, rows, entropy=True, hidden_hook=hook)
         mask = comp.to(out.per_token.dtype)
         if self.shared:
             values = self.critic.token_values_from(hidden["h"], comp)
@@ -239,7 +238,7 @@ class PPOTrainer(OnlineTrainer):
             old_logps = out.per_token.detach()
             token_rewards = torch.zeros_like(old_logps)
             if self.args.kl_reward_coef > 0:
-                ref = self._ref_logps(model, rollouts)
+                ref = self._ref_logps(model, rows)
                 kl = kl_estimate(old_logps, ref, self.args.kl_reward_estimator) * mask
                 token_rewards = token_rewards - self.args.kl_reward_coef * kl
                 metrics["kl_penalty"] = float(kl.sum(1).mean())  # as OnlineTrainer's kl_reward_coef logs it

@@ -120,6 +120,22 @@ def pairs_from_scores(scores: torch.Tensor, k: int, how: str = "best_worst") -> 
     return out
 
 
+def judged_pairs(judge, records: list[dict], rollouts, k: int, seed: int) -> list[tuple[int, int, float]]:
+    """``(chosen row, rejected row, 1.0)`` per prompt: the judge compares each prompt's first two of its ``k``
+    samples (rows prompt-major) and the label is drawn from its probability with a generator seeded by
+    ``seed``."""
+    probs = judge(
+        [r["prompt"] for r in records],
+        [rollouts[u * k].text for u in range(len(records))],
+        [rollouts[u * k + 1].text for u in range(len(records))],
+    )
+    probs = [float(p) for p in probs]
+    if len(probs) != len(records) or any(not 0 <= p <= 1 for p in probs):
+        raise ValueError(f"the judge must return one probability in [0, 1] per prompt, got {probs!r}")
+    draws = torch.rand(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(u * k, u * k + 1, 1.0) if draws[u] < p else (u * k + 1, u * k, 1.0) for u, p in enumerate(probs)]
+
+
 class OnlinePreferenceTrainer(OnlineTrainer):
     """See the module docstring. As `OnlineTrainer`, plus ``judge``: a pairwise judge used instead of the
     rewards' scores (it compares each prompt's first two completions)."""
@@ -147,18 +163,8 @@ class OnlinePreferenceTrainer(OnlineTrainer):
         return get_loss(args.loss).needs_reference
 
     def _judged_pairs(self, records: list[dict], rollouts) -> list[tuple[int, int, float]]:
-        k = self.args.num_generations
-        first = [rollouts[u * k] for u in range(len(records))]
-        second = [rollouts[u * k + 1] for u in range(len(records))]
-        probs = self.judge(
-            [records[u]["prompt"] for u in range(len(records))], [r.text for r in first], [r.text for r in second]
-        )
-        probs = [float(p) for p in probs]
-        if len(probs) != len(records) or any(not 0 <= p <= 1 for p in probs):
-            raise ValueError(f"the judge must return one probability in [0, 1] per prompt, got {probs!r}")
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
-        draws = torch.rand(len(records), generator=generator).tolist()
-        return [(u * k, u * k + 1, 1.0) if draws[u] < p else (u * k + 1, u * k, 1.0) for u, p in enumerate(probs)]
+        seed = self.args.seed * 1_000_003 + self.state.global_step
+        return judged_pairs(self.judge, records, rollouts, self.args.num_generations, seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         records, indices = inputs["records"], inputs["indices"]
@@ -170,8 +176,9 @@ class OnlinePreferenceTrainer(OnlineTrainer):
             pairs = self._judged_pairs(records, rollouts)
         else:
             pairs = pairs_from_scores(scores, self.args.num_generations, self.args.pairs)
-        out, comp = self._logps(model, rollouts, entropy=True)
-        mask = comp.to(out.per_token.dtype)
+        rows = self._model_inputs(rollouts)
+        out = self._logps(model, rows, entropy=True)
+        mask = rows["completion_mask"].to(out.per_token.dtype)
         metrics["pairs"] = float(len(pairs))
         metrics["entropy"] = float((out.entropy * mask).sum() / mask.sum().clamp(min=1))
         self._signal_in_step = self._signal_in_step or bool(pairs)
@@ -191,7 +198,7 @@ class OnlinePreferenceTrainer(OnlineTrainer):
         weights = torch.tensor([w for _, _, w in pairs], device=device, dtype=out.sum.dtype)
         ref_sums = ref_tokens = None
         if self._needs_ref:
-            ref_tokens = self._ref_logps(model, rollouts)
+            ref_tokens = self._ref_logps(model, rows)
             ref_sums = (ref_tokens * mask).sum(1)
         pair = PairLogps(
             policy_chosen=out.sum[chosen],
@@ -247,10 +254,11 @@ class OnlinePreferenceTrainer(OnlineTrainer):
     def _list_loss(self, model, records, rollouts, scores, metrics, return_outputs):
         """A list loss (``sppo``) on all K samples of each prompt, ranked by win probability."""
         k, units = self.args.num_generations, len(records)
-        out, comp = self._logps(model, rollouts, entropy=True)
-        mask = comp.to(out.per_token.dtype)
+        rows = self._model_inputs(rollouts)
+        out = self._logps(model, rows, entropy=True)
+        mask = rows["completion_mask"].to(out.per_token.dtype)
         win = self._win_probs(records, rollouts, scores).to(out.sum.device)
-        ref = (self._ref_logps(model, rollouts) * mask).sum(1) if self._needs_ref else None
+        ref = (self._ref_logps(model, rows) * mask).sum(1) if self._needs_ref else None
         batch = ListLogps(
             policy=out.sum.view(units, k),
             ranking=win.argsort(dim=1, descending=True),

@@ -337,6 +337,13 @@ class CombinedReward:
 
     rewards: list[tuple[str, RewardFunction, float]]
 
+    def score_rollouts(self, records: Sequence[Mapping], rollouts) -> tuple[list[float | None], dict[str, list]]:
+        """`__call__` on rollouts (items with ``prompt_index`` into ``records`` and ``text``): each completion's
+        prompt, and every other field of its record as a keyword list (``answer=[...]``)."""
+        keys = sorted({k for rec in records for k in rec if k != "prompt"})
+        fields = {k: [records[r.prompt_index].get(k) for r in rollouts] for k in keys}
+        return self([records[r.prompt_index]["prompt"] for r in rollouts], [r.text for r in rollouts], **fields)
+
     def __call__(self, prompts, completions, **fields) -> tuple[list[float | None], dict[str, list]]:
         n = len(completions)
         per_reward: dict[str, list] = {}

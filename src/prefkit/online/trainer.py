@@ -308,12 +308,8 @@ class OnlineTrainer(CheckpointingTrainer):
 
     def _rewards(self, records: list[dict], rollouts) -> tuple[torch.Tensor, dict[str, float]]:
         """``[N]`` total rewards (NaN where no reward could score the completion) and their metrics."""
-        prompts = [records[r.prompt_index]["prompt"] for r in rollouts]
-        texts = [r.text for r in rollouts]
-        keys = sorted({k for rec in records for k in rec if k != "prompt"})
-        fields = {k: [records[r.prompt_index].get(k) for r in rollouts] for k in keys}
         try:
-            totals, per_reward = self.rewards(prompts, texts, **fields)
+            totals, per_reward = self.rewards.score_rollouts(records, rollouts)
         except RewardError as err:
             first = records[0].get("id", "")
             raise RewardError(f"{err} (step {self.state.global_step + 1}; batch starting at record {first!r})") from err
@@ -412,46 +408,52 @@ class OnlineTrainer(CheckpointingTrainer):
         out_rollouts = [dataclasses.replace(r, prompt_index=u) for u, (unit, _) in enumerate(chosen) for r in unit]
         return out_rollouts, torch.cat([r for _, r in chosen]), rounds
 
-    def _logps(self, model, rollouts, *, entropy: bool = False, hidden_hook=None):
-        """Per-token log-probs of the rollouts under ``model`` (``[N, T]``, the layout of ``pad_rows``); with
-        ``share_prompt`` each prompt runs once for its ``num_generations`` completions. ``hidden_hook`` (unpacked
-        rows only) receives the final hidden states (`completion_logps`)."""
+    def _model_inputs(self, rollouts, *, packed: bool | None = None) -> dict[str, torch.Tensor]:
+        """The rollouts as model inputs on the device, built once per step for the policy, the reference (and
+        PPO's critic): with ``share_prompt`` (or ``packed``) the packed rows of `pack_shared_rows`, each prompt
+        once for its ``num_generations`` completions; else `pad_rows`' rows. ``completion_mask`` is the
+        ``[N, T]`` layout of ``pad_rows`` either way."""
         pad = self.processing_class.pad_token_id
         pad = self.processing_class.eos_token_id if pad is None else pad
         device = self.accelerator.device
-        if self.args.share_prompt:
-            if hidden_hook is not None:
-                raise ValueError("share_prompt packs the rows: a value head on the policy needs unpacked rows")
+        if self.args.share_prompt if packed is None else packed:
             g = self.args.num_generations
             units = range(len(rollouts) // g)
-            packed = pack_shared_rows(
+            rows = pack_shared_rows(
                 [rollouts[u * g].prompt_ids for u in units],
                 [[r.completion_ids for r in rollouts[u * g : (u + 1) * g]] for u in units],
                 [list(range(u * g, (u + 1) * g)) for u in units],
                 pad,
                 None,
             )
-            packed = {key: packed[key].to(device) for key in SHARED_PREFIX_KEYS}
-            return shared_prefix_logps(model, **packed, per_token=True, entropy=entropy), packed["completion_mask"]
-        batch = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
-        ids, attn, comp = (batch[key].to(device) for key in ("input_ids", "attention_mask", "completion_mask"))
-        out = completion_logps(model, ids, attn, comp, per_token=True, entropy=entropy, hidden_hook=hidden_hook)
-        return out, comp
+            return {key: rows[key].to(device) for key in SHARED_PREFIX_KEYS}
+        rows = pad_rows([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad, None)
+        return {key: rows[key].to(device) for key in ("input_ids", "attention_mask", "completion_mask")}
 
-    def _ref_logps(self, model, rollouts) -> torch.Tensor:
+    def _logps(self, model, rows: dict[str, torch.Tensor], *, entropy: bool = False, hidden_hook=None):
+        """Per-token log-probs (``[N, T]``) of `_model_inputs` rows under ``model``. ``hidden_hook`` (unpacked
+        rows only) receives the final hidden states (`completion_logps`)."""
+        if "segment_ids" in rows:
+            if hidden_hook is not None:
+                raise ValueError("share_prompt packs the rows: a value head on the policy needs unpacked rows")
+            return shared_prefix_logps(model, **rows, per_token=True, entropy=entropy)
+        return completion_logps(model, **rows, per_token=True, entropy=entropy, hidden_hook=hidden_hook)
+
+    def _ref_logps(self, model, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             if self._ref_is_base:
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    return self._logps(model, rollouts)[0].per_token
-            return self._logps(self.ref_model, rollouts)[0].per_token
+                    return self._logps(model, rows).per_token
+            return self._logps(self.ref_model, rows).per_token
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         records, indices = inputs["records"], inputs["indices"]
         batch, new = self._rollout_batch(records, indices)
         rollouts, metrics = batch["rollouts"], dict(batch["metrics"])
-        out, comp = self._logps(model, rollouts, entropy=True)
-        mask = comp.to(out.per_token.dtype)
-        ref = self._ref_logps(model, rollouts) if self._needs_ref else None
+        rows = self._model_inputs(rollouts)
+        out = self._logps(model, rows, entropy=True)
+        mask = rows["completion_mask"].to(out.per_token.dtype)
+        ref = self._ref_logps(model, rows) if self._needs_ref else None
         if new:  # the sampling policy is this one: its log-probs, the KL penalty and the advantages are fixed now
             old_logps = out.per_token.detach()
             rewards = batch["rewards"]
