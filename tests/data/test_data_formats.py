@@ -249,5 +249,5 @@ def test_layout_failing_on_every_row_reports_the_first_rows_problem(tmp_path):
     # No row fits the layout and no kind is given: the error is row 1's, not "no readable row".
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 3))
-    with pytest.raises(DataError, match=r"pairs.json:1: field 'input'.*2 more bad row"):
+    with pytest.raises(DataError, match=r"pairs.json:1: field 'input'.*2 other bad rows"):
         load_records(path, layout="llmbar")

@@ -23,7 +23,14 @@ import torch
 
 logger = logging.getLogger("prefkit.data")
 
-__all__ = ["SHARED_PREFIX_KEYS", "ListCollator", "PairwiseCollator", "UnpairedCollator", "pack_shared_rows"]
+__all__ = [
+    "SHARED_PREFIX_KEYS",
+    "ListCollator",
+    "PairwiseCollator",
+    "StepCollator",
+    "UnpairedCollator",
+    "pack_shared_rows",
+]
 
 # The keys of a packed (share_prompt / packing) batch that `prefkit.train.logps.shared_prefix_logps` reads.
 SHARED_PREFIX_KEYS = ("input_ids", "position_ids", "segment_ids", "completion_rows", "completion_mask")
@@ -428,6 +435,48 @@ class ListCollator:
         user_ids = _user_ids(examples)
         if user_ids is not None:
             batch["user_id"] = user_ids
+        return batch
+
+
+class StepCollator:
+    """Collate stepwise examples (`prefkit.data.tokenize.tokenize_stepwise`) into one right-padded row each:
+    ``prompt + step_1 + ... + step_n``.
+
+    Output: ``input_ids``, ``attention_mask``, ``completion_mask`` (the steps' tokens) ``[B, T]`` long;
+    ``step_rows`` / ``step_positions`` ``[S]`` long (the row and the position of each step's last token,
+    where a process reward model reads the step's score; steps in example order); ``step_labels`` ``[S]``
+    float32; ``step_example`` ``[S]`` long (the example of each step, = ``step_rows``); ``weight`` ``[B]``.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        _check_pad(pad_token_id, pad_to_multiple_of)
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if len(examples) == 0:
+            raise ValueError("StepCollator got an empty batch")
+        prompts = [_ids(ex, "prompt_input_ids", i) for i, ex in enumerate(examples)]
+        rows, positions, labels = [], [], []
+        solutions = []
+        for b, (ex, prompt) in enumerate(zip(examples, prompts)):
+            steps = [list(s) for s in ex["steps_input_ids"]]
+            step_labels = list(ex["step_labels"])
+            if not steps or len(steps) != len(step_labels):
+                raise ValueError(f"example {b} has {len(steps)} steps and {len(step_labels)} step labels")
+            end = len(prompt)
+            for ids in steps:
+                end += len(ids)
+                rows.append(b)
+                positions.append(end - 1)
+            labels.extend(float(y) for y in step_labels)
+            solutions.append([t for ids in steps for t in ids])
+        batch = pad_rows(prompts, solutions, self.pad_token_id, self.pad_to_multiple_of)
+        batch["step_rows"] = torch.tensor(rows, dtype=torch.long)
+        batch["step_positions"] = torch.tensor(positions, dtype=torch.long)
+        batch["step_example"] = batch["step_rows"].clone()
+        batch["step_labels"] = torch.tensor(labels, dtype=torch.float32)
+        batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
         return batch
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefkit.data.formats import LAYOUTS
 from prefkit.data.loaders import parse_column_map, validate_source
 from prefkit.data.records import KINDS
 
@@ -31,10 +30,12 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split of a dataset folder or Hub dataset (e.g. train)")
     parser.add_argument(
         "--layout",
-        choices=sorted(LAYOUTS),
         default=None,
+        metavar="LAYOUT",
         help="a public dataset layout to adapt: llmbar {input, output_1, output_2, label}, "
-        "hhh {source, chosen_instruction, rejected_instruction}",
+        "hhh {source, chosen_instruction, rejected_instruction}, hh, rewardbench2, rmbench; stepwise: "
+        "prmbench, processbench, math_shepherd, prm800k, joined (steps in one text split at blank lines; "
+        "joined:SEP for another separator)",
     )
 
 

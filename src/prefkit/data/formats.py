@@ -348,6 +348,168 @@ def rmbench_row(row: dict, file: str | None = None, row_number: int | None = Non
     return out
 
 
+# ---- stepwise (process supervision) layouts ------------------------------------------------------
+def _step_row(row: dict, drop: tuple[str, ...], prompt: Any, steps: list, labels: list) -> dict:
+    out = {k: v for k, v in row.items() if k not in drop}
+    out.update(prompt=prompt, completions=steps, labels=labels)
+    return out
+
+
+def _require_text(row: dict, key: str, what: str, file: str | None, row_number: int | None) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(file, row_number, key, f"a non-empty string ({what})", MISSING if value is None else value)
+    return value
+
+
+def _require_steps(row: dict, key: str, what: str, file: str | None, row_number: int | None) -> list[str]:
+    value = row.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(s, str) for s in value):
+        raise DataError(
+            file, row_number, key, f"a non-empty list of step texts ({what})", MISSING if value is None else value
+        )
+    return value
+
+
+def joined_steps_row(
+    row: dict, file: str | None = None, row_number: int | None = None, separator: str = "\n\n"
+) -> dict:
+    """A stepwise row whose ``completions`` is one text with its steps joined by ``separator`` (layout
+    ``joined``: a blank line; ``joined:SEP`` for another, with ``\\n`` and ``\\t`` escapes): split into the
+    list of steps (empty pieces dropped). ``labels`` must then have one entry per piece."""
+    text = _require_text(row, "completions", f"the steps joined by {separator!r}, joined layout", file, row_number)
+    steps = [piece for piece in text.split(separator) if piece.strip()]
+    return _step_row(row, ("completions",), row.get("prompt"), steps, row.get("labels"))
+
+
+MATH_SHEPHERD_TAG = "ки"
+
+
+def math_shepherd_row(row: dict, file: str | None = None, row_number: int | None = None) -> dict:
+    """A Math-Shepherd row ``{input, label, task?}`` as a stepwise row.
+
+    ``input`` is the question followed by the solution, each step ending with the tag ``ки``;
+    ``label`` is the same text with each tag replaced by ``+`` (the step is correct) or ``-``.
+    The prompt is the text before ``Step 1:`` (or before the first step when there is no such
+    marker: everything up to the first line break), the steps are the tagged pieces, stripped.
+    """
+    text = _require_text(row, "input", "Math-Shepherd layout: question and steps tagged 'ки'", file, row_number)
+    label = _require_text(row, "label", "Math-Shepherd layout: the input with each 'ки' as + or -", file, row_number)
+    tags = [m.start() for m in re.finditer(MATH_SHEPHERD_TAG, text)]
+    if not tags:
+        raise DataError(file, row_number, "input", f"at least one step tag {MATH_SHEPHERD_TAG!r}", text)
+    labels = []
+    for k, at in enumerate(tags):
+        mark = label[at - k * (len(MATH_SHEPHERD_TAG) - 1)] if at - k < len(label) else None
+        if mark not in ("+", "-"):
+            raise DataError(file, row_number, "label", f"'+' or '-' where 'input' has step tag {k + 1}", label)
+        labels.append(mark == "+")
+    start = text.find("Step 1:")
+    if start < 0:
+        start = text.find("\n") + 1
+    prompt, pieces = text[:start].strip(), text[start:].split(MATH_SHEPHERD_TAG)[: len(tags)]
+    steps = [piece.strip() for piece in pieces]
+    if not prompt or not all(steps):
+        raise DataError(file, row_number, "input", "a question, then non-empty steps each ending in 'ки'", text)
+    return _step_row(row, ("input", "label"), prompt, steps, labels)
+
+
+def prm800k_row(row: dict, file: str | None = None, row_number: int | None = None) -> dict:
+    """A PRM800K row ``{question: {problem}, label: {steps: [{completions: [{text, rating}], chosen_completion,
+    human_completion}]}}`` as a stepwise row.
+
+    Each step is its chosen completion (``chosen_completion``), else the human's rewrite, else its first
+    completion, and the solution ends at the first step without a chosen one. Ratings: 1 (good) and 0
+    (neutral) are correct, -1 wrong (Lightman et al. count neutral steps as correct in their main
+    setting); a human rewrite is correct.
+    """
+    question, label = row.get("question"), row.get("label")
+    if not isinstance(question, dict) or not isinstance(question.get("problem"), str):
+        raise DataError(file, row_number, "question", "an object with a 'problem' text (PRM800K layout)", question)
+    if not isinstance(label, dict) or not isinstance(label.get("steps"), list) or not label["steps"]:
+        raise DataError(file, row_number, "label", "an object with a non-empty 'steps' list (PRM800K layout)", label)
+    steps, labels = [], []
+    for k, step in enumerate(label["steps"], start=1):
+        where = f"label.steps[{k}]"
+        completions = step.get("completions") if isinstance(step, dict) else None
+        if not isinstance(completions, list) or not completions:
+            raise DataError(file, row_number, where, "an object with a non-empty 'completions' list", step)
+        chosen, human = step.get("chosen_completion"), step.get("human_completion")
+        if isinstance(chosen, int) and not isinstance(chosen, bool) and 0 <= chosen < len(completions):
+            pick, last = completions[chosen], False
+        elif isinstance(human, dict) and isinstance(human.get("text"), str):
+            pick, last = dict(human, rating=1), False
+        else:
+            pick, last = completions[0], True
+        text, rating = (
+            pick.get("text") if isinstance(pick, dict) else None,
+            pick.get("rating") if isinstance(pick, dict) else None,
+        )
+        if not isinstance(text, str) or rating not in (-1, 0, 1) or isinstance(rating, bool):
+            raise DataError(file, row_number, where, "a completion with a 'text' and a 'rating' of -1, 0 or 1", pick)
+        steps.append(text)
+        labels.append(rating >= 0)
+        if last:
+            break
+    return _step_row(row, ("question", "label"), question["problem"], steps, labels)
+
+
+def processbench_row(row: dict, file: str | None = None, row_number: int | None = None) -> dict:
+    """A ProcessBench row ``{id, problem, steps, label, final_answer_correct?}`` as a stepwise row.
+
+    ``label`` is the 0-based index of the first wrong step, -1 when every step is right. The steps after
+    the first wrong one carry no label in ProcessBench, so they are left out: the record holds steps
+    ``0..label`` with labels ``[True] * label + [False]`` (all steps, all True, for -1). ProcessBench's
+    metric depends only on the steps up to the first wrong one, so it is unchanged by the cut.
+    """
+    problem = _require_text(row, "problem", "ProcessBench layout", file, row_number)
+    steps = _require_steps(row, "steps", "ProcessBench layout", file, row_number)
+    first = row.get("label")
+    if isinstance(first, bool) or not isinstance(first, int) or not -1 <= first < len(steps):
+        raise DataError(
+            file,
+            row_number,
+            "label",
+            f"the index of the first wrong step, -1 to {len(steps) - 1} (ProcessBench layout)",
+            MISSING if first is None else first,
+        )
+    if first >= 0:
+        steps, labels = steps[: first + 1], [True] * first + [False]
+    else:
+        labels = [True] * len(steps)
+    return _step_row(row, ("problem", "steps", "label"), problem, steps, labels)
+
+
+def prmbench_row(row: dict, file: str | None = None, row_number: int | None = None) -> dict:
+    """A PRMBench row ``{modified_question, modified_process, error_steps, classification, idx, ...}`` as a
+    stepwise row, as PRMBench's own evaluation reads it.
+
+    The prompt is ``modified_question``, the steps ``modified_process``; step ``k`` (1-based, as in
+    ``error_steps``) is wrong when ``k`` is in ``error_steps``. Error indices past the last step (about 100
+    of PRMBench's 6,216 rows have one) are ignored, as PRMBench's scorer ignores them. Empty steps are
+    dropped with their labels (prefkit's records hold no empty step; PRMBench has 15 in 3 rows, all
+    labelled correct, which its scorer counts). ``classification`` becomes the row's ``subset`` and
+    ``{classification}_{idx}`` its id.
+    """
+    question = _require_text(row, "modified_question", "PRMBench layout", file, row_number)
+    steps = _require_steps(row, "modified_process", "PRMBench layout", file, row_number)
+    errors = row.get("error_steps")
+    if not isinstance(errors, list) or not all(
+        isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in errors
+    ):
+        raise DataError(file, row_number, "error_steps", "a list of 1-based step numbers (PRMBench layout)", errors)
+    category = _require_text(row, "classification", "PRMBench layout: the error class", file, row_number)
+    wrong = set(errors)
+    kept = [(step, k not in wrong) for k, step in enumerate(steps, start=1) if step.strip()]
+    out = _step_row(
+        row, ("modified_question", "modified_process"), question, [s for s, _ in kept], [y for _, y in kept]
+    )
+    out.setdefault("subset", category)
+    if out.get("id") is None and row.get("idx") is not None:
+        out["id"] = f"{category}_{row['idx']}"
+    return out
+
+
 RowAdapter = Callable[[dict, "str | None", "int | None"], dict]
 
 LAYOUTS: dict[str, RowAdapter] = {
@@ -356,4 +518,42 @@ LAYOUTS: dict[str, RowAdapter] = {
     "hhh": hhh_row,
     "rewardbench2": rewardbench2_row,
     "rmbench": rmbench_row,
+    "joined": joined_steps_row,
+    "math_shepherd": math_shepherd_row,
+    "prm800k": prm800k_row,
+    "processbench": processbench_row,
+    "prmbench": prmbench_row,
 }
+# The record kind each layout makes.
+LAYOUT_KINDS = {
+    "hh": "pairwise",
+    "llmbar": "pairwise",
+    "hhh": "pairwise",
+    "rewardbench2": "ranked",
+    "rmbench": "ranked",
+    "joined": "stepwise",
+    "math_shepherd": "stepwise",
+    "prm800k": "stepwise",
+    "processbench": "stepwise",
+    "prmbench": "stepwise",
+}
+
+
+def layout_adapter(name: str) -> RowAdapter:
+    """The row adapter of a layout name: one of `LAYOUTS`, or ``joined:SEP`` (steps joined by ``SEP``,
+    with ``\\n`` / ``\\t`` written as escapes)."""
+    if name in LAYOUTS:
+        return LAYOUTS[name]
+    if isinstance(name, str) and name.startswith("joined:") and len(name) > len("joined:"):
+        separator = name[len("joined:") :].replace("\\n", "\n").replace("\\t", "\t")
+
+        def adapter(row: dict, file: str | None = None, row_number: int | None = None) -> dict:
+            return joined_steps_row(row, file, row_number, separator)
+
+        return adapter
+    raise ValueError(f"unknown layout {name!r}; expected one of {', '.join(LAYOUTS)} or joined:SEPARATOR")
+
+
+def layout_kind(name: str) -> str | None:
+    """The record kind a layout makes (None for an unknown name)."""
+    return "stepwise" if isinstance(name, str) and name.startswith("joined:") else LAYOUT_KINDS.get(name)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefkit.data.formats import LAYOUTS, split_implicit_prompt
+from prefkit.data.formats import layout_adapter, layout_kind, split_implicit_prompt
 from prefkit.data.records import (
     KINDS,
     DataError,
@@ -530,15 +530,15 @@ def prepare_rows(
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    adapter = layout_adapter(layout) if layout is not None else None
+    if adapter is not None and kind is None:
+        kind = layout_kind(layout)
     label = source_label(source, split)
     errors: list[DataError] = []
     raw = list(read_rows(source, split=split, errors=errors))
     n_rows = len(raw) + len(errors)
 
-    if layout is not None:
-        adapter = LAYOUTS[layout]
+    if adapter is not None:
         adapted = []
         for n, row in raw:
             try:
@@ -676,7 +676,7 @@ def load_records(
     """Load feedback records from a file, a folder, a Hub dataset or in-memory rows.
 
     Steps: read the rows (`read_rows`); apply ``layout`` (``"llmbar"``, ``"hhh"``; see
-    `prefkit.data.formats.LAYOUTS`); rename columns with ``column_map`` (``{target: source}``,
+    `prefkit.data.formats.LAYOUTS`, and ``joined:SEP``); rename columns with ``column_map`` (``{target: source}``,
     e.g. ``{"chosen": "response_a"}``); detect the kind from the fields present unless ``kind`` is
     given; for pairwise rows without a prompt, split an HH-RLHF dialogue or chat conversation
     into prompt and completions; validate every row (``validate=True``); build the records.

@@ -26,6 +26,11 @@ Rules, in the order they apply:
    A prompt that alone has ``max_length`` tokens or more (possible only without
    ``max_prompt_length``) leaves no completion token: :class:`OverlongPromptError`;
    :func:`tokenize_records` drops such rows by default, counts and logs them (TRL drops them too).
+
+Stepwise records (process supervision, :func:`tokenize_stepwise`): a plain-text prompt is followed by
+``step_separator``; each step is tokenized on its own as ``step + step_separator``, so every step ends with
+the separator's tokens and a process reward model reads its score at the step's last token. ``max_length``
+keeps the steps that fit whole (a later step never without the ones before it).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefkit.data.convert import ranked_levels
-from prefkit.data.records import PairwiseRecord, RankedRecord, UnpairedRecord
+from prefkit.data.records import PairwiseRecord, RankedRecord, StepwiseRecord, UnpairedRecord
 
 logger = logging.getLogger("prefkit.data")
 
@@ -51,8 +56,11 @@ __all__ = [
     "tokenize_prompt",
     "tokenize_ranked",
     "tokenize_records",
+    "tokenize_stepwise",
     "tokenize_unpaired",
 ]
+
+DEFAULT_STEP_SEPARATOR = "\n"
 
 
 class ChatTemplateError(ValueError):
@@ -157,8 +165,11 @@ class _Settings:
     max_prompt_length: int | None
     prompt_truncation: str
     completion_truncation: str
+    step_separator: str = DEFAULT_STEP_SEPARATOR
 
     def __post_init__(self):
+        if not isinstance(self.step_separator, str) or not self.step_separator:
+            raise ValueError(f"step_separator must be a non-empty string, got {self.step_separator!r}")
         _check_length(self.max_length, "max_length")
         _check_length(self.max_prompt_length, "max_prompt_length")
         for name in ("prompt_truncation", "completion_truncation"):
@@ -340,6 +351,43 @@ def _ranked(record: RankedRecord, ctx: _Context) -> tuple[dict[str, Any], bool, 
     return example, prompt_cut, any_cut
 
 
+def _stepwise(record: StepwiseRecord, ctx: _Context) -> tuple[dict[str, Any], bool, bool]:
+    sep = ctx.settings.step_separator
+    if _is_messages(record.prompt):
+        prompt_ids = ctx.encode(_apply_template(ctx.tokenizer, record.prompt, add_generation_prompt=True))
+    else:
+        _check_text(record.prompt, "prompt")
+        prompt_ids = _tokenize_prompt(ctx, record.prompt + sep, False)
+    prompt_ids, prompt_cut = _truncate_prompt(ctx, prompt_ids)
+    budget = _completion_budget(ctx, prompt_ids)
+    steps: list[list[int]] = []
+    labels: list[float] = []
+    used = 0
+    for k, (step, label) in enumerate(zip(record.completions, record.labels)):
+        if not isinstance(step, str):
+            raise ValueError(f"step {k} is {type(step).__name__}; the steps of a stepwise record must be plain text")
+        ids = ctx.encode(step + sep)
+        if budget is not None and used + len(ids) > budget:
+            break
+        steps.append(ids)
+        labels.append(float(label))
+        used += len(ids)
+    if not steps:
+        raise OverlongPromptError(
+            f"the prompt has {len(prompt_ids)} tokens and the first step does not fit in max_length "
+            f"{ctx.settings.max_length}"
+        )
+    steps_cut = len(steps) < len(record.completions)
+    example = {
+        "prompt_input_ids": prompt_ids,
+        "steps_input_ids": steps,
+        "step_labels": labels,
+        "weight": 1.0,
+        "truncated": prompt_cut or steps_cut,
+    }
+    return example, prompt_cut, steps_cut
+
+
 def tokenize_pairwise(
     record: PairwiseRecord,
     tokenizer,
@@ -422,6 +470,27 @@ def tokenize_ranked(
     return _ranked(record, _Context(tokenizer, settings))[0]
 
 
+def tokenize_stepwise(
+    record: StepwiseRecord,
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    prompt_truncation: str = "keep_end",
+    step_separator: str = DEFAULT_STEP_SEPARATOR,
+) -> dict[str, Any]:
+    """Tokenize one stepwise record (a solution in steps, one label per step).
+
+    Returns ``{"prompt_input_ids": list[int]`` (a plain prompt + ``step_separator``, or the chat template's
+    generation prompt), ``"steps_input_ids": list[list[int]]`` (each ``step + step_separator``),
+    ``"step_labels": list[float]`` (1.0 / 0.0 for bool labels), ``"weight": 1.0, "truncated": bool}``.
+    Steps that do not fit whole in ``max_length`` are left out with their labels; when not even the
+    first fits, :class:`OverlongPromptError`.
+    """
+    settings = _Settings(max_length, max_prompt_length, prompt_truncation, "keep_start", step_separator)
+    return _stepwise(record, _Context(tokenizer, settings))[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Whole datasets
 # --------------------------------------------------------------------------------------------
@@ -467,6 +536,16 @@ def _features(kind: str):
                 "truncated": Value("bool"),
             }
         )
+    if kind == "stepwise":
+        return Features(
+            {
+                "prompt_input_ids": ids,
+                "steps_input_ids": List(ids),
+                "step_labels": List(Value("float64")),
+                "weight": Value("float64"),
+                "truncated": Value("bool"),
+            }
+        )
     if kind == "ranked":
         return Features(
             {
@@ -489,7 +568,7 @@ def _features(kind: str):
     )
 
 
-_TOKENIZERS = {PairwiseRecord: _pairwise, UnpairedRecord: _unpaired, RankedRecord: _ranked}
+_TOKENIZERS = {PairwiseRecord: _pairwise, UnpairedRecord: _unpaired, RankedRecord: _ranked, StepwiseRecord: _stepwise}
 
 
 def _record_kind(records: Sequence[Any]) -> str:
@@ -500,7 +579,8 @@ def _record_kind(records: Sequence[Any]) -> str:
         if not isinstance(record, tuple(_TOKENIZERS)):
             raise TypeError(
                 f"record {i} is a {type(record).__name__}; tokenize_records takes PairwiseRecord, "
-                "UnpairedRecord or RankedRecord (convert other kinds first, see prefkit.data conversions)"
+                "UnpairedRecord, RankedRecord or StepwiseRecord (convert other kinds first, see prefkit.data "
+                "conversions)"
             )
         kinds.setdefault(record.kind, i)
     if len(kinds) > 1:
@@ -519,6 +599,7 @@ def tokenize_records(
     completion_truncation: str = "keep_start",
     drop_overlong_prompts: bool = True,
     progress: bool = True,
+    step_separator: str = DEFAULT_STEP_SEPARATOR,
 ):
     """Tokenize a list of records of one kind into a ``datasets.Dataset``.
 
@@ -532,6 +613,7 @@ def tokenize_records(
             possible without ``max_prompt_length``) is dropped, counted and logged (True, TRL's
             behaviour) or raises :class:`OverlongPromptError` naming the record index (False).
         progress: show a tqdm progress bar.
+        step_separator: stepwise records: the text that ends every step (:func:`tokenize_stepwise`).
 
     Returns:
         ``(dataset, stats)``: the dataset has the columns of :func:`tokenize_pairwise` /
@@ -544,7 +626,7 @@ def tokenize_records(
     from tqdm.auto import tqdm
 
     kind = _record_kind(records)
-    settings = _Settings(max_length, max_prompt_length, prompt_truncation, completion_truncation)
+    settings = _Settings(max_length, max_prompt_length, prompt_truncation, completion_truncation, step_separator)
     ctx = _Context(tokenizer, settings)
     tokenize_one = _TOKENIZERS[type(records[0])]
     stats = TokenizationStats(kind=kind, n_records=len(records))
@@ -567,7 +649,7 @@ def tokenize_records(
             raise
         for name, values in columns.items():
             values.append(example[name])
-        user_ids.append(record.user_id)
+        user_ids.append(getattr(record, "user_id", None))
         stats.n_prompt_truncated += prompt_cut
         stats.n_completion_truncated += completion_cut
         stats.n_truncated += example["truncated"]

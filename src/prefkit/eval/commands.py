@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from prefkit.data.formats import LAYOUTS
 from prefkit.data.loaders import parse_column_map
 from prefkit.data.records import KINDS
+from prefkit.eval.data import RM_LAYOUTS
 
 SECTION_AVERAGES = ("count", "mean")
 
@@ -53,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--layout",
-        choices=sorted(LAYOUTS),
+        choices=sorted(RM_LAYOUTS),
         default=None,
         help="public layout: hh (HH-RLHF dialogues), llmbar, hhh, rewardbench2 (best-of-N), rmbench (style grid)",
     )

@@ -22,21 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefkit.data.formats import LAYOUT_KINDS
 from prefkit.data.loaders import first_error_with_summary, prepare_rows, validate_command
 from prefkit.data.records import DataError, PairwiseRecord, RankedRecord, record_from_dict
 from prefkit.data.validate import validate_rows
 
 MODES = ("pairs", "best_of_n", "grid", "lists")
 _LAYOUT_MODES = {"rewardbench2": "best_of_n", "rmbench": "grid"}
-# The record kind each layout's adapter makes (given to the loader, so a file in another layout
-# fails with the adapter's row error rather than "no readable row to detect the kind from").
-LAYOUT_KINDS = {
-    "hh": "pairwise",
-    "llmbar": "pairwise",
-    "hhh": "pairwise",
-    "rewardbench2": "ranked",
-    "rmbench": "ranked",
-}
+# The layouts of reward-model evaluation (stepwise layouts are `prefkit eval prm`'s).
+RM_LAYOUTS = tuple(name for name, kind in LAYOUT_KINDS.items() if kind in ("pairwise", "ranked"))
 
 
 @dataclass
