@@ -103,6 +103,11 @@ def _batch(kind: str, sign: float):
             win_prob=torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
         )
         return batch, [policy]
+    if kind == "process":
+        from prefkit.losses import StepScores
+
+        logits = _leaf([sign * BIG, -sign * BIG, sign * BIG])
+        return StepScores(logits, torch.tensor([1.0, 0.0, 0.3]), torch.tensor([0, 0, 1]), 2), [logits]
     raise AssertionError(kind)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from prefkit.ranges import check_range
 
-KINDS = ("pairwise", "unpaired", "list", "reward_pair", "reward_list", "judge", "policy")
+KINDS = ("pairwise", "unpaired", "list", "reward_pair", "reward_list", "judge", "policy", "process")
 
 
 @dataclass
@@ -131,6 +131,19 @@ class PreferenceLogits:
 
 
 @dataclass
+class StepScores:
+    """A process reward model's logits for the steps of ``B`` solutions, flattened: ``logits`` ``[S]`` (one
+    per step, the log-odds that the step is correct), ``labels`` ``[S]`` (1 correct, 0 wrong, or a soft
+    probability in between) and ``example`` ``[S]`` (the index in ``0..B-1`` of the solution each step
+    belongs to). Every solution has at least one step. Losses of kind ``"process"`` take it."""
+
+    logits: Tensor
+    labels: Tensor
+    example: Tensor
+    batch_size: int
+
+
+@dataclass
 class PolicyLogps:
     """Per-token log-probs of sampled completions, ``[B, T]`` each (0 where ``mask`` is 0).
 
@@ -159,6 +172,7 @@ BATCH_TYPES = {
     "reward_list": RewardList,
     "judge": PreferenceLogits,
     "policy": PolicyLogps,
+    "process": StepScores,
 }
 
 

@@ -216,7 +216,8 @@ def _load_kwargs(m) -> dict[str, Any]:
 def build_reward_trainer(config: RunConfig, tokenizer, train_records, eval_records, data_description, callbacks):
     """A `RewardTrainer` on a reward model built on ``config.model.model``: a scalar head
     (`build_reward_model`) for reward_pair / reward_list losses, a general preference model
-    (`build_gpm`) for judge losses."""
+    (`build_gpm`) for judge losses; a `ProcessRewardTrainer` on a per-step head
+    (`build_process_reward_model`) for process losses."""
     from prefkit.models.reward import build_reward_model
     from prefkit.train.reward_trainer import RewardTrainer
 
@@ -227,14 +228,28 @@ def build_reward_trainer(config: RunConfig, tokenizer, train_records, eval_recor
             "no reference model; remove ref_model"
         )
     load_kwargs = dict(_load_kwargs(m), vocab_size=len(tokenizer) if m.model == "tiny" else None)
+    trainer_class = RewardTrainer
     if config.train.loss_kind == "judge":
         model, head = _build_judge(config, load_kwargs), f"general preference head (2k={m.gpm_embed_dim})"
         peft_config = m.lora_config(task_type=None, head="head")  # LoRA on the backbone, the head trained fully
+    elif config.train.loss_kind == "process":
+        from prefkit.models.process import build_process_reward_model
+        from prefkit.train.process import ProcessRewardTrainer
+
+        model = build_process_reward_model(
+            m.model,
+            step_separator=config.train.step_separator,
+            pad_token_id=tokenizer.pad_token_id,
+            seed=config.train.seed,
+            **load_kwargs,
+        )
+        head, trainer_class = "process reward head (a logit per step)", ProcessRewardTrainer
+        peft_config = m.lora_config(task_type="TOKEN_CLS")
     else:
         model = build_reward_model(m.model, pad_token_id=tokenizer.pad_token_id, **load_kwargs)
         head = "scalar reward head"
         peft_config = m.lora_config(task_type="SEQ_CLS")
-    return RewardTrainer(
+    return trainer_class(
         model,
         config.train,
         train_dataset=train_records,

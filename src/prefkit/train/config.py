@@ -44,8 +44,8 @@ __all__ = [
 
 
 # Loss kinds that train a reward model (RewardTrainer), and the record kind each reads.
-REWARD_KINDS = ("reward_pair", "reward_list", "judge")
-RECORD_KINDS = {"reward_pair": "pairwise", "judge": "pairwise", "reward_list": "ranked"}
+REWARD_KINDS = ("reward_pair", "reward_list", "judge", "process")
+RECORD_KINDS = {"reward_pair": "pairwise", "judge": "pairwise", "reward_list": "ranked", "process": "stepwise"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,6 +255,13 @@ class PreferenceConfig(TrainingArguments):
     completion_truncation: str = field(
         default="keep_start",
         metadata={"help": "How an over-long completion is cut: keep_start (its first tokens) or keep_end."},
+    )
+    step_separator: str = field(
+        default="\n",
+        metadata={
+            "help": "Stepwise records (process reward models): the text that ends every step; the PRM reads each "
+            "step's score at its last token, and saves the separator in its config."
+        },
     )
     logps_chunk_size: int | str = field(
         default="auto",

@@ -53,7 +53,7 @@ from transformers import PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 
 from prefkit.data.collators import SHARED_PREFIX_KEYS, PairwiseCollator, UnpairedCollator
-from prefkit.data.records import PairwiseRecord, RankedRecord, UnpairedRecord
+from prefkit.data.records import PairwiseRecord, RankedRecord, StepwiseRecord, UnpairedRecord
 from prefkit.losses import PairLogps, UnpairedLogps, get_loss
 from prefkit.losses.combine import combine_losses, resolve_loss_params
 from prefkit.losses.group_robust import (
@@ -92,6 +92,7 @@ REQUIRED_COLUMNS = {
     "reward_pair": _PAIR_COLUMNS,
     "judge": _PAIR_COLUMNS,
     "reward_list": ("prompt_input_ids", "completions_input_ids", "ranking"),
+    "process": ("prompt_input_ids", "steps_input_ids", "step_labels"),
 }
 RECORD_CLASS = {
     "pairwise": PairwiseRecord,
@@ -99,6 +100,7 @@ RECORD_CLASS = {
     "reward_pair": PairwiseRecord,
     "judge": PairwiseRecord,
     "reward_list": RankedRecord,
+    "process": StepwiseRecord,
 }
 # How the trainer computes UnpairedLogps.ref_point for the unpaired losses it knows.
 REF_POINT = {"kto": "kl", "bco": "reward_shift"}
@@ -369,6 +371,8 @@ class PreferenceTrainer(CheckpointingTrainer):
             completions = [len(ids) for ids in dataset["completion_input_ids"]]
         elif self.loss_kind == "reward_list":
             completions = [max(map(len, ids)) for ids in dataset["completions_input_ids"]]
+        elif self.loss_kind == "process":
+            completions = [sum(map(len, ids)) for ids in dataset["steps_input_ids"]]
         else:
             completions = [
                 max(len(c), len(r)) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])
@@ -415,6 +419,7 @@ class PreferenceTrainer(CheckpointingTrainer):
                 prompt_truncation=args.prompt_truncation,
                 completion_truncation=args.completion_truncation,
                 progress=not args.disable_tqdm,
+                step_separator=args.step_separator,
             )
             self.tokenization_stats[name] = stats
             dropped = set(stats.dropped_indices)
