@@ -33,6 +33,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "convert"), "prefkit.data.commands_convert", "convert between feedback kinds and formats"),
     (("data", "recipe"), "prefkit.data.commands_recipe", "build a set from public data by a recipe (hh-two-groups)"),
     (("eval", "rm"), "prefkit.eval.commands", "evaluate a reward model: accuracy, best-of-N, calibration, length bias"),
+    (("eval", "prm"), "prefkit.eval.process", "evaluate a process reward model: ProcessBench, PRMBench, step AUROC"),
     (
         ("lab", "study"),
         "prefkit.lab.commands",

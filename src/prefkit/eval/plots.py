@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["reliability_diagram", "reward_length_scatter", "style_grid_heatmap", "subset_bars"]
+__all__ = ["reliability_diagram", "reward_length_scatter", "step_score_histogram", "style_grid_heatmap", "subset_bars"]
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -77,4 +77,17 @@ def style_grid_heatmap(
     ax.set_yticks(range(n), styles)
     ax.set(xlabel="rejected style", ylabel="chosen style", title="Accuracy by style (upper right = hard)")
     fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
+def step_score_histogram(items: Sequence[Mapping[str, Any]], threshold: float, path: str | Path) -> Path:
+    """Histograms of a PRM's step probabilities for correct and for wrong steps, with the threshold."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for correct, color, name in ((True, "tab:green", "correct steps"), (False, "tab:red", "wrong steps")):
+        values = [p for it in items for p, y in zip(it["probabilities"], it["labels"]) if (float(y) > 0.5) == correct]
+        if values:
+            ax.hist(values, bins=20, range=(0, 1), alpha=0.6, color=color, label=f"{name} (n={len(values)})")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.2f}")
+    ax.set(xlabel="P(step is correct)", ylabel="steps", title="PRM step probabilities")
+    ax.legend()
     return _save(fig, path)
