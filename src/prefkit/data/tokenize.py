@@ -166,6 +166,7 @@ class _Settings:
     prompt_truncation: str
     completion_truncation: str
     step_separator: str = DEFAULT_STEP_SEPARATOR
+    prompt_separator: bool = True
 
     def __post_init__(self):
         if not isinstance(self.step_separator, str) or not self.step_separator:
@@ -357,7 +358,7 @@ def _stepwise(record: StepwiseRecord, ctx: _Context) -> tuple[dict[str, Any], bo
         prompt_ids = ctx.encode(_apply_template(ctx.tokenizer, record.prompt, add_generation_prompt=True))
     else:
         _check_text(record.prompt, "prompt")
-        prompt_ids = _tokenize_prompt(ctx, record.prompt + sep, False)
+        prompt_ids = _tokenize_prompt(ctx, record.prompt + (sep if ctx.settings.prompt_separator else ""), False)
     prompt_ids, prompt_cut = _truncate_prompt(ctx, prompt_ids)
     budget = _completion_budget(ctx, prompt_ids)
     steps: list[list[int]] = []
@@ -478,16 +479,20 @@ def tokenize_stepwise(
     max_prompt_length: int | None = None,
     prompt_truncation: str = "keep_end",
     step_separator: str = DEFAULT_STEP_SEPARATOR,
+    prompt_separator: bool = True,
 ) -> dict[str, Any]:
     """Tokenize one stepwise record (a solution in steps, one label per step).
 
-    Returns ``{"prompt_input_ids": list[int]`` (a plain prompt + ``step_separator``, or the chat template's
-    generation prompt), ``"steps_input_ids": list[list[int]]`` (each ``step + step_separator``),
+    Returns ``{"prompt_input_ids": list[int]`` (a plain prompt + ``step_separator``, or without it when
+    ``prompt_separator`` is False: the prompt exactly as a policy sees it; or the chat template's generation
+    prompt), ``"steps_input_ids": list[list[int]]`` (each ``step + step_separator``),
     ``"step_labels": list[float]`` (1.0 / 0.0 for bool labels), ``"weight": 1.0, "truncated": bool}``.
     Steps that do not fit whole in ``max_length`` are left out with their labels; when not even the
     first fits, :class:`OverlongPromptError`.
     """
-    settings = _Settings(max_length, max_prompt_length, prompt_truncation, "keep_start", step_separator)
+    settings = _Settings(
+        max_length, max_prompt_length, prompt_truncation, "keep_start", step_separator, prompt_separator
+    )
     return _stepwise(record, _Context(tokenizer, settings))[0]
 
 

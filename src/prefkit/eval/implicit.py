@@ -4,7 +4,8 @@ DPO and its relatives train a policy ``pi`` against a frozen reference ``ref`` s
 ``r(x, y) = beta * (log pi(y | x) - log ref(y | x))`` acts as a reward (Rafailov et al. 2023,
 "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"); RewardBench
 scores DPO models this way. `ImplicitReward` implements `prefkit.models.base.RewardScorer` with it,
-so every reward-model evaluation also runs on such a policy.
+so every reward-model evaluation also runs on such a policy. `ImplicitPRM` reads the same log-ratio step by
+step: process rewards without process labels.
 """
 
 from __future__ import annotations
@@ -58,3 +59,67 @@ class ImplicitReward(nn.Module):
         """``[N]`` implicit rewards ``beta * (log pi - log ref)`` of the responses."""
         policy, reference = self.log_likelihoods(input_ids, attention_mask, completion_mask)
         return self.beta * (policy - reference)
+
+
+class ImplicitPRM:
+    """Process rewards from a policy and its reference, without step labels (Yuan et al. 2024, "Free Process
+    Rewards without Process Labels", arXiv:2412.01981; PRIME, Cui et al. 2025). The reward of step ``k``:
+
+        r_k = beta * sum over the tokens t of step k of (log pi(y_t | y_<t) - log ref(y_t | y_<t))
+
+    and with ``cumulative=True`` the q-value ``q_k = r_1 + ... + r_k`` (the log-odds that the solution
+    succeeds from there, when the policy was trained as an outcome model with ``implicit_prm_ce``). A
+    `prefkit.models.process.StepScorer`: ``score(records)`` gives one value per step, read as log-odds by
+    `prefkit eval prm` and the searches, so an implicit PRM is evaluated exactly like an explicit one. Steps are
+    tokenized as for a PRM (`prefkit.data.tokenize.tokenize_stepwise` with ``separator``), but the prompt as the
+    policy saw it (no separator after it).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module,
+        tokenizer,
+        *,
+        beta: float,
+        separator: str = "\n",
+        cumulative: bool = False,
+        batch_size: int = 16,
+        max_length: int | None = None,
+    ):
+        self.reward = ImplicitReward(policy, reference, beta)
+        self.tokenizer, self.separator, self.cumulative = tokenizer, separator, cumulative
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @torch.no_grad()
+    def score(self, records, progress: bool = False) -> list[list[float]]:
+        from prefkit.data.collators import StepCollator
+        from prefkit.data.tokenize import OverlongPromptError, tokenize_stepwise
+
+        tok = self.tokenizer
+        collate = StepCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        device = next(self.reward.policy.parameters()).device
+        out: list[list[float]] = [[] for _ in records]
+        examples = []
+        for i, record in enumerate(records):
+            try:
+                example = tokenize_stepwise(
+                    record, tok, max_length=self.max_length, step_separator=self.separator, prompt_separator=False
+                )
+            except OverlongPromptError:
+                continue  # no step fits: no scores
+            examples.append((i, example))
+        for start in range(0, len(examples), self.batch_size):
+            chunk = examples[start : start + self.batch_size]
+            batch = collate([ex for _, ex in chunk])
+            ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
+            kwargs = {"chunk_size": self.reward.chunk_size, "per_token": True}
+            policy = completion_logps(self.reward.policy, ids, attn, comp, **kwargs).per_token
+            reference = completion_logps(self.reward.reference, ids, attn, comp, **kwargs).per_token
+            running = (self.reward.beta * (policy - reference)).double().cumsum(-1).cpu()
+            for row, (i, ex) in enumerate(chunk):
+                lengths = torch.tensor([len(s) for s in ex["steps_input_ids"]])
+                ends = len(ex["prompt_input_ids"]) - 1 + lengths.cumsum(0)  # each step's last token
+                q = running[row, ends]
+                out[i] = (q if self.cumulative else torch.diff(q, prepend=q.new_zeros(1))).tolist()
+        return out

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prefkit.losses.base import LossOutput, StepScores, register_loss
+from prefkit.losses.auxiliary import check_hparam
+from prefkit.losses.base import LossOutput, StepScores, UnpairedLogps, register_loss, require_reference
 
 
 def per_example_mean(values: torch.Tensor, example: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -56,3 +57,30 @@ def prm_bce(b: StepScores, *, pos_weight: float = 1.0) -> LossOutput:
             "steps/label": per_example_mean(y, b.example, b.batch_size),
         }
     return LossOutput(per_example_mean(per_step, b.example, b.batch_size), metrics)
+
+
+@register_loss("implicit_prm_ce", kind="unpaired", ranges={"beta": "> 0"})
+def implicit_prm_ce(b: UnpairedLogps, *, beta: float = 0.05) -> LossOutput:
+    """Cross-entropy on the outcome of the implicit reward: trains a policy whose log-ratio to its reference is
+    an outcome reward model, and with it an implicit process reward model (`prefkit.eval.implicit.ImplicitPRM`).
+
+    Formula: r = beta * (log pi(y|x) - log pi_ref(y|x)); loss = -l log sigmoid(r) - (1 - l) log sigmoid(-r), l = label
+
+    Paper: Yuan et al. (2024), "Free Process Rewards without Process Labels", arXiv:2412.01981 (their
+    cross-entropy objective; with it the partial sums of r over a solution's tokens are q-values, the
+    log-odds of success from each prefix).
+
+    Hyper-parameters:
+    - ``beta`` (0.05): reward scale (the paper's value).
+
+    Unlike ``bco`` there is no reward shift: the label is read against ``r = 0``. Data: unpaired records,
+    ``label`` true for a solution with the right outcome.
+
+    Metrics: ``rewards`` = ``r`` per example.
+    """
+    check_hparam("implicit_prm_ce", "beta", beta)
+    require_reference(b, "implicit_prm_ce")
+    rewards = beta * (b.policy - b.ref)
+    label = b.label.to(torch.bool)
+    loss = torch.where(label, -F.logsigmoid(rewards), -F.logsigmoid(-rewards))
+    return LossOutput(loss=loss, metrics={"rewards": rewards.detach()})
