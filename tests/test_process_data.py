@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from prefkit.data.collators import StepCollator
 from prefkit.data.loaders import load_records
@@ -128,3 +129,28 @@ def test_step_collator_points_at_each_steps_last_token():
     assert batch["input_ids"][batch["step_rows"], batch["step_positions"]].tolist() == [9, 9, 9]
     assert batch["step_labels"].tolist() == [1.0, 0.0, 0.5] and batch["weight"].tolist() == [1.0, 2.0]
     assert batch["completion_mask"].tolist()[1] == [0, 1, 1, 0, 0, 0, 0]
+
+
+def test_step_preference_pairs_mined_from_shared_correct_prefixes():
+    from prefkit.data.convert import step_preference_pairs
+
+    records = [
+        StepwiseRecord(prompt="P", completions=["a", "b", "c"], labels=[True, True, True]),
+        StepwiseRecord(prompt="P", completions=["a", "x", "y"], labels=[True, False, False]),
+        StepwiseRecord(prompt="P", completions=["z"], labels=[0.2]),  # soft label: wrong
+        StepwiseRecord(prompt="P", completions=["a", "x"], labels=[True, False]),  # the same pair again
+        StepwiseRecord(prompt="Q", completions=["a", "q"], labels=[True, False]),  # no correct alternative
+    ]
+    pairs = step_preference_pairs(records, separator=" ;", prompt_separator=" ")
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("P ", "a", "z"), ("P a ;", "b", "x")]
+    from prefkit.losses import PairLogps, get_loss
+
+    b = PairLogps(
+        torch.tensor([-1.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-1.5]),
+        torch.tensor([-1.5]),
+        torch.ones(1),
+        torch.ones(1),
+    )
+    assert torch.allclose(get_loss("step_dpo")(b, beta=0.4).loss, get_loss("dpo")(b, beta=0.4).loss)

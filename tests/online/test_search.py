@@ -158,3 +158,14 @@ def test_monte_carlo_labels_per_step_and_by_binary_search(model, tok, counted):
     assert binary.tokens == counted["tokens"]
     with pytest.raises(ValueError, match="mode: expected soft, hard or binary_search"):
         monte_carlo_step_labels(model, tok, records, verifier, separator=";", mode="omega")
+
+
+def test_mcts_tree_gives_step_pairs(model, tok):
+    class LengthScorer:  # steps of different lengths get different values
+        def score(self, records, progress=False):
+            return [[len(step) - 2.0 for step in r.completions] for r in records]
+
+    (result,) = prm_mcts(model, tok, LengthScorer(), ["ab"], separator=";", simulations=6, expansions=3, step_tokens=4)
+    assert result.pairs
+    for pair in result.pairs:
+        assert pair.margin > 0 and pair.prompt.startswith("ab") and pair.chosen != pair.rejected

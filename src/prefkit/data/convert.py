@@ -22,6 +22,7 @@ from prefkit.data.records import (
     RankedRecord,
     RatedRecord,
     Record,
+    StepwiseRecord,
     UnpairedRecord,
     render_text,
     text_key,
@@ -222,6 +223,41 @@ CONVERSIONS: dict[tuple[str, str], str] = {
     ("rated", "pairwise"): "rated_to_pairwise",
     ("pairwise", "unpaired"): "pairwise_to_unpaired",
 }
+
+
+def step_preference_pairs(
+    records: Iterable[StepwiseRecord], *, separator: str = "\n", prompt_separator: str | None = None
+) -> list[PairwiseRecord]:
+    """Step-DPO pairs (Lai et al. 2024) mined from stepwise records of the same prompt.
+
+    Wherever two solutions of one prompt share their first ``k`` steps, all correct, and then one continues with
+    a correct step and the other with a wrong one (a label > 0.5 is correct), the pair is: prompt = the problem,
+    ``prompt_separator`` (default ``separator``), then the ``k`` shared steps each followed by ``separator``;
+    chosen = the correct step, rejected = the wrong one. Each distinct (prefix, chosen, rejected) once, in the
+    order the solutions come; ids ``step-{n}``."""
+    from collections import defaultdict
+
+    records = _expect(records, StepwiseRecord, "step_preference_pairs")
+    before = separator if prompt_separator is None else prompt_separator
+    # (prompt, prefix of correct steps) -> next steps seen after it, correct and wrong, in order
+    nexts: dict[tuple, dict[bool, list[str]]] = defaultdict(lambda: {True: [], False: []})
+    for r in records:
+        if not isinstance(r.prompt, str):
+            raise ValueError("step_preference_pairs needs plain-text prompts")
+        for k, (step, label) in enumerate(zip(r.completions, r.labels)):
+            good = float(label) > 0.5
+            seen = nexts[(r.prompt, tuple(r.completions[:k]))][good]
+            if step not in seen:
+                seen.append(step)
+            if not good:
+                break  # later steps follow a wrong one: no correct prefix
+    pairs = []
+    for (prompt, prefix), steps in nexts.items():
+        text = prompt + before + "".join(step + separator for step in prefix)
+        for chosen in steps[True]:
+            for rejected in steps[False]:
+                pairs.append(PairwiseRecord(prompt=text, chosen=chosen, rejected=rejected, id=f"step-{len(pairs)}"))
+    return pairs
 
 
 def convert_records(

@@ -115,6 +115,31 @@ def dpo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l)
 
 
+@register_loss("step_dpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
+def step_dpo(b: PairLogps, *, beta: float = 0.4) -> LossOutput:
+    """Step-DPO: DPO on one reasoning step, after a shared prefix of correct steps.
+
+    Formula: loss = -log sigma(beta * h), h = (pi - ref)(s_w | x, s_<k) - (pi - ref)(s_l | x, s_<k)
+
+    Paper: Lai, Tian, Chen, Yang, Peng, Jia (2024), "Step-DPO: Step-wise Preference Optimization for
+    Long-chain Reasoning of LLMs", arXiv:2406.18629; the pairs may also come from search trees
+    (Xie et al. 2024, "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning",
+    arXiv:2405.00451).
+
+    Hyper-parameters:
+        beta: as in DPO (> 0); default 0.4, the paper's value for its 7B-72B models.
+
+    The loss is DPO's; what makes it Step-DPO is the data: the prompt is the problem followed by the correct
+    steps so far and the two completions are one correct and one wrong next step
+    (`prefkit.data.convert.step_preference_pairs` mines them from stepwise records; `prefkit.online.search.prm_mcts`
+    returns them from its tree). Difference from the paper: a prefkit completion ends with EOS, so the
+    EOS after each step is scored too.
+
+    TRL: no Step-DPO; ``DPOTrainer`` with ``loss_type="sigmoid"`` on such pairs computes the same numbers.
+    """
+    return dpo(b, beta=beta)
+
+
 @register_loss("cdpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "label_smoothing": "[0, 0.5)"})
 def cdpo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
     """Conservative DPO: DPO against a soft label that assumes a flip rate ``eps``.

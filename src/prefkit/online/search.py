@@ -13,7 +13,8 @@
 - `prm_mcts`: Monte-Carlo tree search over steps with the PRM as value (rStar-Math style, Guan et al. 2025):
   UCT selection, children initialised with the PRM's probability of their last step, terminal solutions
   valued by an outcome function (a verifier in training, the PRM's own aggregate at test time), values
-  backed up as running means.
+  backed up as running means. Its tree also gives step preference pairs (MCTS-DPO, Xie et al. 2024): at each
+  node, the best-valued visited child against the worst, for the ``step_dpo`` loss.
 
 Tokens: the completion tokens the policy generated (prompts and re-fed prefixes are not counted), so methods
 are compared at equal generation compute.
@@ -155,6 +156,7 @@ class SearchResult:
     tokens: int
     finished: bool = True
     explored: int = 0  # partial or whole solutions scored
+    pairs: list = field(default_factory=list)  # prm_mcts: step preference pairs from its tree
 
 
 @dataclass
@@ -320,8 +322,38 @@ def prm_mcts(
             best = _best_leaf(root)
         score = best.value if best.visits else best.prior
         text = tokenizer.decode(best.ids, skip_special_tokens=True)
-        results.append(SearchResult(prompt, text, score, tokens, finished=best.done, explored=explored))
+        pairs = _tree_pairs(root, prompt, tokenizer, len(ids))
+        results.append(SearchResult(prompt, text, score, tokens, finished=best.done, explored=explored, pairs=pairs))
     return results
+
+
+def _tree_pairs(root: _Node, prompt: str, tokenizer, n_prompt: int) -> list:
+    """MCTS-DPO pairs (Xie et al. 2024): at every node with at least two visited children, the child with the
+    highest mean value against the one with the lowest (a strict difference), as one step after the node's
+    prefix. The pair's prompt is the problem followed by the decoded prefix."""
+    from prefkit.data.records import PairwiseRecord
+
+    pairs, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        visited = [c for c in node.children if c.visits]
+        if len(visited) < 2:
+            continue
+        hi, lo = max(visited, key=lambda c: c.value), min(visited, key=lambda c: c.value)
+        if hi.value <= lo.value:
+            continue
+        prefix = tokenizer.decode(node.ids, skip_special_tokens=True)
+
+        def step(child: _Node) -> str:
+            return tokenizer.decode(child.ids[len(node.ids) :], skip_special_tokens=True)
+
+        pairs.append(
+            PairwiseRecord(
+                prompt=(prompt + " " + prefix).rstrip(), chosen=step(hi), rejected=step(lo), margin=hi.value - lo.value
+            )
+        )
+    return pairs
 
 
 def _path_aggregate(scorer, prompt: str, text: str, steps_of, how: str) -> float:
