@@ -58,6 +58,22 @@ def test_finish_reasons(rollouts, tokenizer):
     assert all(not any(s in tokenizer.decode(r.completion_ids[:-1]) for s in stops) for r in stopped)
 
 
+def test_one_token_stops_end_inside_generate_and_the_others_by_text(rollouts, tokenizer):
+    # a byte that no other token's text holds ends generation like EOS; "a" is also in the text of "<pad>",
+    # and "e " / "th" span two tokens: those go through generate's stop-string criteria and are cut by text
+    single, text = rollouts._stop_tokens(tuple("etoihrl "))
+    assert text == () and len(single) == 8
+    stops = ("e ", "a", "th", "o")
+    single, text = rollouts._stop_tokens(stops)
+    assert text == ("e ", "a", "th") and single == set(tokenizer("o", add_special_tokens=False)["input_ids"])
+    out = rollouts.generate(_prompts(tokenizer), SamplingSettings(n=4, max_new_tokens=40, stop=stops, seed=5))
+    stopped = [r for r in out if r.finish_reason == "stop"]
+    assert stopped
+    for r in stopped:
+        assert any(r.text.endswith(s) for s in stops) or r.completion_ids[-1] in single  # the stop is kept
+        assert not any(s in tokenizer.decode(r.completion_ids[:-1]) for s in stops)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

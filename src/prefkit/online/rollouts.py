@@ -108,6 +108,7 @@ class HFRollouts:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no eos_token_id; rollouts need one")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self._token_stops: dict[str, int | None] = {}
         self.max_context = max_context or getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
     @torch.no_grad()
@@ -159,6 +160,29 @@ class HFRollouts:
             cache.batch_repeat_interleave(n)
         return cache
 
+    def _stop_tokens(self, stops: tuple[str, ...]) -> tuple[set[int], tuple[str, ...]]:
+        """Stop strings that are one token of their own (ended like EOS, inside ``generate``; works with any
+        tokenizer), and the others (``generate``'s stop-string criteria, then cut by text)."""
+        single, text = set(), []
+        for stop in stops:
+            if stop not in self._token_stops:
+                self._token_stops[stop] = self._only_token(stop)
+            if self._token_stops[stop] is None:
+                text.append(stop)
+            else:
+                single.add(self._token_stops[stop])
+        return single, tuple(text)
+
+    def _only_token(self, stop: str) -> int | None:
+        """The id of the one token whose text holds ``stop``, when exactly one does (so ending at that token is
+        ending at the stop string); else None."""
+        ids = list(self.tokenizer(stop, add_special_tokens=False)["input_ids"])
+        if len(ids) != 1:
+            return None
+        needle = stop.strip() or stop
+        holders = [i for i in range(len(self.tokenizer)) if needle in self.tokenizer.decode([i])]
+        return ids[0] if holders == ids else None
+
     def _batch(self, chunk, settings: SamplingSettings, eos: int, pad: int, device) -> list[Rollout]:
         n = settings.n
         ids, mask = left_pad([row for _, row, _ in chunk], pad)
@@ -170,7 +194,8 @@ class HFRollouts:
             processors.append(TopKLogitsWarper(settings.top_k))
         if settings.top_p < 1.0:
             processors.append(TopPLogitsWarper(float(settings.top_p)))
-        extra = {"stop_strings": list(settings.stop), "tokenizer": self.tokenizer} if settings.stop else {}
+        token_stops, text_stops = self._stop_tokens(settings.stop)
+        extra = {"stop_strings": list(text_stops), "tokenizer": self.tokenizer} if text_stops else {}
         cache = self._prefill(ids, mask, n)
         if cache is not None:
             extra[_CACHE_KWARG] = cache
@@ -184,7 +209,7 @@ class HFRollouts:
             repetition_penalty=1.0,
             max_new_tokens=settings.max_new_tokens,
             min_new_tokens=settings.min_new_tokens or None,
-            eos_token_id=eos,
+            eos_token_id=[eos, *token_stops] if token_stops else eos,
             pad_token_id=pad,
             **extra,
         )
@@ -194,12 +219,14 @@ class HFRollouts:
         items = [(i, prompt) for i, prompt, _ in chunk for _ in range(n)]
         for row, ((i, prompt), tokens) in enumerate(zip(items, new.cpu().tolist())):
             cut, reason = len(tokens), "length"
-            if eos in tokens:
-                cut, reason = tokens.index(eos) + 1, "eos"
+            for k, token in enumerate(tokens):
+                if token == eos or token in token_stops:
+                    cut, reason = k + 1, "eos" if token == eos else "stop"
+                    break
             completion = tokens[:cut]
             text = self.tokenizer.decode(completion, skip_special_tokens=True)
-            if reason == "length" and settings.stop:
-                cut_stop = _stop_cut(completion, settings.stop, self.tokenizer)
+            if reason == "length" and text_stops:
+                cut_stop = _stop_cut(completion, text_stops, self.tokenizer)
                 if cut_stop is not None:
                     completion, reason = completion[:cut_stop], "stop"
                     text = self.tokenizer.decode(completion, skip_special_tokens=True)

@@ -22,6 +22,7 @@ are compared at equal generation compute.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
@@ -176,6 +177,11 @@ def _extend(
     """Sample ``settings.n`` next steps of every path (generation stops at the separator); the new paths and
     the tokens generated."""
     prefixes = [prompt_ids + p.ids for p in paths]
+    if rollouts.max_context is not None:  # a step ends where the model's context does
+        budget = min(settings.max_new_tokens, rollouts.max_context - max(map(len, prefixes)))
+        if budget < 1:
+            return [_Path(p.ids, done=True) for p in paths], 0
+        settings = dataclasses.replace(settings, max_new_tokens=budget)
     out = rollouts.generate(prefixes, settings, prompt_seeds=[seed_base + k for k in range(len(paths))])
     new = []
     for r, parent in zip(out, [p for p in paths for _ in range(settings.n)]):

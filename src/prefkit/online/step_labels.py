@@ -15,6 +15,7 @@ per-step estimate does not.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -74,7 +75,13 @@ def monte_carlo_step_labels(
         if not queries:
             return []
         prefixes = [prompt_ids[i] + [t for ids in step_ids[i][: k + 1] for t in ids] for i, k in queries]
-        out = engine.generate(prefixes, settings, prompt_seeds=[i * 1009 + k for i, k in queries])
+        room = settings
+        if engine.max_context is not None:  # completions end where the model's context does
+            budget = min(max_new_tokens, engine.max_context - max(map(len, prefixes)))
+            if budget < 1:
+                raise ValueError(f"a prefix of {max(map(len, prefixes))} tokens fills the model's context")
+            room = dataclasses.replace(settings, max_new_tokens=budget)
+        out = engine.generate(prefixes, room, prompt_seeds=[i * 1009 + k for i, k in queries])
         used["rollouts"] += len(out)
         used["tokens"] += sum(len(r.completion_ids) for r in out)
         shares = []
