@@ -128,3 +128,20 @@ def test_prefkit_train_and_eval_prm(tmp_path, monkeypatch, capsys):
         )
         == 2
     )
+
+
+def test_eval_prm_scores_an_implicit_prm(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "implicit"
+    args = ["eval", "prm", "--model", "tiny", "--implicit", "--ref", "tiny", "--beta", "0.1", "--separator", " ;"]
+    assert main([*args, "--data", "examples/data/steps_tiny.jsonl", "--output", str(out), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    # the policy is its reference: every step reward is 0, probability 1/2
+    assert rows and all(p == pytest.approx(0.5) for row in rows for p in row["probabilities"])
+    assert json.loads((out / "results.json").read_text())["implicit"] is True
+    capsys.readouterr()
+    assert main(["eval", "prm", "--model", "tiny", "--implicit", "--data", "x.jsonl", "--output", str(out)]) == 2
+    assert "--implicit needs --ref" in capsys.readouterr().err
+    assert main(["eval", "prm", "--model", "tiny", "--beta", "0.1", "--data", "x.jsonl", "--output", str(out)]) == 2

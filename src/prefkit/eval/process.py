@@ -16,7 +16,8 @@ step with the PRM (its own step separator), and reports, with the metric definit
 
 A step is accepted when its probability (sigmoid of the PRM's logit) is at least ``--threshold`` (default
 0.5). ``--threshold auto`` chooses it on a held-out part (``--threshold-fraction`` of the solutions, seeded)
-by ProcessBench F1 and reports the metrics on the rest. Written to ``--output``: ``results.json``,
+by ProcessBench F1 and reports the metrics on the rest. ``--implicit --ref REF --beta B``: the model is a policy
+scored as an implicit PRM (`prefkit.eval.implicit.ImplicitPRM`). Written to ``--output``: ``results.json``,
 ``scores.jsonl`` (every solution's labels and step probabilities), ``report.md`` and two plots.
 """
 
@@ -233,6 +234,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
     parser.add_argument("--model", required=True, help="process reward model folder (trained with a process loss)")
+    parser.add_argument(
+        "--implicit",
+        action="store_true",
+        help="--model is a policy: score each step by beta * its log-ratio to --ref (an implicit PRM; Yuan et al.)",
+    )
+    parser.add_argument("--ref", default=None, help="the reference model of --implicit (folder, Hub id or 'tiny')")
+    parser.add_argument("--beta", type=float, default=None, help="--implicit: the beta the policy was trained with")
+    parser.add_argument(
+        "--separator", default=None, help="--implicit: the text that ends every step (default: a newline)"
+    )
+    parser.add_argument(
+        "--cumulative", action="store_true", help="--implicit: score a step by the sum up to it (a q-value)"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: --model's)")
     parser.add_argument(
         "--data",
@@ -270,6 +284,18 @@ def _threshold(value: str) -> float | str:
 
 def _check_args(args: argparse.Namespace) -> float | str:
     threshold = _threshold(args.threshold)
+    if args.implicit and (args.ref is None or args.beta is None):
+        raise ValueError(
+            "--implicit needs --ref (the reference model) and --beta (the beta the policy was trained with)"
+        )
+    if (
+        not args.implicit
+        and any(v is not None for v in (args.ref, args.beta, args.separator))
+        or (not args.implicit and args.cumulative)
+    ):
+        raise ValueError("--ref, --beta, --separator and --cumulative go with --implicit (an implicit PRM)")
+    if args.beta is not None and not args.beta > 0:
+        raise ValueError(f"--beta: expected a number > 0, got {args.beta}")
     if not 0.0 < args.threshold_fraction < 1.0:
         raise ValueError(f"--threshold-fraction: expected a number in (0, 1), got {args.threshold_fraction}")
     for flag in ("batch_size", "max_length", "limit"):
@@ -279,6 +305,30 @@ def _check_args(args: argparse.Namespace) -> float | str:
     return threshold
 
 
+def _scorer(args: argparse.Namespace, tokenizer, device: str):
+    """The step scorer ``args`` name: a PRM, or with ``--implicit`` a policy against its reference."""
+    if args.implicit:
+        from prefkit.eval.implicit import ImplicitPRM
+        from prefkit.models.loading import load_policy, load_reference
+
+        policy = load_policy(args.model, dtype=args.dtype).to(device)
+        reference = load_reference(args.ref, dtype=args.dtype).to(device)
+        return ImplicitPRM(
+            policy,
+            reference,
+            tokenizer,
+            beta=args.beta,
+            separator=args.separator if args.separator is not None else "\n",
+            cumulative=args.cumulative,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
+    from prefkit.models.process import PRMScorer, load_process_reward_model
+
+    model = load_process_reward_model(args.model, dtype=args.dtype, device=device)
+    return PRMScorer(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the headline; 2 on bad input (one line on stderr)."""
     from prefkit.eval.commands import parse_data_argument, training_data_warnings
@@ -286,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         threshold = _check_args(args)
-        for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--ref", args.ref)):
             check_model_path(flag, value)
         sources = [parse_data_argument(v) for v in args.data]
         records, subsets = load_step_records(
@@ -302,15 +352,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from prefkit.models.loading import load_tokenizer
-    from prefkit.models.process import PRMScorer, load_process_reward_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = load_process_reward_model(args.model, dtype=args.dtype, device=device)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
-        logits = PRMScorer(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length).score(
-            records, progress=not args.no_progress
-        )
+        logits = _scorer(args, tokenizer, device).score(records, progress=not args.no_progress)
         results = evaluate_steps(
             records, subsets, logits, threshold=threshold, threshold_fraction=args.threshold_fraction, seed=args.seed
         )
@@ -318,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     extra = {"model": args.model, "data": args.data, "layout": args.layout, "device": device}
+    if args.implicit:
+        extra.update(implicit=True, reference=args.ref, beta=args.beta, cumulative=args.cumulative)
     report = write_prm_report(results, args.output, **extra)
     for name, value in headline(results):
         print(f"{name}: {_fmt(value)}")
