@@ -1,7 +1,7 @@
 """Run the lab studies with their default settings (`prefkit.lab.studies`).
 
     python benchmarks/lab_studies.py                    # all of them
-    python benchmarks/lab_studies.py --only noise       # one of losses, noise, overopt, pluralism, online, rlhf, budget
+    python benchmarks/lab_studies.py --only noise       # or losses, overopt, pluralism, online, rlhf, budget, process
 
 Each study writes results.md, results.json and PNG plots into benchmarks/results/lab_<study>/ (the same
 as `prefkit lab study <study> --output-dir benchmarks/results/lab_<study>`). The reference policy is
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from prefkit.lab import budget_study, online_study, pluralism, rlhf_study, studies
+from prefkit.lab import budget_study, online_study, pluralism, process_study, rlhf_study, studies
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STUDIES = {
@@ -29,6 +29,7 @@ STUDIES = {
     "online": online_study.online_study,
     "rlhf": rlhf_study.rlhf_study,
     "budget": budget_study.budget_study,
+    "process": process_study.process_study,
 }
 
 

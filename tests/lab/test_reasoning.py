@@ -196,3 +196,57 @@ def test_each_online_method_raises_the_lab_true_reward(method, tmp_path, lab_cac
         ref, records, CombinedReward([("true", lab_reward("default"), 1.0)]), args, evaluate, 12, trainer_class=build
     )
     assert points[-1]["true"] > points[0]["true"] + 0.2, points
+
+
+def test_world_steps_and_their_true_labels():
+    from prefkit.lab.process_study import world_labels, world_steps
+
+    text = "3 add 4 is 8 ; 8 sub 2 is 6 ; answer 6"
+    assert world_steps(text) == ["3 add 4 is 8", "8 sub 2 is 6", "answer 6"]
+    assert world_labels(W, PROBLEM, text) == [False, True, False]  # the answer step is right when the answer is
+    assert world_labels(W, PROBLEM, W.solution(PROBLEM)) == [True, True, True]
+    assert world_steps("3 add 4 is 7 ;") == ["3 add 4 is 7"] and world_labels(W, PROBLEM, "3 add 4 is 7 ;") == [True]
+
+
+def test_process_study_runs(tmp_path, lab_cache):
+    """A small run of `prefkit lab study process`: every scorer's best-of-N curve, step quality, Monte-Carlo
+    labels, beam search and MCTS, the files. (The full study's figures are in benchmarks/RESULTS.md.)"""
+    import json
+
+    from prefkit.lab.policy import ReferenceSpec
+    from prefkit.lab.process_study import SCORERS, process_study
+
+    tiny = ReferenceSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=60)
+    r = process_study(
+        seeds=[0],
+        train_problems=8,
+        samples=2,
+        test_problems=6,
+        pool=4,
+        mc_rollouts=2,
+        rm_steps=3,
+        implicit_steps=2,
+        search_problems=2,
+        mcts_simulations=2,
+        binary_search_solutions=4,
+        output_dir=tmp_path / "process",
+        cache_dir=lab_cache,
+        progress=False,
+        arithmetic_spec=tiny,
+    )
+    curves = r["summary"]["curves"]
+    assert set(curves) == set(SCORERS) and all(set(c) == {"1", "2", "4"} for c in curves.values())
+    assert all(0 <= v["mean"] <= 1 for c in curves.values() for v in c.values())
+    # every picker at N = 1 is one random sample: the same expected accuracy (majority: a Monte-Carlo estimate)
+    ones = [curves[name]["1"]["mean"] for name in ("orm", "prm", "prm_mc", "implicit", "oracle")]
+    assert max(ones) - min(ones) < 1e-9
+    assert curves["oracle"]["4"]["mean"] >= max(curves[n]["4"]["mean"] for n in SCORERS)
+    run = r["runs"][0]
+    assert run["search"]["beam"]["tokens"] > 0 and run["search"]["mcts"]["tokens"] > 0
+    labels = run["mc_labels"]
+    assert labels["rollouts"] >= labels["per_step_rollouts_on_subset"] >= labels["binary_search_rollouts"] > 0
+    for name in ("results.json", "results.md", "process.png"):
+        assert (tmp_path / "process" / name).is_file()
+    assert json.loads((tmp_path / "process" / "results.json").read_text())["study"] == "process"
+    with pytest.raises(ValueError, match="pool must be at least 1"):
+        process_study(pool=0, output_dir=tmp_path)

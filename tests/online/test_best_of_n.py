@@ -82,3 +82,25 @@ def test_best_of_n_picks_the_highest_score():
         assert o.best is o.candidates[o.scores.index(o.best_score)]
     with pytest.raises(ValueError, match="one score each"):
         best_of_n(model, tokenizer, ["ab"], 2, lambda items: [0.0], max_new_tokens=2, progress=False)
+
+
+def test_pass_at_n_by_hand():
+    from prefkit.online.best_of_n import pass_at_n
+
+    correct = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert pass_at_n(correct, 1) == pytest.approx((1 / 4 + 0) / 2)
+    assert pass_at_n(correct, 2) == pytest.approx((1 - 3 / 6 + 0) / 2)  # 1 - C(3, 2) / C(4, 2)
+    assert pass_at_n(correct, 4) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        pass_at_n(correct, 5)
+
+
+def test_majority_vote_accuracy_by_hand():
+    from prefkit.online.best_of_n import majority_vote_accuracy
+
+    answers = [["5", "3", "5", None], ["1", "2", "2", "1"]]
+    correct = np.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    # n = M: problem 1 votes 5 (right); problem 2 ties 1 and 2 and the first sampled, "1", wins (wrong)
+    assert majority_vote_accuracy(answers, correct, 4) == 0.5
+    # n = 1: one random sample, so the mean accuracy of the pool (a Monte-Carlo estimate)
+    assert majority_vote_accuracy(answers, correct, 1, draws=4000) == pytest.approx(0.5, abs=0.03)

@@ -30,6 +30,8 @@ STUDIES = {
     "and proxy reward against KL, mean ± SE over seeds",
     "budget": "online against offline preference learning at one label budget: offline DPO, iterative DPO, online "
     "DPO, GRPO; and offline data without the high-reward region (coverage)",
+    "process": "process against outcome rewards on verifiable arithmetic: PRM (true and Monte-Carlo labels), ORM, "
+    "implicit PRM and majority vote in best-of-N, step-level quality, beam search and MCTS, mean ± SE over seeds",
     "pluralism": "user groups of unequal shares: pooled BT against MixtureBT, PAL, VPL, MiCRo per group, for seen "
     "and unseen users; PAL on planted ideal points, a pets task, GPM against BT on cyclic preferences",
 }
@@ -148,6 +150,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _online(studies.add_parser("online", help=STUDIES["online"], description=STUDIES["online"]))
     _rlhf(studies.add_parser("rlhf", help=STUDIES["rlhf"], description=STUDIES["rlhf"]))
     _budget(studies.add_parser("budget", help=STUDIES["budget"], description=STUDIES["budget"]))
+    _process(studies.add_parser("process", help=STUDIES["process"], description=STUDIES["process"]))
+
+
+def _process(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="one run per seed (default: 0,1,2)")
+    parser.add_argument("--train-problems", type=int, default=2048, help="training problems (default: 2048)")
+    parser.add_argument("--samples", type=int, default=4, help="training solutions per problem (default: 4)")
+    parser.add_argument("--test-problems", type=int, default=128, help="test problems (default: 128)")
+    parser.add_argument("--pool", type=int, default=16, help="test solutions per problem, the largest N (default: 16)")
+    parser.add_argument("--mc-rollouts", type=int, default=4, help="Monte-Carlo rollouts per prefix (default: 4)")
+    parser.add_argument(
+        "--rm-steps", type=int, default=3000, help="training steps of 32 solutions per reward model (default: 3000)"
+    )
+    parser.add_argument(
+        "--search-problems", type=int, default=64, help="problems for beam search and MCTS (default: 64)"
+    )
+    parser.add_argument("--output-dir", default="runs/lab/process", help="where results go (default: runs/lab/process)")
+    parser.add_argument("--cache-dir", default=None, help="where reference policies are cached")
+    parser.add_argument("--quiet", action="store_true", help="no progress output; the results are still written")
 
 
 def _budget(parser: argparse.ArgumentParser) -> None:
@@ -298,6 +319,27 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"prefkit lab study {args.study}: error: {problem}", file=sys.stderr)
         return 2
+    if args.study == "process":
+        from prefkit.lab.process_study import process_study
+
+        try:
+            process_study(
+                seeds=args.seeds,
+                train_problems=args.train_problems,
+                samples=args.samples,
+                test_problems=args.test_problems,
+                pool=args.pool,
+                mc_rollouts=args.mc_rollouts,
+                rm_steps=args.rm_steps,
+                search_problems=args.search_problems,
+                output_dir=args.output_dir,
+                cache_dir=args.cache_dir,
+                progress=not args.quiet,
+            )
+        except ValueError as err:
+            print(f"prefkit lab study process: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.study == "budget":
         from prefkit.lab.budget_study import budget_study
 

@@ -62,14 +62,18 @@ def build_process_reward_model(
         backbone = load_policy(backbone_name_or_path, tiny=spec, vocab_size=vocab_size, dtype=dtype)
         model = _llama_token_classifier(backbone, spec.seed if backbone_name_or_path == TINY else seed)
     else:
-        from transformers import AutoModelForTokenClassification
+        from transformers import AutoConfig, AutoModelForTokenClassification
 
-        load_kwargs = dict(kwargs, num_labels=1, trust_remote_code=trust_remote_code, classifier_dropout=0.0)
+        config = AutoConfig.from_pretrained(backbone_name_or_path, num_labels=1, trust_remote_code=trust_remote_code)
+        config.classifier_dropout = 0.0
+        load_kwargs = dict(kwargs, config=config, trust_remote_code=trust_remote_code)
         torch_dtype = resolve_dtype(dtype)
         if torch_dtype is not None:
             load_kwargs["dtype"] = torch_dtype
         try:
-            model = AutoModelForTokenClassification.from_pretrained(backbone_name_or_path, **load_kwargs)
+            with torch.random.fork_rng(devices=[]):  # the new head is seeded
+                torch.manual_seed(seed)
+                model = AutoModelForTokenClassification.from_pretrained(backbone_name_or_path, **load_kwargs)
         except ValueError as err:
             if "Unrecognized configuration class" not in str(err):
                 raise

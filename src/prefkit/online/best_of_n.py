@@ -27,7 +27,15 @@ from torch import nn
 
 from prefkit.online.sampling import Completion, sample_completions
 
-__all__ = ["BestOfN", "best_of_n", "best_of_n_expectation", "best_of_n_kl", "best_of_n_weights"]
+__all__ = [
+    "BestOfN",
+    "best_of_n",
+    "best_of_n_expectation",
+    "best_of_n_kl",
+    "best_of_n_weights",
+    "majority_vote_accuracy",
+    "pass_at_n",
+]
 
 
 def best_of_n_kl(n: int) -> float:
@@ -87,6 +95,44 @@ def best_of_n_expectation(select_scores, values, n: int) -> float:
         order = np.argsort(s, kind="stable")
         per_prompt.append(float(np.dot(_tie_averaged(weights, s[order]), v[order])))
     return float(np.mean(per_prompt))
+
+
+def pass_at_n(correct, n: int) -> float:
+    """Unbiased pass@n from a pool of ``M >= n`` graded samples per problem (Chen et al. 2021, "Evaluating
+    Large Language Models Trained on Code", arXiv:2107.03374): ``1 - C(M - c, n) / C(M, n)`` with ``c`` right
+    samples, averaged over problems. ``correct``: ``[P, M]`` of 0 / 1. The accuracy of an oracle picker."""
+    grid = np.asarray(correct, dtype=np.float64)
+    if grid.ndim != 2 or not 1 <= n <= grid.shape[1]:
+        raise ValueError(f"correct must be [P, M] with 1 <= n <= M, got shape {grid.shape} and n={n}")
+    m = grid.shape[1]
+    values = []
+    for row in grid:
+        c = int(round(row.sum()))
+        values.append(1.0 if m - c < n else 1.0 - math.comb(m - c, n) / math.comb(m, n))
+    return float(np.mean(values))
+
+
+def majority_vote_accuracy(
+    answers: Sequence[Sequence[Any]], correct, n: int, *, draws: int = 200, seed: int = 0
+) -> float:
+    """Accuracy of majority vote (self-consistency; Wang et al. 2023, arXiv:2203.11171) over ``n`` samples drawn
+    without replacement from each problem's pool: ``answers[p][j]`` the final answer of sample ``j`` (None: no
+    answer), ``correct`` ``[P, M]``. Exact (one draw) when ``n == M``; otherwise the mean over ``draws`` random
+    subsets per problem, seeded. Ties go to the first sampled of the tied answers
+    (`prefkit.online.search.majority_vote`)."""
+    from prefkit.online.search import majority_vote
+
+    grid = np.asarray(correct, dtype=np.float64)
+    if grid.ndim != 2 or len(answers) != grid.shape[0] or not 1 <= n <= grid.shape[1]:
+        raise ValueError(f"answers and correct must be [P, M] with 1 <= n <= M, got {grid.shape} and n={n}")
+    m = grid.shape[1]
+    rng = np.random.default_rng(seed)
+    hits = []
+    for row, answer_row in zip(grid, answers):
+        for _ in range(1 if n == m else draws):
+            pick = np.arange(m) if n == m else rng.choice(m, size=n, replace=False)
+            hits.append(row[pick[majority_vote([answer_row[j] for j in pick])]])
+    return float(np.mean(hits))
 
 
 @dataclass
