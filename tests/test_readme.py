@@ -1,13 +1,15 @@
 """The README's commands run as written, in order, from a copy of a fresh clone.
 
-Every ``prefkit ...`` line of the README's bash blocks is run (its ``# comment`` dropped) in a temporary
-folder holding the repository's ``examples/``, with ``../shared`` beside it when this checkout has one
-(lines that read ``../shared/data`` are skipped otherwise). ``prefkit demo`` runs in CI on its own; the lab
-studies take minutes each and run under ``pytest -m slow``.
+Every ``prefkit ...`` and ``python benchmarks/...`` line of the README's bash blocks is run (its ``# comment``
+dropped) in a temporary folder holding the repository's ``examples/`` and ``benchmarks/``, with ``../shared``
+beside it when this checkout has one (lines that read ``../shared/data`` are skipped otherwise). ``prefkit demo``
+runs in CI on its own; the lab studies take minutes each and run under ``pytest -m slow``.
 """
 
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,7 @@ def readme_commands() -> list[str]:
         if line.startswith("```"):
             inside = line.strip() == "```bash" and not inside
             continue
-        if inside and line.startswith("prefkit "):
+        if inside and line.startswith(("prefkit ", "python benchmarks/")):
             command = shlex.join(shlex.split(line, comments=True))
             if not command.startswith(SEPARATE):
                 lines.append(command)
@@ -43,6 +45,7 @@ def clone(tmp_path_factory):
     work = root / "prefkit"
     work.mkdir()
     shutil.copytree(REPO / "examples", work / "examples")
+    shutil.copytree(REPO / "benchmarks", work / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
     if SHARED.is_dir():
         (root / "shared").symlink_to(SHARED)
     return work
@@ -53,6 +56,10 @@ def _run(command: str, clone: Path, monkeypatch) -> None:
         pytest.skip("needs ../shared/data")
     monkeypatch.chdir(clone)
     argv = shlex.split(command, comments=True)
+    if argv[0] == "python":  # a script: its own process, as a user runs it
+        done = subprocess.run([sys.executable, *argv[1:]], cwd=clone, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
+        return
     assert argv[0] == "prefkit"
     assert main(argv[1:]) == 0, command
 
