@@ -146,11 +146,11 @@ def test_step_preference_pairs_mined_from_shared_correct_prefixes():
     from prefkit.losses import PairLogps, get_loss
 
     b = PairLogps(
-        torch.tensor([-1.0]),
-        torch.tensor([-2.0]),
-        torch.tensor([-1.5]),
-        torch.tensor([-1.5]),
-        torch.ones(1),
-        torch.ones(1),
+        policy_chosen=torch.tensor([-1.0]),
+        policy_rejected=torch.tensor([-2.0]),
+        chosen_len=torch.ones(1),
+        rejected_len=torch.ones(1),
+        ref_chosen=torch.tensor([-1.5]),
+        ref_rejected=torch.tensor([-1.5]),
     )
     assert torch.allclose(get_loss("step_dpo")(b, beta=0.4).loss, get_loss("dpo")(b, beta=0.4).loss)

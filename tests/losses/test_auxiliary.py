@@ -51,3 +51,31 @@ def test_length_helpers_clamp_empty_completions():
     assert mean_token_logp(logp, n).tolist() == [-0.5, 0.0]
     b = PairLogps(policy_chosen=logp, policy_rejected=logp, chosen_len=n, rejected_len=n)
     assert chosen_nll(b).tolist() == [0.5, 0.0]
+
+
+def test_rpo_is_dpo_plus_alpha_sft_by_hand():
+    import math
+
+    import torch
+
+    from prefkit.losses import PairLogps, get_loss
+    from prefkit.losses.combine import combine_losses
+
+    b = PairLogps(
+        policy_chosen=torch.tensor([-4.0, -9.0]),
+        policy_rejected=torch.tensor([-6.0, -7.0]),
+        chosen_len=torch.tensor([2.0, 3.0]),
+        rejected_len=torch.tensor([3.0, 3.0]),
+        ref_chosen=torch.tensor([-5.0, -8.0]),
+        ref_rejected=torch.tensor([-5.0, -8.0]),
+    )
+    out = get_loss("rpo")(b, beta=0.5, alpha=0.3)
+    # h = (1 - (-1), -1 - 1) = (2, -2); nll = (4/2, 9/3)
+    expected = [math.log1p(math.exp(-1.0)) + 0.3 * 2.0, math.log1p(math.exp(1.0)) + 0.3 * 3.0]
+    assert out.loss.tolist() == pytest.approx(expected)
+    combined = combine_losses(b, ["dpo", "sft"], [1.0, 0.3], {"dpo": {"beta": 0.5}})
+    assert torch.allclose(out.loss, combined.loss)
+    assert out.metrics["nll_loss"].tolist() == pytest.approx([2.0, 3.0])
+    assert torch.allclose(get_loss("rpo")(b, beta=0.5, alpha=0.0).loss, get_loss("dpo")(b, beta=0.5).loss)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        get_loss("rpo")(b, alpha=-1.0)

@@ -62,6 +62,13 @@ def test_one_loss_in_full(capsys):
     assert "kto_kl_estimate" in out
 
 
+def test_one_loss_by_positional_name(capsys):
+    code, out, _ = run(capsys, "kto")
+    assert code == 0 and out.startswith("kto\n") and "Kahneman-Tversky Optimization" in out
+    code, _, err = run(capsys, "kto", "--name", "bco")
+    assert code == 2 and "name one loss" in err
+
+
 def test_unknown_name_suggests(capsys):
     code, out, err = run(capsys, "--name", "simpoo")
     assert code == 2 and out == ""

@@ -45,8 +45,8 @@ def sft(b: PairLogps) -> LossOutput:
     Paper: Pang, Yuan, Cho, He, Sukhbaatar, Weston (2024), Iterative Reasoning Preference
     Optimization, arXiv:2404.19733.
 
-    RPO is ``dpo + alpha * sft`` (``alpha = 1`` in the paper). ``sft`` has no hyper-parameters
-    of its own; its weight is given where it is combined:
+    RPO is ``dpo + alpha * sft`` (``alpha = 1`` in the paper), registered as the loss ``rpo``. ``sft`` has no
+    hyper-parameters of its own; its weight is given where it is combined:
     ``combine_losses(batch, ["dpo", "sft"], [1.0, alpha], params)`` is RPO, and TRL's
     ``DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha])`` its counterpart.
     Only the chosen completion is scored; ``rejected`` and reference log-probs are ignored.

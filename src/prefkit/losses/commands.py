@@ -1,8 +1,8 @@
-"""`prefkit losses [--kind K] [--name N] [--markdown]`: show the loss registry.
+"""`prefkit losses [NAME] [--kind K] [--name N] [--markdown]`: show the loss registry.
 
 Without options it lists every registered loss, grouped by kind, with whether it needs a
 reference model, its formula, its paper and its hyper-parameters with their defaults.
-``--name`` prints one loss in full, docstring included. ``--markdown`` prints the same
+``prefkit losses NAME`` (or ``--name NAME``) prints one loss in full, docstring included. ``--markdown`` prints the same
 information as the Markdown page ``docs/losses.md`` is generated from.
 """
 
@@ -21,6 +21,7 @@ BATCH_NAMES = {kind: cls.__name__ for kind, cls in BATCH_TYPES.items()}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("loss", nargs="?", metavar="NAME", help="show this loss in full (as --name does)")
     parser.add_argument("--kind", choices=KINDS, help="only losses of this input kind")
     parser.add_argument("--name", metavar="NAME", help="show one loss in full, with its docstring")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (the source of docs/losses.md)")
@@ -104,7 +105,11 @@ def render_markdown(specs: list[LossSpec]) -> str:
 def run(args: argparse.Namespace) -> int:
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
     kind = getattr(args, "kind", None)
-    name = getattr(args, "name", None)
+    name, positional = getattr(args, "name", None), getattr(args, "loss", None)
+    if name and positional and name != positional:
+        print(f"prefkit losses: name one loss, got {positional!r} and --name {name!r}", file=sys.stderr)
+        return 2
+    name = name or positional
     if name:
         try:
             spec = get_loss(name)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefkit.losses._divergence import DIVERGENCES, check_divergence, f_score
+from prefkit.losses.auxiliary import chosen_nll
 from prefkit.losses.base import LossOutput, PairLogps, pair_metrics, register_loss, require_reference
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +114,39 @@ def dpo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
     lr_w, lr_l = _logratios(b, "dpo")
     loss = -F.logsigmoid(beta * (lr_w - lr_l))
     return _out(loss, beta, lr_w, lr_l)
+
+
+@register_loss("rpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "alpha": ">= 0"})
+def rpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 1.0) -> LossOutput:
+    """RPO: DPO plus the negative log-likelihood of the chosen completion (an SFT term).
+
+    Formula: loss = -log sigma(beta * h) + alpha * (-log pi(y_w|x) / |y_w|)
+
+    Paper: Liu, Lu, Zhang, et al. (2024), "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is
+    Implicitly an Adversarial Regularizer", arXiv:2405.16436 (RPO, "regularized preference optimization": the
+    SFT term keeps the policy on the chosen data and provably limits over-optimisation). The same objective is
+    Pang, Yuan, Cho, He, Sukhbaatar, Weston (2024), "Iterative Reasoning Preference Optimization",
+    arXiv:2404.19733, which TRL's former ``rpo_alpha`` cites (their NLL divides by prompt + completion length).
+
+    Hyper-parameters:
+        beta: DPO's beta (> 0); default 0.1.
+        alpha: weight of the SFT term (>= 0; 0 is DPO); default 1.0, Pang et al.'s value.
+
+    ``rpo`` is exactly ``combine_losses(batch, ["dpo", "sft"], [1.0, alpha], {"dpo": {"beta": beta}})`` as one
+    name. TRL: ``DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha])``; its SFT term is one
+    token-weighted mean over the batch's chosen tokens where this one is a mean of per-sequence means (see
+    ``sft``): equal when the chosen completions have equal lengths.
+
+    Metrics: the DPO reward metrics and ``nll_loss`` (per example).
+    """
+    beta = _positive("beta", beta, "rpo")
+    alpha = _number("alpha", alpha, "rpo")
+    if alpha < 0:
+        raise ValueError(f"loss 'rpo': alpha must be >= 0, got {alpha}")
+    lr_w, lr_l = _logratios(b, "rpo")
+    nll = chosen_nll(b)
+    loss = -F.logsigmoid(beta * (lr_w - lr_l)) + alpha * nll
+    return _out(loss, beta, lr_w, lr_l, nll_loss=nll)
 
 
 @register_loss("step_dpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})

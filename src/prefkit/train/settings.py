@@ -262,7 +262,8 @@ TRL_ALIASES: dict[str, str] = {
 TRL_HINTS: dict[str, str] = {
     "loss_type": "prefkit's key is loss, with prefkit's names (TRL sigmoid = dpo, robust = robust_dpo, "
     "exo_pair = exo, nca_pair = nca; `prefkit losses` lists them)",
-    "rpo_alpha": "RPO is two losses: loss: [dpo, sft] with loss_weights: [1.0, ALPHA]",
+    "rpo_alpha": "RPO is a loss of its own: loss: rpo with loss_params.alpha: ALPHA "
+    "(or loss: [dpo, sft] with loss_weights: [1.0, ALPHA])",
     "max_completion_length": "set max_length (prompt + completion) and max_prompt_length",
     "use_peft": "set lora_r (e.g. lora_r: 16) to train LoRA adapters",
     "lora_task_type": "prefkit picks the LoRA task type from the loss",
