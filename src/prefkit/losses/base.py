@@ -88,13 +88,15 @@ class UnpairedLogps:
 class ListLogps:
     """``K`` completions per prompt: ``policy``/``ref`` are ``[B, K]``, ``ranking`` ``[B, K]``
     holds completion indices from best to worst; ``length`` ``[B, K]`` token counts; ``win_prob``
-    ``[B, K]`` (optional) each completion's estimated probability of beating the others (SPPO)."""
+    ``[B, K]`` (optional) each completion's estimated probability of beating the others (SPPO); ``levels``
+    ``[B, K]`` (optional) each completion's rank level, 0 = best, tied completions share one, ``-1`` absent."""
 
     policy: Tensor
     ranking: Tensor
     length: Tensor
     ref: Tensor | None = None
     win_prob: Tensor | None = None
+    levels: Tensor | None = None
 
 
 @dataclass

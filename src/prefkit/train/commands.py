@@ -103,8 +103,9 @@ def load_run_data(config: RunConfig):
             f"{config.train.loss_kind} and trains on {config.train.record_kind} records; choose a loss for "
             f"{kind} records (`prefkit losses`) or convert the data explicitly (`prefkit data convert`)"
         )
-    if "listmle" in config.train.loss and any(_tied(r) for r in train):
-        _refuse_tied_lists(data.train_file, data, "listmle")
+    for strict in ("listmle", "pl_dpo"):
+        if strict in config.train.loss and any(_tied(r) for r in train):
+            _refuse_tied_lists(data.train_file, data, strict)
     description: dict[str, Any] = {"train_file": data.train_file, "kind": kind}
     held_out = None
     if data.eval_file:
@@ -141,7 +142,13 @@ def _refuse_tied_lists(source: str, data, loss: str) -> None:
                 prepared.file,
                 n,
                 "scores",
-                f"distinct scores: loss {loss} needs one strict order of each list (ranknet accepts ties)",
+                f"distinct scores: loss {loss} needs one strict order of each list ("
+                + (
+                    "ranknet accepts ties"
+                    if loss == "listmle"
+                    else "pairs from `prefkit data convert --to pairwise` do"
+                )
+                + ")",
                 scores,
             )
 
@@ -176,7 +183,12 @@ def build_trainer(config: RunConfig, train_records, eval_records=None, *, data_d
     run_info = {"model": m.model, "data": data_description or {}}
     if m.ref_model is not None:
         run_info["reference"] = f"`{m.ref_model}` (frozen)"
-    return PreferenceTrainer(
+    trainer_class = PreferenceTrainer
+    if config.train.loss_kind == "list":
+        from prefkit.train.list_trainer import ListPreferenceTrainer
+
+        trainer_class = ListPreferenceTrainer
+    return trainer_class(
         policy,
         config.train,
         train_dataset=train_records,

@@ -45,7 +45,13 @@ __all__ = [
 
 # Loss kinds that train a reward model (RewardTrainer), and the record kind each reads.
 REWARD_KINDS = ("reward_pair", "reward_list", "judge", "process")
-RECORD_KINDS = {"reward_pair": "pairwise", "judge": "pairwise", "reward_list": "ranked", "process": "stepwise"}
+RECORD_KINDS = {
+    "reward_pair": "pairwise",
+    "judge": "pairwise",
+    "reward_list": "ranked",
+    "process": "stepwise",
+    "list": "ranked",
+}
 
 
 # ------------------------------------------------------------------------------------------

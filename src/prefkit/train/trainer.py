@@ -93,6 +93,7 @@ REQUIRED_COLUMNS = {
     "judge": _PAIR_COLUMNS,
     "reward_list": ("prompt_input_ids", "completions_input_ids", "ranking"),
     "process": ("prompt_input_ids", "steps_input_ids", "step_labels"),
+    "list": ("prompt_input_ids", "completions_input_ids", "ranking"),
 }
 RECORD_CLASS = {
     "pairwise": PairwiseRecord,
@@ -101,6 +102,7 @@ RECORD_CLASS = {
     "judge": PairwiseRecord,
     "reward_list": RankedRecord,
     "process": StepwiseRecord,
+    "list": RankedRecord,
 }
 # How the trainer computes UnpairedLogps.ref_point for the unpaired losses it knows.
 REF_POINT = {"kto": "kl", "bco": "reward_shift"}
@@ -369,7 +371,7 @@ class PreferenceTrainer(CheckpointingTrainer):
         prompts = [len(ids) for ids in dataset["prompt_input_ids"]]
         if self.loss_kind == "unpaired":
             completions = [len(ids) for ids in dataset["completion_input_ids"]]
-        elif self.loss_kind == "reward_list":
+        elif self.loss_kind in ("reward_list", "list"):
             completions = [max(map(len, ids)) for ids in dataset["completions_input_ids"]]
         elif self.loss_kind == "process":
             completions = [sum(map(len, ids)) for ids in dataset["steps_input_ids"]]
