@@ -293,5 +293,16 @@ def require_reference(b: PairLogps | UnpairedLogps | ListLogps, loss: str) -> No
         raise ValueError(f"loss {loss!r} needs reference log-probs, but the batch has none")
 
 
+def plackett_luce_nll(ordered: Tensor, present: Tensor) -> Tensor:
+    """``[B]`` negative Plackett-Luce log-likelihood of a ranking: ``ordered`` ``[B, K]`` holds each list's scores
+    best first (anything where ``present`` is False, i.e. absent entries at the end), and the result is
+    ``sum_k [logsumexp_{j >= k, present} s_j - s_k]`` over the present positions ``k``."""
+    low = torch.finfo(ordered.dtype).min
+    k = torch.arange(ordered.shape[1], device=ordered.device)
+    later = (k[None, :] >= k[:, None])[None] & present[:, None, :]  # [B, k, j]: j >= k and j present
+    lse = torch.logsumexp(torch.where(later, ordered[:, None, :], low), dim=-1)
+    return torch.where(present, lse - ordered, torch.zeros_like(ordered)).sum(1)
+
+
 def as_tensor(x: float, like: Tensor) -> Tensor:
     return torch.as_tensor(x, dtype=like.dtype, device=like.device)

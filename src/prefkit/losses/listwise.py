@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefkit.losses.base import ListLogps, LossOutput, register_loss
+from prefkit.losses.base import ListLogps, LossOutput, plackett_luce_nll, register_loss
 
 __all__ = ["pl_dpo", "sppo"]
 
@@ -44,12 +44,9 @@ def pl_dpo(b: ListLogps, *, beta: float = 0.1) -> LossOutput:
             raise ValueError("loss 'pl_dpo' needs a strict ranking, but a list has tied completions")
     rewards = beta * (b.policy - b.ref)
     ordered = rewards.gather(1, b.ranking.clamp(min=0))  # best first; garbage where absent
-    low = torch.finfo(ordered.dtype).min
-    k = torch.arange(ordered.shape[1], device=ordered.device)
-    later = (k[None, :] >= k[:, None])[None] & present[:, None, :]  # [B, k, j]: j >= k and j present
-    lse = torch.logsumexp(torch.where(later, ordered[:, None, :], low), dim=-1)
-    loss = torch.where(present, lse - ordered, torch.zeros_like(ordered)).sum(1)
+    loss = plackett_luce_nll(ordered, present)
     with torch.no_grad():
+        low = torch.finfo(ordered.dtype).min
         last = present.sum(1) - 1
         best, worst = ordered[:, 0], ordered.gather(1, last[:, None]).squeeze(1)
         members = torch.zeros_like(present).scatter(1, b.ranking.clamp(min=0), present)  # by completion index

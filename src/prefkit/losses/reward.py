@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefkit.losses.auxiliary import check_hparam
-from prefkit.losses.base import LossOutput, RewardList, RewardPair, pair_metrics, register_loss
+from prefkit.losses.base import LossOutput, RewardList, RewardPair, pair_metrics, plackett_luce_nll, register_loss
 
 
 @register_loss(
@@ -136,9 +136,4 @@ def listmle(b: RewardList) -> LossOutput:
     if bool((same & distinct & (levels >= 0)[:, :, None]).any()):
         raise ValueError("loss 'listmle' needs a strict ranking, but a list has tied completions; use 'ranknet'")
     ordered = b.scores.gather(1, b.ranking.clamp(min=0))  # scores best first, garbage where absent
-    low = torch.finfo(ordered.dtype).min
-    k = torch.arange(ordered.shape[1], device=ordered.device)
-    later = (k[None, :] >= k[:, None])[None] & present[:, None, :]  # [B, k, j]: j >= k and j present
-    lse = torch.logsumexp(torch.where(later, ordered[:, None, :], low), dim=-1)
-    terms = torch.where(present, lse - ordered, torch.zeros_like(ordered))
-    return LossOutput(loss=terms.sum(1), metrics=_list_metrics(b.scores, _ordered_pairs(levels)))
+    return LossOutput(loss=plackett_luce_nll(ordered, present), metrics=_list_metrics(b.scores, _ordered_pairs(levels)))
