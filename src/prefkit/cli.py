@@ -21,7 +21,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (
         ("train",),
         "prefkit.train.commands",
-        "train from a YAML config (preference, reward, personalized or online): prefkit train CONFIG key=value ...",
+        "train from a YAML config (preference, listwise, reward, process reward, personalized or online): "
+        "prefkit train CONFIG key=value ...",
     ),
     (
         ("losses",),

@@ -49,6 +49,7 @@ BAD = [
     ("lora_r=-1", "lora_r: expected an integer >= 0, got -1"),
     ("lora_dropout=1.5", "lora_dropout: expected a finite number in [0, 1), got 1.5"),
     ("gpm_embed_dim=3", "gpm_embed_dim: expected an even integer >= 2, got 3"),
+    ("step_separator=3", "step_separator: expected a non-empty string (the text that ends every step), got 3"),
     ("dtype=float8", "dtype: expected one of float32, bfloat16, float16, auto, got 'float8'"),
     ("prompt_truncation=middle", "prompt_truncation: expected one of keep_end, keep_start"),
     ("share_prompt=maybe", "share_prompt: expected true or false, got 'maybe'"),

@@ -343,6 +343,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "config",
         help="YAML config: one flat mapping of keys (docs/training.md); with a personalized: section, a "
         "personalized reward head, on frozen embeddings or end_to_end: true with its backbone (docs/personalized.md); "
+        "with a process loss (prm_bce), a process reward model on stepwise records (examples/prm_tiny.yaml, "
+        "docs/process.md); with a list loss (pl_dpo), a policy on ranked records (pl_dpo_tiny.yaml); "
         "with an online: section, a policy trained on its own samples and rewards: GRPO, DAPO, Dr. GRPO, GSPO, "
         "CISPO (examples/grpo_tiny.yaml); online DPO with any pairwise loss, SPPO (online_dpo_tiny.yaml); "
         "iterative DPO with online.rounds (iterative_dpo_lab.yaml); PPO with online.critic (ppo_tiny.yaml); "

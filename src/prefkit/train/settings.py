@@ -571,6 +571,8 @@ def check_values(values: Mapping[str, Any]) -> None:
         dim = _integer("gpm_embed_dim", get("gpm_embed_dim"), 2)
         if dim % 2:
             raise _fail("gpm_embed_dim", "an even integer >= 2", dim)
+    if "step_separator" in values and (not isinstance(get("step_separator"), str) or not get("step_separator")):
+        raise _fail("step_separator", "a non-empty string (the text that ends every step)", get("step_separator"))
     if "logps_chunk_size" in values and get("logps_chunk_size") != "auto":
         value = get("logps_chunk_size")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
