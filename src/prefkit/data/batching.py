@@ -6,13 +6,14 @@ fit in memory fails at once; each batch's output is written back at its items' p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["batches_by_length", "module_device", "run_batched"]
+__all__ = ["batches_by_length", "module_device", "run_batched", "stepwise_batches", "steps_by_row"]
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -48,4 +49,51 @@ def run_batched(
             out[torch.tensor(idx)] = values
     if out is None:
         raise ValueError("nothing to score")
+    return out
+
+
+def stepwise_batches(
+    records: Sequence[Any],
+    tokenizer,
+    *,
+    step_separator: str,
+    batch_size: int,
+    max_length: int | None = None,
+    prompt_separator: bool = True,
+    progress: bool = False,
+    desc: str = "Scoring steps",
+) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """Stepwise records tokenized (`prefkit.data.tokenize.tokenize_stepwise`) and collated
+    (`prefkit.data.collators.StepCollator`) ``batch_size`` at a time, longest first: yields ``(indices, batch)``,
+    ``indices`` the batch rows' positions in ``records``. A record whose first step does not fit in ``max_length``
+    is left out (it gets no step scores)."""
+    from prefkit.data.collators import StepCollator
+    from prefkit.data.tokenize import OverlongPromptError, tokenize_stepwise
+
+    examples, owners = [], []
+    for i, record in enumerate(records):
+        try:
+            example = tokenize_stepwise(
+                record,
+                tokenizer,
+                max_length=max_length,
+                step_separator=step_separator,
+                prompt_separator=prompt_separator,
+            )
+        except OverlongPromptError:
+            continue
+        examples.append(example)
+        owners.append(i)
+    collate = StepCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    lengths = [len(e["prompt_input_ids"]) + sum(map(len, e["steps_input_ids"])) for e in examples]
+    for idx in tqdm(batches_by_length(lengths, batch_size), desc=desc, unit="batch", disable=not progress):
+        yield [owners[k] for k in idx], collate([examples[k] for k in idx])
+
+
+def steps_by_row(values: Sequence[float], rows: Sequence[int], n_rows: int) -> list[list[float]]:
+    """Per-step ``values`` (in a `StepCollator` batch's step order) grouped into one list per batch row
+    (``rows``: each step's row, the batch's ``step_example``)."""
+    out: list[list[float]] = [[] for _ in range(n_rows)]
+    for value, row in zip(values, rows):
+        out[row].append(value)
     return out

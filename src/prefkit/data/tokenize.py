@@ -352,14 +352,21 @@ def _ranked(record: RankedRecord, ctx: _Context) -> tuple[dict[str, Any], bool, 
     return example, prompt_cut, any_cut
 
 
+def _generation_prompt(ctx: _Context, prompt: Any, suffix: str = "") -> tuple[list[int], bool]:
+    """``(ids, cut)`` of a prompt as a policy sees it before its completion: chat messages rendered with
+    ``add_generation_prompt=True``, a plain text (followed by ``suffix``) with the tokenizer's leading special
+    tokens; cut to ``max_prompt_length``."""
+    _check_text(prompt, "prompt")
+    if _is_messages(prompt):
+        text, chat = _apply_template(ctx.tokenizer, prompt, add_generation_prompt=True), True
+    else:
+        text, chat = prompt + suffix, False
+    return _truncate_prompt(ctx, _tokenize_prompt(ctx, text, chat))
+
+
 def _stepwise(record: StepwiseRecord, ctx: _Context) -> tuple[dict[str, Any], bool, bool]:
     sep = ctx.settings.step_separator
-    if _is_messages(record.prompt):
-        prompt_ids = ctx.encode(_apply_template(ctx.tokenizer, record.prompt, add_generation_prompt=True))
-    else:
-        _check_text(record.prompt, "prompt")
-        prompt_ids = _tokenize_prompt(ctx, record.prompt + (sep if ctx.settings.prompt_separator else ""), False)
-    prompt_ids, prompt_cut = _truncate_prompt(ctx, prompt_ids)
+    prompt_ids, prompt_cut = _generation_prompt(ctx, record.prompt, sep if ctx.settings.prompt_separator else "")
     budget = _completion_budget(ctx, prompt_ids)
     steps: list[list[int]] = []
     labels: list[float] = []
@@ -422,11 +429,7 @@ def tokenize_prompt(
     text, cut to ``max_prompt_length`` as training cuts it."""
     _check_text(prompt, "prompt")
     ctx = _Context(tokenizer, _Settings(None, max_prompt_length, prompt_truncation, "keep_start"))
-    if _is_messages(prompt):
-        text, chat = _apply_template(tokenizer, prompt, add_generation_prompt=True), True
-    else:
-        text, chat = prompt, False
-    return _truncate_prompt(ctx, _tokenize_prompt(ctx, text, chat))[0]
+    return _generation_prompt(ctx, prompt)[0]
 
 
 def tokenize_unpaired(

@@ -77,7 +77,9 @@ def _subset(row: dict, name: str | None, layout: str | None, subset_column: str)
     return name or "all"
 
 
-def _load_source(source: Any, name: str | None, options: dict, subset_column: str):
+def load_source(source: Any, name: str | None, options: dict, subset_column: str = "subset"):
+    """One source through the loading pipeline (``options``: `prepare_rows`'s kind, column map, split, layout)
+    and validation: ``(kind, file, records, subsets, row numbers)``; the first bad row raises `DataError`."""
     prepared = prepare_rows(source, **options)
     errors = list(prepared.errors) + validate_rows(prepared.rows, prepared.kind, prepared.file)
     if errors:
@@ -152,7 +154,7 @@ def load_eval_set(
     best: list[int] = []
     n_styles = None
     for name, source in sources:
-        source_kind, file, recs, subs, rows = _load_source(source, name, options, subset_column)
+        source_kind, file, recs, subs, rows = load_source(source, name, options, subset_column)
         source_mode = _mode(source_kind, layout, file)
         if mode is not None and source_mode != mode:
             raise ValueError(f"{file} gives {source_mode} records but the sources before it give {mode}")

@@ -93,33 +93,26 @@ class ImplicitPRM:
 
     @torch.no_grad()
     def score(self, records, progress: bool = False) -> list[list[float]]:
-        from prefkit.data.collators import StepCollator
-        from prefkit.data.tokenize import OverlongPromptError, tokenize_stepwise
+        from prefkit.data.batching import module_device, steps_by_row, stepwise_batches
 
-        tok = self.tokenizer
-        collate = StepCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        device = next(self.reward.policy.parameters()).device
+        device = module_device(self.reward.policy)
         out: list[list[float]] = [[] for _ in records]
-        examples = []
-        for i, record in enumerate(records):
-            try:
-                example = tokenize_stepwise(
-                    record, tok, max_length=self.max_length, step_separator=self.separator, prompt_separator=False
-                )
-            except OverlongPromptError:
-                continue  # no step fits: no scores
-            examples.append((i, example))
-        for start in range(0, len(examples), self.batch_size):
-            chunk = examples[start : start + self.batch_size]
-            batch = collate([ex for _, ex in chunk])
+        batches = stepwise_batches(
+            records,
+            self.tokenizer,
+            step_separator=self.separator,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            prompt_separator=False,
+            progress=progress,
+        )
+        kwargs = {"chunk_size": self.reward.chunk_size, "per_token": True}
+        for owners, batch in batches:
             ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
-            kwargs = {"chunk_size": self.reward.chunk_size, "per_token": True}
             policy = completion_logps(self.reward.policy, ids, attn, comp, **kwargs).per_token
             reference = completion_logps(self.reward.reference, ids, attn, comp, **kwargs).per_token
             running = (self.reward.beta * (policy - reference)).double().cumsum(-1).cpu()
-            for row, (i, ex) in enumerate(chunk):
-                lengths = torch.tensor([len(s) for s in ex["steps_input_ids"]])
-                ends = len(ex["prompt_input_ids"]) - 1 + lengths.cumsum(0)  # each step's last token
-                q = running[row, ends]
-                out[i] = (q if self.cumulative else torch.diff(q, prepend=q.new_zeros(1))).tolist()
+            q = running[batch["step_rows"], batch["step_positions"]].tolist()  # the sum up to each step's end
+            for i, row in zip(owners, steps_by_row(q, batch["step_example"].tolist(), len(owners))):
+                out[i] = row if self.cumulative else [row[0]] + [b - a for a, b in zip(row, row[1:])]
         return out

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefkit.data.loaders import first_error_with_summary, parse_column_map, prepare_rows, validate_command
-from prefkit.data.records import StepwiseRecord, record_from_dict
-from prefkit.data.validate import validate_rows
+from prefkit.data.loaders import parse_column_map
+from prefkit.data.records import StepwiseRecord
+from prefkit.eval.data import load_source
 from prefkit.eval.process_metrics import (
     choose_threshold,
     first_error,
@@ -60,18 +60,14 @@ def load_step_records(
     name, else ``"all"``. The first bad row is an error naming the file, row and field."""
     records: list[StepwiseRecord] = []
     subsets: list[str] = []
+    options = {"kind": "stepwise", "column_map": column_map, "split": split, "layout": layout}
     for name, path in sources:
         folder = Path(path)
         files = sorted(str(p) for p in folder.glob("*.jsonl")) if folder.is_dir() else []
         for file in files or [path]:
-            prepared = prepare_rows(file, kind="stepwise", column_map=column_map, split=split, layout=layout)
-            errors = list(prepared.errors) + validate_rows(prepared.rows, "stepwise", prepared.file)
-            if errors:
-                errors.sort(key=lambda e: e.row or 0)
-                raise first_error_with_summary(errors, validate_command(file, "stepwise", column_map, split, layout))
-            for n, row in prepared.rows:
-                records.append(record_from_dict("stepwise", row, prepared.file, n))
-                subsets.append(str(row.get("subset") or name or "all"))
+            _, _, recs, subs, _ = load_source(file, name, options)
+            records.extend(recs)
+            subsets.extend(subs)
     if not records:
         raise ValueError("no stepwise records in " + ", ".join(p for _, p in sources))
     return records, subsets

@@ -29,7 +29,6 @@ reward model can be checked step by step and by the answers it picks. Per seed:
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import math
@@ -40,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from prefkit.lab.studies import _pm as _pm_mean_se
+from prefkit.lab.studies import _se
 
 __all__ = ["SCORERS", "process_study"]
 
@@ -62,11 +64,6 @@ def world_labels(world, problem: str, text: str) -> list[bool]:
     if "answer" in text:
         labels.append(world.is_correct(problem, text))
     return labels
-
-
-def _se(values: Sequence[float]) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
 def _quiet():
@@ -130,6 +127,7 @@ def _train_implicit(reference, world, problems, candidates, *, steps: int, seed:
     from prefkit.data.records import UnpairedRecord
     from prefkit.eval.implicit import ImplicitPRM
     from prefkit.lab.runs import train_policy
+    from prefkit.lab.studies import _trainable
     from prefkit.losses import get_loss
 
     records = [
@@ -138,9 +136,7 @@ def _train_implicit(reference, world, problems, candidates, *, steps: int, seed:
         for t in c.texts
         if t.strip()
     ]
-    frozen = copy.deepcopy(reference.model).requires_grad_(False)
-    start = copy.deepcopy(reference)
-    start.model.requires_grad_(True)
+    start = _trainable(reference)  # its model becomes the run's frozen reference; the policy is a copy
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         trainer = train_policy(
             start,
@@ -156,7 +152,7 @@ def _train_implicit(reference, world, problems, candidates, *, steps: int, seed:
     policy = trainer.model.eval()
     beta = get_loss("implicit_prm_ce").hyperparameters["beta"]  # train_policy trains at the loss's default
     return ImplicitPRM(
-        policy, frozen, reference.tokenizer, beta=beta, separator=SEPARATOR, cumulative=True, batch_size=256
+        policy, start.model, reference.tokenizer, beta=beta, separator=SEPARATOR, cumulative=True, batch_size=256
     )
 
 
@@ -171,7 +167,14 @@ def _step_quality(scorer, world, problems, candidates) -> dict[str, Any]:
 def _one_seed(world, reference, folder: str, seed: int, cfg: dict[str, Any], say) -> dict[str, Any]:
     from prefkit.data.records import StepwiseRecord
     from prefkit.online.best_of_n import best_of_n_expectation, majority_vote_accuracy, pass_at_n
-    from prefkit.online.search import AGGREGATIONS, prm_mcts, prm_scores, step_beam_search
+    from prefkit.online.search import (
+        AGGREGATIONS,
+        aggregate_probabilities,
+        prm_mcts,
+        prm_scores,
+        step_beam_search,
+        step_probabilities,
+    )
     from prefkit.online.step_labels import monte_carlo_step_labels
 
     tok, model = reference.tokenizer, reference.model
@@ -225,11 +228,11 @@ def _one_seed(world, reference, folder: str, seed: int, cfg: dict[str, Any], say
         "wrong_share": float(1 - np.mean(truth)),
     }
     scorers["prm_mc"] = _train_head(folder, tok, mc.records, steps=steps, seed=seed, learning_rate=lr)
-    outcome_records = [
-        StepwiseRecord(prompt=p, completions=[" ; ".join(world_steps(t))], labels=[world.is_correct(p, t)])
+    outcome_records = [  # the whole solution as one step, labelled by its answer
+        StepwiseRecord(prompt=p, completions=[" ; ".join(pieces)], labels=[world.is_correct(p, t)])
         for p, c in zip(train_problems, train)
         for t in c.texts
-        if world_steps(t)
+        if (pieces := world_steps(t))
     ]
     scorers["orm"] = _train_head(folder, tok, outcome_records, steps=steps, seed=seed, learning_rate=lr)
     scorers["implicit"] = _train_implicit(
@@ -248,9 +251,10 @@ def _one_seed(world, reference, folder: str, seed: int, cfg: dict[str, Any], say
     correct = np.array([[world.is_correct(p, t) for t in row] for p, row in zip(test_problems, texts)], dtype=float)
     mean_tokens = float(np.mean([len(ids) for c in pool for ids in c.token_ids]))
     whole = lambda text: [" ; ".join(world_steps(text))] if world_steps(text) else []  # noqa: E731
+    prm_steps = step_probabilities(scorers["prm"], test_problems, texts, world_steps)  # scored once
     select = {
         "orm": prm_scores(scorers["orm"], test_problems, texts, whole, "last"),
-        "prm": prm_scores(scorers["prm"], test_problems, texts, world_steps, "min"),
+        "prm": aggregate_probabilities(prm_steps, "min"),
         "prm_mc": prm_scores(scorers["prm_mc"], test_problems, texts, world_steps, "min"),
         "implicit": prm_scores(scorers["implicit"], test_problems, texts, world_steps, "min"),
     }
@@ -260,8 +264,7 @@ def _one_seed(world, reference, folder: str, seed: int, cfg: dict[str, Any], say
     curves["majority"] = {n: majority_vote_accuracy(answers, correct, n, seed=seed) for n in ns}
     curves["oracle"] = {n: pass_at_n(correct, n) for n in ns}
     aggregations = {
-        how: best_of_n_expectation(prm_scores(scorers["prm"], test_problems, texts, world_steps, how), correct, ns[-1])
-        for how in AGGREGATIONS
+        how: best_of_n_expectation(aggregate_probabilities(prm_steps, how), correct, ns[-1]) for how in AGGREGATIONS
     }
     quality = {name: _step_quality(scorers[name], world, test_problems, pool) for name in ("prm", "prm_mc", "implicit")}
 
@@ -317,11 +320,7 @@ def _summary(runs: list[dict[str, Any]], ns: list[int]) -> dict[str, Any]:
 
 
 def _pm(s: dict[str, float], digits: int = 3) -> str:
-    if s is None or s.get("mean") is None or math.isnan(s["mean"]):
-        return "n/a"
-    if math.isnan(s["se"]):
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} ± {s['se']:.{digits}f}"
+    return _pm_mean_se(s["mean"], s["se"], digits)
 
 
 def _reading(summary: dict[str, Any], ns: list[int]) -> list[str]:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from prefkit.models.loading import TINY, TinySpec, is_llama2c_file, load_policy, resolve_dtype
+from prefkit.models.reward import _config
 
 SEPARATOR_KEY = "prefkit_step_separator"
 
@@ -102,10 +103,8 @@ def _llama_token_classifier(backbone: nn.Module, seed: int) -> nn.Module:
 
 
 def step_separator(model: nn.Module) -> str | None:
-    """The separator a PRM was trained with (None when its config does not say)."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return getattr(model.config, SEPARATOR_KEY, None)
+    """The separator a PRM was trained with (None when its config does not say); through a DDP / FSDP wrapper."""
+    return getattr(_config(model), SEPARATOR_KEY, None)
 
 
 def load_process_reward_model(
@@ -198,46 +197,24 @@ def score_steps(
     progress: bool = False,
 ) -> list[list[float]]:
     """Per-step logits of each stepwise record under a PRM (see `StepScorer`)."""
-    from tqdm.auto import tqdm
-
-    from prefkit.data.collators import StepCollator
-    from prefkit.data.tokenize import OverlongPromptError, tokenize_stepwise
+    from prefkit.data.batching import module_device, steps_by_row, stepwise_batches
 
     separator = step_separator(model)
     if separator is None:
         raise ValueError(f"the model has no {SEPARATOR_KEY} in its config: it is not a prefkit process reward model")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = StepCollator(pad)
-    device = next(model.parameters()).device
+    device = module_device(model)
     was_training = model.training
     model.eval()
     out: list[list[float]] = [[] for _ in records]
-    examples = []
-    for i, record in enumerate(records):
-        try:
-            examples.append((i, tokenize_stepwise(record, tokenizer, max_length=max_length, step_separator=separator)))
-        except OverlongPromptError:
-            pass  # no step fits: no scores
-    # longest first, so a batch pads to similar lengths and an out-of-memory error comes at once
-    examples.sort(key=lambda item: -(len(item[1]["prompt_input_ids"]) + sum(map(len, item[1]["steps_input_ids"]))))
+    batches = stepwise_batches(
+        records, tokenizer, step_separator=separator, batch_size=batch_size, max_length=max_length, progress=progress
+    )
     try:
-        starts = range(0, len(examples), batch_size)
-        for start in tqdm(starts, desc="Scoring steps", disable=not progress, unit="batch"):
-            chunk = examples[start : start + batch_size]
-            batch = collate([ex for _, ex in chunk])
+        for owners, batch in batches:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             logits = step_logits(model, batch).cpu().tolist()
-            for (i, _), row in zip(chunk, _split(logits, batch["step_example"].tolist())):
+            for i, row in zip(owners, steps_by_row(logits, batch["step_example"].tolist(), len(owners))):
                 out[i] = row
     finally:
         model.train(was_training)
     return out
-
-
-def _split(values: list[float], owners: list[int]) -> list[list[float]]:
-    rows: list[list[float]] = []
-    for value, owner in zip(values, owners):
-        while len(rows) <= owner:
-            rows.append([])
-        rows[owner].append(value)
-    return rows

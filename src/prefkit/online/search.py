@@ -36,12 +36,14 @@ __all__ = [
     "AGGREGATIONS",
     "Candidates",
     "SearchResult",
+    "aggregate_probabilities",
     "aggregate_steps",
     "majority_vote",
     "prm_mcts",
     "prm_scores",
     "sample_candidates",
     "split_steps",
+    "step_probabilities",
     "step_beam_search",
 ]
 
@@ -123,6 +125,14 @@ def prm_scores(
 ) -> list[list[float]]:
     """Per prompt, one aggregated PRM probability per solution text (``steps_of`` splits a text into steps;
     a text without steps scores 0)."""
+    return aggregate_probabilities(step_probabilities(scorer, prompts, texts, steps_of), how)
+
+
+def step_probabilities(
+    scorer, prompts: Sequence[str], texts: Sequence[Sequence[str]], steps_of: Callable[[str], list[str]]
+) -> list[list[list[float]]]:
+    """Per prompt and solution text, the scorer's probability of each of its steps (one scoring pass; aggregate
+    them with `aggregate_probabilities` as many ways as needed)."""
     records, owners = [], []
     for i, (prompt, row) in enumerate(zip(prompts, texts)):
         for j, text in enumerate(row):
@@ -130,10 +140,15 @@ def prm_scores(
             if steps:
                 records.append(StepwiseRecord(prompt=prompt, completions=steps, labels=[True] * len(steps)))
                 owners.append((i, j))
-    out = [[0.0] * len(row) for row in texts]
+    out: list[list[list[float]]] = [[[] for _ in row] for row in texts]
     for (i, j), logits in zip(owners, scorer.score(records) if records else []):
-        out[i][j] = aggregate_steps([_sigmoid(z) for z in logits], how)
+        out[i][j] = [_sigmoid(z) for z in logits]
     return out
+
+
+def aggregate_probabilities(probabilities: Sequence[Sequence[Sequence[float]]], how: str = "min") -> list[list[float]]:
+    """`aggregate_steps` of every solution of `step_probabilities`' output."""
+    return [[aggregate_steps(p, how) for p in row] for row in probabilities]
 
 
 def majority_vote(answers: Sequence[Hashable | None]) -> int:
@@ -165,6 +180,13 @@ class _Path:
     ids: list[int]
     score: float = 0.0
     done: bool = False
+
+
+def _step_settings(expansions: int, step_tokens: int, temperature: float, seed: int, separator: str):
+    """Sampling of ``expansions`` next steps, each ending at ``separator`` (or after ``step_tokens`` tokens)."""
+    return SamplingSettings(
+        n=expansions, max_new_tokens=step_tokens, temperature=temperature, seed=seed, stop=(separator,)
+    )
 
 
 def _extend(
@@ -221,12 +243,10 @@ def step_beam_search(
     steps_of = steps_of or (lambda text: split_steps(text, separator))
     rollouts = HFRollouts(model, tokenizer, batch_size=batch_size)
     results = []
+    settings = _step_settings(expansions, step_tokens, temperature, seed, separator)
     for i, (prompt, ids) in enumerate(zip(prompts, _prompt_ids(tokenizer, prompts))):
         beams, done, tokens, explored = [_Path([])], [], 0, 0
         for depth in range(max_steps):
-            settings = SamplingSettings(
-                n=expansions, max_new_tokens=step_tokens, temperature=temperature, seed=seed, stop=(separator,)
-            )
             new, used = _extend(rollouts, ids, beams, settings, seed_base=(i * max_steps + depth) * 1_000_003)
             tokens += used
             _score_paths(scorer, prompt, new, tokenizer, steps_of, how)
@@ -289,6 +309,7 @@ def prm_mcts(
     steps_of = steps_of or (lambda text: split_steps(text, separator))
     rollouts = HFRollouts(model, tokenizer, batch_size=batch_size)
     results = []
+    settings = _step_settings(expansions, step_tokens, temperature, seed, separator)
     for i, (prompt, ids) in enumerate(zip(prompts, _prompt_ids(tokenizer, prompts))):
         root = _Node([], prior=1.0, done=False)
         tokens, explored, finished = 0, 0, []
@@ -299,9 +320,6 @@ def prm_mcts(
             if node.done or len(steps_of(tokenizer.decode(node.ids, skip_special_tokens=True))) >= max_steps:
                 value = node.value if node.visits else node.prior
             else:
-                settings = SamplingSettings(
-                    n=expansions, max_new_tokens=step_tokens, temperature=temperature, seed=seed, stop=(separator,)
-                )
                 new, used = _extend(
                     rollouts, ids, [_Path(node.ids)], settings, seed_base=(i * simulations + sim) * 1_000_003
                 )

@@ -18,7 +18,7 @@ from prefkit.losses import StepScores
 from prefkit.losses.combine import combine_losses
 from prefkit.models.process import SEPARATOR_KEY, build_process_reward_model, step_logits, step_separator
 from prefkit.train.config import PreferenceConfig
-from prefkit.train.reward_trainer import RewardTrainer
+from prefkit.train.reward_trainer import RewardTrainer, _inner_module
 
 __all__ = ["ProcessRewardTrainer"]
 
@@ -75,10 +75,7 @@ def _check_separator(model: nn.Module, separator: str) -> None:
     """A PRM is scored with the separator in its config: it must be the one it is trained with."""
     have = step_separator(model)
     if have is None:
-        inner = model
-        while not hasattr(inner, "config") and hasattr(inner, "module"):
-            inner = inner.module
-        setattr(inner.config, SEPARATOR_KEY, separator)
+        setattr(_inner_module(model).config, SEPARATOR_KEY, separator)
     elif have != separator:
         raise ValueError(
             f"step_separator is {separator!r}, but the model was built with {have!r} ({SEPARATOR_KEY} in its "
