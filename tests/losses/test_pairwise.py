@@ -17,7 +17,7 @@ from prefkit.losses import pairwise as pw
 NAMES = [
     "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "exo", "nca", "bco_pair", "sppo_hard", "aot",
     "aot_pair", "apo_zero", "apo_down", "discopop", "length_dpo", "length_normalized_dpo",
-    "ld_dpo", "f_dpo", "wpo",
+    "ld_dpo", "f_dpo", "wpo", "dpop",
 ]  # fmt: skip
 TOKEN_LOSSES = {"ld_dpo", "wpo"}
 
@@ -326,7 +326,7 @@ def grads(name, batch=None, **kw):
 SIGN_CASES = [
     ("dpo", {}), ("cdpo", {}), ("robust_dpo", {}), ("ipo", {}), ("hinge", {}), ("exo", {}),
     ("nca", {}), ("bco_pair", {}), ("sppo_hard", {}), ("aot", {}), ("aot_pair", {}),
-    ("apo_zero", {}), ("length_dpo", {}), ("length_normalized_dpo", {}),
+    ("apo_zero", {}), ("length_dpo", {}), ("length_normalized_dpo", {}), ("dpop", {}),
     ("discopop", {"beta": 2.0}),  # |beta * h| >= 0.4, outside discopop's non-monotone band
     ("f_dpo", {"divergence": "reverse_kl"}), ("f_dpo", {"divergence": "forward_kl"}),
     ("f_dpo", {"divergence": "js_divergence"}), ("f_dpo", {"divergence": "alpha_divergence"}),
@@ -611,3 +611,35 @@ def test_float32_and_module_functions():
     a = pw.dpo(batch32).loss
     assert a.dtype == torch.float32
     assert a.tolist() == pytest.approx(pw.dpo(batch).loss.tolist(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# DPO-Positive
+
+
+def test_dpop_values_with_and_without_the_penalty():
+    # rows: lr_w = [1, 0.5, -1] -> penalty max(0, -lr_w) = [0, 0, 1]; h = [2, 1.5, -2]
+    beta, lam = 0.1, 50.0
+    expected = [-logsig(beta * (h - lam * max(0.0, -w))) for h, w in zip(H, LRW)]
+    check("dpop", expected, beta=beta, lam=lam)
+    out = get_loss("dpop")(rows(), beta=beta, lam=lam)
+    assert out.metrics["penalty"].tolist() == pytest.approx([0.0, 0.0, 1.0])
+    # lam = 0 is DPO exactly
+    check("dpop", [-logsig(beta * h) for h in H], beta=beta, lam=0.0)
+
+
+def test_dpop_gradient_on_the_chosen_grows_by_lam_once_below_the_reference():
+    beta, lam = 0.1, 50.0
+    for lr_w, active in ((0.5, False), (-0.5, True)):
+        batch = make([lr_w], [-1.0], [0.0], [0.0], grad=True)
+        get_loss("dpop")(batch, beta=beta, lam=lam).loss.sum().backward()
+        z = beta * (lr_w + 1.0 - lam * max(0.0, -lr_w))
+        # d/dpi_w of -log sigma(z) = -(1 - sigma(z)) * dz/dpi_w, dz/dpi_w = beta * (1 + lam) when active
+        dz = beta * (1.0 + lam) if active else beta
+        assert batch.policy_chosen.grad.item() == pytest.approx(-(1 - sig(z)) * dz)
+        assert batch.policy_rejected.grad.item() == pytest.approx((1 - sig(z)) * beta)
+
+
+def test_dpop_refuses_a_negative_lam():
+    with pytest.raises(ValueError, match="lam"):
+        get_loss("dpop")(rows(), lam=-1.0)

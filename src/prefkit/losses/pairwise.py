@@ -149,6 +149,37 @@ def rpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 1.0) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l, nll_loss=nll)
 
 
+@register_loss("dpop", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "lam": ">= 0"})
+def dpop(b: PairLogps, *, beta: float = 0.1, lam: float = 50.0) -> LossOutput:
+    """DPO-Positive (DPOP): DPO with a penalty, inside the sigmoid, whenever the policy puts less probability on
+    the chosen completion than the reference does.
+
+    Formula: loss = -log sigma(beta * (h - lam * max(0, ref_w - pi_w))), h = (pi_w - ref_w) - (pi_l - ref_l)
+
+    Paper: Pal, Karkhanis, Dooley, Roberts, Naidu, White (2024), "Smaug: Fixing Failure Modes of Preference
+    Optimisation with DPO-Positive", arXiv:2402.13228 (Eq. 3).
+
+    Hyper-parameters:
+        beta: DPO's beta (> 0); default 0.1, as every DPO variant here.
+        lam: weight of the penalty (>= 0; 0 is DPO); default 50, the value the paper's fine-tuning runs use as
+            its public reimplementations carry it (not re-read from the paper's text here).
+
+    DPO can lower the likelihood of the chosen completion as long as the rejected one falls faster (the paper's
+    failure mode on pairs a few tokens apart); the penalty is zero while ``pi_w >= ref_w`` and otherwise grows
+    with ``lam``, so the loss stops rewarding that. TRL: none.
+
+    Metrics: the DPO reward metrics and ``penalty`` (``max(0, ref_w - pi_w)``, per example).
+    """
+    beta = _positive("beta", beta, "dpop")
+    lam = _number("lam", lam, "dpop")
+    if lam < 0:
+        raise ValueError(f"loss 'dpop': lam must be >= 0, got {lam}")
+    lr_w, lr_l = _logratios(b, "dpop")
+    penalty = (-lr_w).clamp(min=0.0)
+    loss = -F.logsigmoid(beta * (lr_w - lr_l - lam * penalty))
+    return _out(loss, beta, lr_w, lr_l, penalty=penalty)
+
+
 @register_loss("step_dpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
 def step_dpo(b: PairLogps, *, beta: float = 0.4) -> LossOutput:
     """Step-DPO: DPO on one reasoning step, after a shared prefix of correct steps.
@@ -806,6 +837,7 @@ __all__ = [
     "cdpo",
     "discopop",
     "dpo",
+    "dpop",
     "exo",
     "f_dpo",
     "hinge",
@@ -815,6 +847,8 @@ __all__ = [
     "length_normalized_dpo",
     "nca",
     "robust_dpo",
+    "rpo",
     "sppo_hard",
+    "step_dpo",
     "wpo",
 ]
