@@ -20,6 +20,8 @@ def test_tokenize_ranked_from_ranking_and_from_scores(tokenizer):
     # scores: higher is better; equal scores share a level (ties) and keep index order in the ranking
     tied = tokenize_ranked(RankedRecord(prompt="Hi", completions=["a", "b", "c"], scores=[1.0, 3.0, 1.0]), tokenizer)
     assert tied["ranking"] == [1, 0, 2] and tied["levels"] == [1, 0, 1]
+    # graded scores travel with the example (LiPO's labels, PRO's temperatures); none -> []
+    assert tied["scores"] == [1.0, 3.0, 1.0] and ex["scores"] == []
 
 
 def test_tokenize_ranked_truncates_every_completion_to_one_budget(tokenizer):
@@ -68,6 +70,18 @@ def test_list_collator_rows_are_record_major_with_padding():
     assert batch["ranking"].tolist() == [[1, 2, 0], [0, 1, -1]]
     assert batch["levels"].tolist() == [[2, 0, 1], [0, 0, -1]]  # row 1 from its ranking; row 2 given (a tie)
     assert batch["weight"].tolist() == [1.0, 2.0]
+    assert "scores" not in batch  # no example has graded scores
+
+
+def test_list_collator_carries_graded_scores_with_nan_where_absent():
+    examples = [
+        {"prompt_input_ids": [5], "completions_input_ids": [[7], [8], [9]], "ranking": [1, 2, 0], "scores": [1, 3, 2]},
+        {"prompt_input_ids": [5], "completions_input_ids": [[7], [8]], "ranking": [0, 1], "scores": []},
+    ]
+    scores = ListCollator(pad_token_id=0)(examples)["scores"]
+    assert scores[0].tolist() == [1.0, 3.0, 2.0] and torch.isnan(scores[1]).all()
+    with pytest.raises(ValueError, match="example 0: 2 scores for its 3 completions"):
+        ListCollator(pad_token_id=0)([dict(examples[0], scores=[1, 2])])
 
 
 def test_list_collator_errors():

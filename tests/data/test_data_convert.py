@@ -25,6 +25,8 @@ def test_ranked_all_and_adjacent_from_ranking():
     assert all(p.user_id == "u" and p.margin is None and p.prompt == "p" for p in all_pairs)
     assert all_pairs[0].id == "q1:2>0"
     assert pairs(ranked_to_pairwise([rec], mode="adjacent")) == [("c", "a"), ("a", "d"), ("d", "b")]
+    # Curry-DPO's pairs: the best against each of the others
+    assert pairs(ranked_to_pairwise([rec], mode="best")) == [("c", "a"), ("c", "d"), ("c", "b")]
 
 
 def test_ranked_from_scores_with_ties():
@@ -47,7 +49,7 @@ def test_ranked_skips_identical_completions_and_checks_input():
     rec = RankedRecord("p", ["same", "same ", "other"], ranking=[0, 1, 2])
     assert pairs(ranked_to_pairwise([rec])) == [("same", "other"), ("same ", "other")]
     with pytest.raises(ValueError, match="mode must be"):
-        ranked_to_pairwise([rec], mode="best")
+        ranked_to_pairwise([rec], mode="worst")
     with pytest.raises(ValueError, match="ranked record 1: ranking .* is not a permutation"):
         ranked_to_pairwise([RankedRecord("p", ["a", "b"], ranking=[0, 0])])
     with pytest.raises(TypeError, match="record 1 is a RatedRecord"):

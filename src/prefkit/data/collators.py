@@ -397,7 +397,9 @@ class ListCollator:
     Output: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[B*K, T]`` long; ``ranking``
     ``[B, K]`` long (completion indices best first, ``-1`` padded); ``levels`` ``[B, K]`` long
     (rank level per completion, 0 = best, ties share a level, ``-1`` absent; from a strict
-    ``ranking`` when an example has no ``levels``); ``weight`` ``[B]`` float32; ``user_id`` (list)
+    ``ranking`` when an example has no ``levels``); ``scores`` ``[B, K]`` float32 (each completion's
+    graded score, NaN where absent or for an example without scores; only when some example has
+    them); ``weight`` ``[B]`` float32; ``user_id`` (list)
     when the examples carry one.
 
     With ``share_prompt=True`` the prompt appears once: ``input_ids``, ``position_ids`` and
@@ -431,6 +433,11 @@ class ListCollator:
         levels = [_levels(ex, ranking) for ex, ranking in zip(examples, rankings)]
         batch["ranking"] = torch.tensor([r + [-1] * (k - len(r)) for r in rankings], dtype=torch.long)
         batch["levels"] = torch.tensor([lv + [-1] * (k - len(lv)) for lv in levels], dtype=torch.long)
+        scores = [_scores(ex, i, len(c)) for i, (ex, c) in enumerate(zip(examples, lists))]
+        if any(s is not None for s in scores):
+            nan = float("nan")
+            rows_scores = [(s if s is not None else []) for s in scores]
+            batch["scores"] = torch.tensor([s + [nan] * (k - len(s)) for s in rows_scores], dtype=torch.float32)
         batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
         user_ids = _user_ids(examples)
         if user_ids is not None:
@@ -494,6 +501,16 @@ def _ranking(example: dict, index: int, n: int) -> list[int]:
     if sorted(ranking) != list(range(n)):
         raise ValueError(f"example {index}: ranking {ranking} is not a permutation of its {n} completion indices")
     return ranking
+
+
+def _scores(example: dict, index: int, n: int) -> list[float] | None:
+    """An example's graded scores (one per completion), or None when it has none."""
+    scores = example.get("scores")
+    if scores is None or len(scores) == 0:
+        return None
+    if len(scores) != n:
+        raise ValueError(f"example {index}: {len(scores)} scores for its {n} completions")
+    return [float(x) for x in (scores.tolist() if isinstance(scores, torch.Tensor) else scores)]
 
 
 def _levels(example: dict, ranking: list[int]) -> list[int]:

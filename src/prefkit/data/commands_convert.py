@@ -49,9 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mode",
-        choices=("all", "adjacent"),
+        choices=("all", "adjacent", "best"),
         default="all",
-        help="ranked -> pairwise: all pairs or adjacent ranks only",
+        help="ranked -> pairwise: all pairs, adjacent ranks only, or the best against each other (Curry-DPO)",
     )
     parser.add_argument("--attribute", default=None, help="rated -> pairwise: the rating to compare")
     parser.add_argument(

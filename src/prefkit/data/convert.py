@@ -72,13 +72,15 @@ def ranked_to_pairwise(records: Iterable[RankedRecord], mode: str = "all") -> li
     ``mode="all"``: every pair of completions at different levels (K(K-1)/2 pairs for a strict
     ranking). ``mode="adjacent"``: only pairs from neighbouring levels (K-1 pairs for a strict
     ranking; with tied scores, every member of one level against every member of the next).
+    ``mode="best"``: the best level against every other one (K-1 pairs; Curry-DPO's pairs, which
+    ``curriculum: margin`` then orders from the largest score gap to the smallest).
     Levels come from ``ranking`` when present, else from ``scores`` (descending; equal scores
     make no pair). With scores, ``chosen_score``/``rejected_score`` are set and ``margin`` is
     their difference. ``user_id`` is kept; ``id`` becomes ``"{id}:{better}>{worse}"`` (indices
     into ``completions``).
     """
-    if mode not in ("all", "adjacent"):
-        raise ValueError(f"mode must be 'all' or 'adjacent', got {mode!r}")
+    if mode not in ("all", "adjacent", "best"):
+        raise ValueError(f"mode must be 'all', 'adjacent' or 'best', got {mode!r}")
     out: list[PairwiseRecord] = []
     for index, record in enumerate(_expect(records, RankedRecord, "ranked_to_pairwise"), start=1):
         try:
@@ -88,6 +90,8 @@ def ranked_to_pairwise(records: Iterable[RankedRecord], mode: str = "all") -> li
         use_scores = record.ranking is None
         if mode == "all":
             level_pairs = [(a, b) for a, b in combinations(range(len(levels)), 2)]
+        elif mode == "best":
+            level_pairs = [(0, b) for b in range(1, len(levels))]
         else:
             level_pairs = [(a, a + 1) for a in range(len(levels) - 1)]
         for a, b in level_pairs:

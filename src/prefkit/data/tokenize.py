@@ -346,6 +346,7 @@ def _ranked(record: RankedRecord, ctx: _Context) -> tuple[dict[str, Any], bool, 
         "completions_input_ids": [ids for ids, _ in cuts],
         "ranking": [index for members in levels for index in members],
         "levels": level_of,
+        "scores": [float(x) for x in record.scores] if record.scores is not None else [],
         "weight": 1.0,
         "truncated": prompt_cut or any_cut,
     }
@@ -465,7 +466,8 @@ def tokenize_ranked(
     Returns ``{"prompt_input_ids": list[int], "completions_input_ids": list[list[int]]`` (one per
     completion, in record order), ``"ranking": list[int]`` (completion indices best first),
     ``"levels": list[int]`` (each completion's rank level, 0 = best; completions with equal
-    ``scores`` share a level and appear in the ranking in index order), ``"weight": 1.0,
+    ``scores`` share a level and appear in the ranking in index order), ``"scores": list[float]`` (the
+    record's graded scores, one per completion, or ``[]`` when it has none), ``"weight": 1.0,
     "truncated": bool}``. The ranking comes from the record's ``ranking`` or else its ``scores``
     (`prefkit.data.convert.ranked_levels`). Every completion gets the same budget
     ``max_length - len(prompt)``. Same rules and errors as :func:`tokenize_pairwise`.
@@ -561,6 +563,7 @@ def _features(kind: str):
                 "completions_input_ids": List(ids),
                 "ranking": ids,
                 "levels": ids,
+                "scores": List(Value("float64")),
                 "weight": Value("float64"),
                 "truncated": Value("bool"),
             }

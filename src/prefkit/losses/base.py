@@ -89,7 +89,9 @@ class ListLogps:
     """``K`` completions per prompt: ``policy``/``ref`` are ``[B, K]``, ``ranking`` ``[B, K]``
     holds completion indices from best to worst; ``length`` ``[B, K]`` token counts; ``win_prob``
     ``[B, K]`` (optional) each completion's estimated probability of beating the others (SPPO); ``levels``
-    ``[B, K]`` (optional) each completion's rank level, 0 = best, tied completions share one, ``-1`` absent."""
+    ``[B, K]`` (optional) each completion's rank level, 0 = best, tied completions share one, ``-1`` absent;
+    ``scores`` ``[B, K]`` (optional) graded labels from the data, higher is better (a reward model's or
+    annotators' scores), NaN where a list has none."""
 
     policy: Tensor
     ranking: Tensor
@@ -97,6 +99,7 @@ class ListLogps:
     ref: Tensor | None = None
     win_prob: Tensor | None = None
     levels: Tensor | None = None
+    scores: Tensor | None = None
 
 
 @dataclass
@@ -291,6 +294,18 @@ def require_reference(b: PairLogps | UnpairedLogps | ListLogps, loss: str) -> No
     missing = b.ref is None if not isinstance(b, PairLogps) else (b.ref_chosen is None or b.ref_rejected is None)
     if missing:
         raise ValueError(f"loss {loss!r} needs reference log-probs, but the batch has none")
+
+
+def ranking_levels(ranking: Tensor, levels: Tensor | None = None) -> Tensor:
+    """``[B, K]`` rank level of each completion by index (0 best, ``-1`` absent): ``levels`` when given, else the
+    position of each completion in its strict ``ranking`` (best first, ``-1`` padding)."""
+    if levels is not None:
+        return levels
+    n, k = ranking.shape
+    position = torch.arange(k, device=ranking.device).expand(n, k)
+    index = torch.where(ranking >= 0, ranking, k)  # padding writes to a spare last column, dropped afterwards
+    out = torch.full((n, k + 1), -1, dtype=ranking.dtype, device=ranking.device)
+    return out.scatter(1, index, position)[:, :k]
 
 
 def plackett_luce_nll(ordered: Tensor, present: Tensor) -> Tensor:

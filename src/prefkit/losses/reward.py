@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefkit.losses.auxiliary import check_hparam
-from prefkit.losses.base import LossOutput, RewardList, RewardPair, pair_metrics, plackett_luce_nll, register_loss
+from prefkit.losses.base import (
+    LossOutput,
+    RewardList,
+    RewardPair,
+    pair_metrics,
+    plackett_luce_nll,
+    ranking_levels,
+    register_loss,
+)
 
 
 @register_loss(
@@ -68,14 +76,7 @@ def _levels(b: RewardList) -> Tensor:
         raise ValueError(
             f"scores and ranking must both be [B, K]; got {tuple(b.scores.shape)} and {tuple(b.ranking.shape)}"
         )
-    if b.levels is not None:
-        return b.levels
-    n, k = b.ranking.shape
-    position = torch.arange(k, device=b.ranking.device).expand(n, k)
-    # absent entries (-1) write to a spare last column, dropped afterwards
-    index = torch.where(b.ranking >= 0, b.ranking, k)
-    levels = torch.full((n, k + 1), -1, dtype=b.ranking.dtype, device=b.ranking.device)
-    return levels.scatter(1, index, position)[:, :k]
+    return ranking_levels(b.ranking, b.levels)
 
 
 def _ordered_pairs(levels: Tensor) -> Tensor:

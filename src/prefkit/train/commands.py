@@ -103,9 +103,11 @@ def load_run_data(config: RunConfig):
             f"{config.train.loss_kind} and trains on {config.train.record_kind} records; choose a loss for "
             f"{kind} records (`prefkit losses`) or convert the data explicitly (`prefkit data convert`)"
         )
-    for strict in ("listmle", "pl_dpo"):
-        if strict in config.train.loss and any(_tied(r) for r in train):
+    for strict in ("listmle", "pl_dpo", "pro"):
+        if strict in config.train.loss_names and any(_tied(r) for r in train):
             _refuse_tied_lists(data.train_file, data, strict)
+    if config.train.curriculum == "margin":
+        _refuse_pairs_without_margin(data.train_file, data, train)
     description: dict[str, Any] = {"train_file": data.train_file, "kind": kind}
     held_out = None
     if data.eval_file:
@@ -120,6 +122,26 @@ def load_run_data(config: RunConfig):
     if data.column_map:
         description["column_map"] = data.column_map
     return train, held_out, description
+
+
+def _refuse_pairs_without_margin(source: str, data, train) -> None:
+    """``curriculum: margin`` orders the pairs by their margins: name the first row that has none (read again
+    for its row number, only when a loaded record lacks one)."""
+    if all(r.margin is not None or (r.chosen_score is not None and r.rejected_score is not None) for r in train):
+        return
+    from prefkit.data.loaders import prepare_rows
+
+    prepared = prepare_rows(source, kind=data.data_kind, column_map=data.column_map, split=data.train_split)
+    for n, row in prepared.rows:
+        if row.get("margin") is None and (row.get("chosen_score") is None or row.get("rejected_score") is None):
+            raise DataError(
+                prepared.file,
+                n,
+                "margin",
+                "a margin, or chosen_score and rejected_score (curriculum: margin orders the pairs by it)",
+                "neither",
+                hint="prefkit data convert --to pairwise --mode best makes such pairs from ranked records with scores",
+            )
 
 
 def _tied(record) -> bool:

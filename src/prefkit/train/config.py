@@ -292,6 +292,15 @@ class PreferenceConfig(TrainingArguments):
             "gradients up to float rounding. Needs eager or sdpa attention."
         },
     )
+    curriculum: str = field(
+        default="none",
+        metadata={
+            "help": "Training order. none: the sampler's (shuffled). margin: Curry-DPO's easy-to-hard order, pairwise "
+            "losses only: pairs sorted from the largest margin (the record's margin, else chosen_score - "
+            "rejected_score) to the smallest and read in that order (train_sampling_strategy becomes sequential); "
+            "every training pair needs one (prefkit data convert --to pairwise --mode best makes them)."
+        },
+    )
     packing: bool = field(
         default=False,
         metadata={
@@ -466,12 +475,31 @@ class PreferenceConfig(TrainingArguments):
             raise ConfigError(message) from err
         self._check_user_conditioning()
         self._check_groups()
+        self._check_curriculum()
         if self.packing and self.loss_kind != "pairwise":
             raise ConfigError(
                 f"packing packs the chosen and rejected sequences of pairwise losses; {self.loss} are of kind "
                 f"{self.loss_kind!r}. Set packing to false."
             )
         super().__post_init__()
+
+    def _check_curriculum(self) -> None:
+        if self.curriculum not in ("none", "margin"):
+            raise ConfigError(f"curriculum: expected one of none, margin, got {self.curriculum!r}")
+        if self.curriculum == "none":
+            return
+        if self.loss_kind != "pairwise":
+            raise ConfigError(
+                f"curriculum: margin orders preference pairs; {self.loss} are of kind {self.loss_kind!r}. "
+                "Set curriculum to none."
+            )
+        strategy = str(getattr(self.train_sampling_strategy, "value", self.train_sampling_strategy))
+        if strategy not in ("random", "sequential"):
+            raise ConfigError(
+                f"curriculum: margin fixes the order of the training pairs; train_sampling_strategy {strategy!r} "
+                "would reorder them. Drop train_sampling_strategy or set it to sequential."
+            )
+        self.train_sampling_strategy = "sequential"
 
     def _check_user_conditioning(self) -> None:
         n = self.user_prefix_tokens

@@ -54,6 +54,7 @@ class ListPreferenceTrainer(PreferenceTrainer):
             length=pol.n_tokens.view(b, k),
             ref=ref,
             levels=inputs.get("levels"),
+            scores=inputs.get("scores"),
         )
         out = combine_losses(batch, self.loss_names, self.loss_weights, self.loss_params)
         self._check_batch_coupled_weights(weight)

@@ -321,6 +321,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "completion_truncation": ("keep_start", "keep_end"),
     "user_id_missing": ("error", "shared"),
     "data_kind": ("pairwise", "unpaired", "rated", "ranked", "stepwise"),
+    "curriculum": ("none", "margin"),
 }
 BOOLEANS = (
     "share_prompt",
@@ -503,6 +504,9 @@ def check_losses(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"loss_params.{err}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"loss_params: {err}") from None
+    kind = loss_catalog()[names[0]].kind
+    if values.get("curriculum") == "margin" and kind != "pairwise":
+        raise _fail("curriculum", f"none for {kind} losses (margin orders preference pairs)", "margin")
     if loss_catalog()[names[0]].kind == "policy":
         raise ConfigError(
             f"loss: {', '.join(names)} are policy-gradient losses over completions sampled during training; "
@@ -571,6 +575,9 @@ def check_values(values: Mapping[str, Any]) -> None:
         dim = _integer("gpm_embed_dim", get("gpm_embed_dim"), 2)
         if dim % 2:
             raise _fail("gpm_embed_dim", "an even integer >= 2", dim)
+    strategy = get("train_sampling_strategy")
+    if get("curriculum") == "margin" and strategy not in (None, "random", "sequential"):
+        raise _fail("train_sampling_strategy", "sequential (curriculum: margin fixes the order)", strategy)
     if "step_separator" in values and (not isinstance(get("step_separator"), str) or not get("step_separator")):
         raise _fail("step_separator", "a non-empty string (the text that ends every step)", get("step_separator"))
     if "logps_chunk_size" in values and get("logps_chunk_size") != "auto":

@@ -66,6 +66,7 @@ from prefkit.losses.unpaired import bco_update_reward_shift, kto_kl_estimate
 from prefkit.models.loading import ensure_pad_token, freeze, load_policy, load_tokenizer
 from prefkit.train.checkpointing import STATE_FILE, CheckpointingTrainer, TrainingStoppedError
 from prefkit.train.config import PreferenceConfig
+from prefkit.train.curriculum import order_by_margin
 from prefkit.train.logps import LogpOutput, completion_logps, shared_prefix_logps
 from prefkit.train.reference_cache import (
     REF_COLUMNS,
@@ -356,6 +357,8 @@ class PreferenceTrainer(CheckpointingTrainer):
         )
 
     def _prepare_dataset(self, data, tokenizer, args: PreferenceConfig, name: str):
+        if name == "train" and args.curriculum == "margin" and data is not None:
+            data = order_by_margin(data)
         dataset = self._tokenized_dataset(data, tokenizer, args, name)
         if self.user_tokens is not None and dataset is not None:
             dataset = self.user_tokens.prefix_dataset(dataset, name, tokenizer.bos_token_id, INDEX_COLUMN)
