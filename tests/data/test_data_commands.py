@@ -164,6 +164,21 @@ def test_convert_ranked_jsonl_to_pairwise_parquet(cli, tmp_path, capsys):
     ]
 
 
+def test_convert_scored_lists_to_reward_augmented_pairs(cli, tmp_path, capsys):
+    src = tmp_path / "ranked.jsonl"
+    write_records([RankedRecord("p", ["a", "b"], scores=[2.0, 1.0], id="q")], src)
+    out = tmp_path / "pairs.jsonl"
+    assert cli(["data", "convert", str(src), str(out), "--to", "pairwise", "--reward-augmented"]) == 0
+    pairs = load_records(str(out))
+    assert [(r.prompt, r.chosen, r.rejected) for r in pairs] == [
+        ("Write a response that would be rated 2.\n\np", "a", "b"),
+        ("Write a response that would be rated 1.\n\np", "b", "a"),
+    ]
+    capsys.readouterr()
+    assert cli(["data", "convert", str(src), str(out), "--reward-augmented"]) == 2
+    assert "reward_augmented do not apply to ranked records" in capsys.readouterr().err
+
+
 def test_convert_rated_with_weights_and_min_gap(cli, tmp_path, capsys):
     src = tmp_path / "rated.csv"
     write_records(

@@ -121,3 +121,40 @@ def test_convert_records_dispatch_and_refusals():
         convert_records(ranked, "pairwise", min_gap=0.5)
     with pytest.raises(ValueError, match="attribute do not apply to a format-only conversion"):
         convert_records(ranked, None, attribute="x")
+
+
+def test_reward_augmented_pairs_condition_each_side_on_its_score():
+    from prefkit.data.convert import reward_augmented_pairs, reward_conditioned_prompt
+
+    pair = PairwiseRecord("Tell a joke.", "good joke", "bad joke", chosen_score=8.0, rejected_score=3.5, id="j")
+    a, b = reward_augmented_pairs([pair])
+    assert a.prompt == "Write a response that would be rated 8.\n\nTell a joke."
+    assert (a.chosen, a.rejected, a.id) == ("good joke", "bad joke", "j:w")
+    # conditioned on the worse score, the worse response is the right one
+    assert b.prompt == "Write a response that would be rated 3.5.\n\nTell a joke."
+    assert (b.chosen, b.rejected, b.chosen_score, b.rejected_score, b.id) == ("bad joke", "good joke", 3.5, 8.0, "j:l")
+    assert a.margin == b.margin == 4.5
+    # equal scores: only the first pair (the reversed one would contradict it)
+    assert len(reward_augmented_pairs([PairwiseRecord("q", "a", "b", chosen_score=1.0, rejected_score=1.0)])) == 1
+    # chat prompts get a system message, joined to an existing one
+    chat = reward_conditioned_prompt([{"role": "user", "content": "hi"}], 10)
+    assert chat[0] == {"role": "system", "content": "Write a response that would be rated 10."}
+    joined = reward_conditioned_prompt([{"role": "system", "content": "Be brief."}], 2, "Target {score}")
+    assert joined == [{"role": "system", "content": "Target 2\n\nBe brief."}]
+    with pytest.raises(ValueError, match="record 1: reward-augmented pairs need chosen_score"):
+        reward_augmented_pairs([PairwiseRecord("q", "a", "b")])
+    with pytest.raises(ValueError, match="must contain"):
+        reward_conditioned_prompt("q", 1.0, "no placeholder")
+
+
+def test_convert_records_reward_augmented_after_ranked_to_pairwise():
+    rec = RankedRecord("p", ["a", "b", "c"], scores=[3.0, 1.0, 2.0])
+    out = convert_records([rec], "pairwise", mode="best", reward_augmented=True)
+    assert [(p.prompt.split("\n")[0], p.chosen, p.rejected) for p in out] == [
+        ("Write a response that would be rated 3.", "a", "c"),
+        ("Write a response that would be rated 2.", "c", "a"),
+        ("Write a response that would be rated 3.", "a", "b"),
+        ("Write a response that would be rated 1.", "b", "a"),
+    ]
+    with pytest.raises(ValueError, match="reward_augmented do not apply to unpaired records"):
+        convert_records([PairwiseRecord("q", "a", "b")], "unpaired", reward_augmented=True)

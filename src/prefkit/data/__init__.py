@@ -6,6 +6,8 @@ from prefkit.data.convert import (
     ranked_to_pairwise,
     rated_score,
     rated_to_pairwise,
+    reward_augmented_pairs,
+    reward_conditioned_prompt,
 )
 from prefkit.data.formats import (
     LAYOUTS,
@@ -70,6 +72,8 @@ __all__ = [
     "rated_score",
     "rated_to_pairwise",
     "read_rows",
+    "reward_augmented_pairs",
+    "reward_conditioned_prompt",
     "record_from_dict",
     "record_to_dict",
     "render_text",

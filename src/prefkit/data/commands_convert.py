@@ -66,6 +66,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="rated -> pairwise: pair only if scores differ by more than this",
     )
+    parser.add_argument(
+        "--reward-augmented",
+        action="store_true",
+        help="scored pairs -> two pairs each whose prompt names a target score (reward-augmented DPO, Zhang et al. "
+        "2024): x|r_w: chosen > rejected and x|r_l: rejected > chosen",
+    )
     add_source_arguments(parser)
 
 
@@ -84,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         converted = convert_records(
-            records, args.to, mode=args.mode, attribute=args.attribute, weights=weights, min_gap=args.min_gap
+            records,
+            args.to,
+            mode=args.mode,
+            attribute=args.attribute,
+            weights=weights,
+            min_gap=args.min_gap,
+            reward_augmented=args.reward_augmented,
         )
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@
 * `rated_to_pairwise`: rated completions of the same prompt -> pairs by one attribute or a
   weighted sum of attributes, with the score gap as the margin.
 * `pairwise_to_unpaired`: each pair -> a desirable and an undesirable example (KTO-style).
+* `reward_augmented_pairs`: scored pairs -> pairs whose prompt names a target score (reward-augmented DPO).
 * `convert_records`: the dispatcher behind ``prefkit data convert --to``.
 
 Pairs whose two completions render to the same text (after stripping surrounding whitespace)
@@ -222,6 +223,61 @@ def pairwise_to_unpaired(records: Iterable[PairwiseRecord]) -> list[UnpairedReco
     return out
 
 
+DEFAULT_SCORE_INSTRUCTION = "Write a response that would be rated {score}."
+
+
+def reward_conditioned_prompt(prompt: Any, score: float, instruction: str = DEFAULT_SCORE_INSTRUCTION) -> Any:
+    """``prompt`` asking for a response of quality ``score``: a plain prompt gets ``instruction`` (with ``{score}``
+    filled in, ``:g`` format) as its first line; a chat prompt gets it as a system message (joined to an existing
+    first system message). Train on `reward_augmented_pairs` and generate with the best score of the data."""
+    if "{score}" not in instruction:
+        raise ValueError(f"instruction must contain {{score}}, got {instruction!r}")
+    line = instruction.format(score=f"{float(score):g}")
+    if isinstance(prompt, str):
+        return f"{line}\n\n{prompt}"
+    messages = [dict(m) for m in prompt]
+    if messages and messages[0].get("role") == "system":
+        messages[0]["content"] = f"{line}\n\n{messages[0]['content']}"
+        return messages
+    return [{"role": "system", "content": line}, *messages]
+
+
+def reward_augmented_pairs(
+    records: Iterable[PairwiseRecord], *, instruction: str = DEFAULT_SCORE_INSTRUCTION
+) -> list[PairwiseRecord]:
+    """Reward-augmented preference data (Zhang et al. 2024, "Reward-Augmented Data Enhances Direct Preference
+    Alignment of LLMs", arXiv:2410.08067): each scored pair ``(x, y_w, y_l, r_w, r_l)`` becomes two pairs,
+    ``(x | r_w): y_w > y_l`` and ``(x | r_l): y_l > y_w``, where ``x | r`` is `reward_conditioned_prompt`. The
+    policy learns what each quality level looks like instead of only "better than", and is then prompted with the
+    highest score. A pair with equal scores gives only its first pair (the second would contradict it). Scores
+    come from ``chosen_score`` / ``rejected_score`` (a judge's or reward model's, e.g. from ``prefkit data
+    convert --to pairwise`` on scored ranked or rated records); a pair without them is an error. ``margin``
+    becomes ``r_w - r_l`` on both; ids get ``:w`` / ``:l``."""
+    out: list[PairwiseRecord] = []
+    for i, r in enumerate(_expect(records, PairwiseRecord, "reward_augmented_pairs"), start=1):
+        if r.chosen_score is None or r.rejected_score is None:
+            raise ValueError(f"record {i}: reward-augmented pairs need chosen_score and rejected_score")
+        cw, cl = float(r.chosen_score), float(r.rejected_score)
+        sides = [(cw, r.chosen, r.rejected, cw, cl, "w")]
+        if cl != cw:
+            sides.append((cl, r.rejected, r.chosen, cl, cw, "l"))
+        for target, chosen, rejected, s_chosen, s_rejected, tag in sides:
+            out.append(
+                PairwiseRecord(
+                    prompt=reward_conditioned_prompt(r.prompt, target, instruction),
+                    chosen=chosen,
+                    rejected=rejected,
+                    user_id=r.user_id,
+                    margin=abs(cw - cl),
+                    weight=r.weight,
+                    chosen_score=s_chosen,
+                    rejected_score=s_rejected,
+                    id=None if r.id is None else f"{r.id}:{tag}",
+                )
+            )
+    return out
+
+
 CONVERSIONS: dict[tuple[str, str], str] = {
     ("ranked", "pairwise"): "ranked_to_pairwise",
     ("rated", "pairwise"): "rated_to_pairwise",
@@ -272,8 +328,10 @@ def convert_records(
     attribute: str | None = None,
     weights: dict[str, float] | None = None,
     min_gap: float = 0.0,
+    reward_augmented: bool = False,
 ) -> list[Record]:
-    """Convert records of one kind to kind ``to`` with the matching function above.
+    """Convert records of one kind to kind ``to`` with the matching function above; ``reward_augmented`` then
+    turns the (scored) pairs into `reward_augmented_pairs`.
 
     ``to=None`` or the records' own kind returns them unchanged (a file-format conversion).
     Options that do not apply to the conversion are refused rather than ignored.
@@ -297,14 +355,21 @@ def convert_records(
     else:
         supported = ", ".join(f"{a} -> {b}" for a, b in CONVERSIONS)
         raise ValueError(f"no conversion from {source} to {to}; supported: {supported}")
+    given["reward_augmented"] = reward_augmented
+    if (to or source) == "pairwise":
+        allowed.add("reward_augmented")
     unused = [name for name, was_given in given.items() if was_given and name not in allowed]
     if unused:
         what = "a format-only conversion" if identity else f"{source} -> {to}"
+        if unused == ["reward_augmented"]:
+            what = f"{to or source} records (it makes pairs)"
         raise ValueError(f"option(s) {', '.join(unused)} do not apply to {what}")
     if identity:
-        return records
-    if source == "ranked":
-        return ranked_to_pairwise(records, mode=mode)
-    if source == "rated":
-        return rated_to_pairwise(records, attribute=attribute, weights=weights, min_gap=min_gap)
-    return pairwise_to_unpaired(records)
+        converted = records
+    elif source == "ranked":
+        converted = ranked_to_pairwise(records, mode=mode)
+    elif source == "rated":
+        converted = rated_to_pairwise(records, attribute=attribute, weights=weights, min_gap=min_gap)
+    else:
+        converted = pairwise_to_unpaired(records)
+    return reward_augmented_pairs(converted) if reward_augmented else converted
