@@ -52,6 +52,8 @@ def _batch(kind: str, sign: float):
             chosen_logsumsq=torch.full((2, 3), -0.7),
             rejected_logsumsq=torch.full((2, 3), -0.7),
             margin=torch.tensor([1.0, 1.0]),
+            chosen_kl=torch.full((2, 3), 0.1),
+            rejected_kl=torch.full((2, 3), 0.1),
         )
         return batch, [pct, prt]
     if kind == "unpaired":

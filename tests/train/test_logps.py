@@ -493,3 +493,76 @@ def test_entropy_by_hand_and_in_completion_logps(tiny_model):
         lp = torch.log_softmax(tiny_model(input_ids=ids).logits.float(), -1)[:, 2:-1]
     assert torch.allclose(out.entropy[:, 3:], -(lp.exp() * lp).sum(-1), atol=1e-5)
     assert (out.entropy[:, :3] == 0).all()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, "auto"])
+def test_kl_to_a_reference_matches_full_logits_with_gradients(chunk_size):
+    """``kl_to``: the per-token KL(p_ref || p) over the whole vocabulary equals the one from the two models'
+    full logits, at every completion position, with the same gradients (TDPO's sequential KL)."""
+    torch.manual_seed(0)
+    pol = build_tiny_llama(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2).double()
+    ref = build_tiny_llama(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2).double()
+    ids = torch.randint(4, 40, (3, 8))
+    attn = torch.ones_like(ids)
+    attn[2, 6:] = 0
+    comp = torch.zeros_like(ids)
+    comp[:, 3:] = 1
+    comp[2, 6:] = 0
+    with torch.no_grad():
+        r = completion_logps(ref, ids, attn, comp, keep_head_inputs=True, chunk_size=chunk_size)
+    out = completion_logps(pol, ids, attn, comp, kl_to=r, chunk_size=chunk_size)
+    logp = F.log_softmax(pol(ids, attention_mask=attn).logits, -1)
+    with torch.no_grad():
+        logp_ref = F.log_softmax(ref(ids, attention_mask=attn).logits, -1)
+    naive = torch.zeros_like(out.kl)
+    naive[:, 1:] = (logp_ref.exp() * (logp_ref - logp)).sum(-1)[:, :-1] * comp[:, 1:]
+    assert torch.allclose(out.kl, naive, atol=1e-12)
+    params = [p for p in pol.parameters()]
+    got = torch.autograd.grad(out.kl.sum(), params, allow_unused=True)
+    want = torch.autograd.grad(naive.sum(), params, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None and w is None) or torch.allclose(g, w, atol=1e-12)
+    # the log-probs are unchanged by asking for the KL
+    assert torch.allclose(out.sum, completion_logps(pol, ids, attn, comp).sum)
+
+
+def test_kl_to_refuses_a_mismatched_reference():
+    torch.manual_seed(0)
+    pol = build_tiny_llama(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2)
+    other = build_tiny_llama(vocab_size=48, hidden_size=16, num_layers=1, num_heads=2)
+    ids = torch.randint(4, 40, (2, 6))
+    attn, comp = torch.ones_like(ids), torch.zeros_like(ids)
+    comp[:, 3:] = 1
+    with torch.no_grad():
+        r = completion_logps(other, ids, attn, comp, keep_head_inputs=True)
+        short = completion_logps(pol, ids, attn, comp * (torch.arange(6) < 5), keep_head_inputs=True)
+    with pytest.raises(ValueError, match="vocabulary"):
+        completion_logps(pol, ids, attn, comp, kl_to=r)
+    with pytest.raises(ValueError, match="same batch"):
+        completion_logps(pol, ids, attn, comp, kl_to=short)
+
+
+@pytest.mark.parametrize(("scale", "softcap"), [(1.0, None), (2.5, None), (0.5, 1.3)])
+def test_chunked_token_kl_by_hand_and_gradcheck(scale, softcap):
+    from prefkit.train.logps import _Head, chunked_token_kl
+
+    g = torch.Generator().manual_seed(2)
+    m, h, v = 5, 4, 9
+    hidden = torch.randn(m, h, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=True)
+    ref_hidden = torch.randn(m, h, dtype=torch.float64, generator=g)
+    ref_head = _Head(torch.nn.Linear(h, v, dtype=torch.float64), 1.0, None)
+
+    def logits(x, w, b):
+        z = scale * (x @ w.t() + b)
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    def fn(x, w, b):
+        return chunked_token_kl(x, w, ref_hidden, ref_head, b, chunk_size=2, logit_scale=scale, softcap=softcap)
+
+    with torch.no_grad():
+        p_ref = F.softmax(ref_head.module(ref_hidden), -1)
+    naive = (p_ref * (p_ref.log() - F.log_softmax(logits(hidden, weight, bias), -1))).sum(-1)
+    assert torch.allclose(fn(hidden, weight, bias), naive, atol=1e-12)
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-6, atol=1e-8)

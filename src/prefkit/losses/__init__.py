@@ -11,6 +11,7 @@ from prefkit.losses import (  # noqa: E402,F401
     process,
     reference_free,
     reward,
+    token_level,
     unpaired,
     variational,
 )

@@ -63,6 +63,10 @@ class PairLogps:
     chosen_logsumsq: Tensor | None = None
     rejected_logsumsq: Tensor | None = None
     margin: Tensor | None = None  # optional per-pair preference strength from the data
+    # KL(pi_ref(.|prefix) || pi(.|prefix)) over the vocabulary at each completion token, with its gradient, same
+    # layout; filled only for losses registered with needs_kl=True (TDPO's sequential KL)
+    chosen_kl: Tensor | None = None
+    rejected_kl: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -197,6 +201,8 @@ class LossSpec:
     batch_coupled: bool = False
     # hyper-parameter -> allowed range (`prefkit.ranges`), checked when the parameters are resolved
     ranges: dict[str, str] = field(default_factory=dict)
+    # True when the loss reads the per-token full-vocabulary KL to the reference (chosen_kl / rejected_kl)
+    needs_kl: bool = False
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -233,6 +239,7 @@ def register_loss(
     needs_tokens: bool = False,
     batch_coupled: bool = False,
     ranges: dict[str, str] | None = None,
+    needs_kl: bool = False,
 ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Register ``fn`` under ``name``.
 
@@ -258,8 +265,10 @@ def register_loss(
             raise ValueError(f"loss {name!r}: ranges must name each hyper-parameter once ({sorted(params)})")
         for text in declared.values():
             check_range(text)
+        if needs_kl and not (needs_tokens and needs_reference and kind == "pairwise"):
+            raise ValueError(f"loss {name!r}: needs_kl is for pairwise losses with needs_tokens and a reference")
         _REGISTRY[name] = LossSpec(
-            name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled, declared
+            name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled, declared, needs_kl
         )
         return fn
 

@@ -476,6 +476,13 @@ class PreferenceConfig(TrainingArguments):
         self._check_user_conditioning()
         self._check_groups()
         self._check_curriculum()
+        kl_losses = [n for n in self.loss if _loss_needs_kl(n)]
+        for key in ("share_prompt", "packing", "precompute_ref_logps"):
+            if kl_losses and getattr(self, key):
+                raise ConfigError(
+                    f"{key}: {', '.join(kl_losses)} read the reference's next-token distributions at every "
+                    "completion token, which only the plain layout with a live reference gives; set it to false"
+                )
         if self.packing and self.loss_kind != "pairwise":
             raise ConfigError(
                 f"packing packs the chosen and rejected sequences of pairwise losses; {self.loss} are of kind "
@@ -518,6 +525,8 @@ class PreferenceConfig(TrainingArguments):
                 f"user_conditioning trains a policy on pairwise or unpaired losses; {self.loss} are of kind "
                 f"{self.loss_kind!r}. Set user_conditioning to false."
             )
+        elif any(_loss_needs_kl(n) for n in self.loss):
+            raise ConfigError(f"user_conditioning does not take token-level KL losses ({self.loss}); use e.g. dpo")
 
     def _check_groups(self) -> None:
         step = self.group_robust_step_size
@@ -876,3 +885,9 @@ if __name__ == "__main__":  # pragma: no cover - a maintenance helper
     for doc in sys.argv[1:]:
         p = Path(doc)
         p.write_text(update_reference_tables(p.read_text(encoding="utf-8")), encoding="utf-8")
+
+
+def _loss_needs_kl(name: str) -> bool:
+    from prefkit.losses import get_loss
+
+    return get_loss(name).needs_kl

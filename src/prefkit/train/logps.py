@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_MEMORY_MB",
     "LogpOutput",
     "auto_chunk_size",
+    "chunked_token_kl",
     "chunked_token_logps",
     "completion_logps",
     "shared_prefix_logps",
@@ -75,6 +76,10 @@ class LogpOutput:
     completion positions, else 0 (WPO's weights).
     ``entropy``: ``[N, T]`` or ``None``, detached; ``-sum_v p(v | input_ids[:, :t]) log p(v | ...)`` at the
     completion positions, else 0 (logged by the online trainer).
+    ``kl``: ``[N, T]`` or ``None``: ``KL(p_ref(. | prefix) || p(. | prefix))`` over the whole vocabulary at the
+    completion positions, else 0, with its gradient (TDPO's sequential KL; ``kl_to`` of :func:`completion_logps`).
+    ``head_inputs`` / ``head``: with ``keep_head_inputs``, the ``[M, H]`` detached hidden states that predict the
+    completion tokens and the LM head that scores them: what ``kl_to`` needs from a reference.
     """
 
     sum: Tensor
@@ -82,6 +87,9 @@ class LogpOutput:
     per_token: Tensor | None = None
     logsumsq: Tensor | None = None
     entropy: Tensor | None = None
+    kl: Tensor | None = None
+    head_inputs: Tensor | None = None
+    head: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +249,111 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         if need_b:
             grad_b = grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+class _ChunkedTokenKL(torch.autograd.Function):
+    """``KL(softmax(z_ref) || softmax(z))`` per row, ``z`` from ``hidden`` and ``weight`` as in `_ChunkedTokenLogps`
+    and ``z_ref`` from the reference's ``ref_hidden`` and head (no gradient), chunked both ways."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref, chunk_size, scale, softcap, mm_dtype):
+        w, w_ref = weight.to(mm_dtype), ref.module.weight.to(mm_dtype)
+        fdt = _float_dtype(w.dtype)
+        m = hidden.shape[0]
+        kl = torch.empty(m, dtype=fdt, device=hidden.device)
+        with torch.autocast(device_type=hidden.device.type, enabled=False), torch.no_grad():
+            for s in range(0, m, chunk_size):
+                e = min(s + chunk_size, m)
+                logp = torch.log_softmax(_chunk_logits(hidden[s:e], w, bias, scale, softcap), dim=-1)
+                z_ref = _chunk_logits(ref_hidden[s:e], w_ref, ref.module.bias, ref.scale, ref.softcap)
+                logp_ref = torch.log_softmax(z_ref.to(fdt), dim=-1)
+                p_ref = logp_ref.exp()
+                # sum_v p_ref (log p_ref - log p); a token with p_ref = 0 adds nothing
+                kl[s:e] = torch.where(p_ref > 0, p_ref * (logp_ref - logp), torch.zeros_like(p_ref)).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden)
+        ctx.ref, ctx.chunk_size, ctx.scale, ctx.softcap, ctx.mm_dtype = ref, chunk_size, scale, softcap, mm_dtype
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, ref_hidden = ctx.saved_tensors
+        ref, chunk_size, scale, softcap = ctx.ref, ctx.chunk_size, ctx.scale, ctx.softcap
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w, w_ref = weight.to(ctx.mm_dtype), ref.module.weight.to(ctx.mm_dtype)
+        fdt = _float_dtype(w.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=fdt, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=fdt, device=bias.device) if need_b else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk_size):
+                e = min(s + chunk_size, hidden.shape[0])
+                h = hidden[s:e]
+                z = _chunk_logits(h, w, bias, scale, softcap)
+                z_ref = _chunk_logits(ref_hidden[s:e], w_ref, ref.module.bias, ref.scale, ref.softcap).to(fdt)
+                # d KL / d z = softmax(z) - softmax(z_ref); times the incoming gradient
+                dz = torch.softmax(z, dim=-1) - torch.softmax(z_ref, dim=-1)
+                dz.mul_(grad_kl[s:e].to(fdt)[:, None])
+                if softcap is not None:
+                    dz.mul_(1.0 - (z / softcap) ** 2)
+                if scale != 1.0:
+                    dz.mul_(scale)
+                del z, z_ref
+                if need_b:
+                    grad_b.add_(dz.sum(0))
+                dz = dz.to(w.dtype)
+                if need_h:
+                    grad_h[s:e] = (dz @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w.add_(dz.t().to(fdt) @ h.to(fdt))
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def chunked_token_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_head: Any,
+    bias: Tensor | None = None,
+    *,
+    chunk_size: int | str = "auto",
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """``[M]`` full-vocabulary ``KL(p_ref || p)`` of each row, ``p = softmax(z)`` with ``z`` as in
+    :func:`chunked_token_logps` and ``p_ref`` the reference head's (``ref_head``: the ``head`` of a
+    :class:`LogpOutput`) on ``ref_hidden`` ``[M, H_ref]``. Gradients reach ``hidden``, ``weight`` and ``bias``
+    (``d KL / d z = p - p_ref``), never the reference; both passes hold two ``[rows, V]`` chunks at a time
+    (half of ``chunk_size="auto"``'s rows each)."""
+    if hidden.shape[0] != ref_hidden.shape[0]:
+        raise ValueError(
+            f"the reference scored {ref_hidden.shape[0]} completion tokens and the policy {hidden.shape[0]}: "
+            "kl_to needs the reference's output on the same batch"
+        )
+    if ref_head.module.weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"the reference's vocabulary ({ref_head.module.weight.shape[0]}) differs from the policy's "
+            f"({weight.shape[0]}): the token-level KL needs one vocabulary"
+        )
+    rows = max(
+        1, _chunk_rows(chunk_size, memory_mb, weight.shape[0], weight.dtype) // (2 if chunk_size == "auto" else 1)
+    )
+    return _ChunkedTokenKL.apply(
+        hidden,
+        weight,
+        bias,
+        ref_hidden.detach(),
+        ref_head,
+        rows,
+        float(logit_scale),
+        None if softcap is None else float(softcap),
+        _matmul_dtype(weight),
+    )
 
 
 def chunked_token_logps(
@@ -666,6 +779,8 @@ def completion_logps(
     logsumsq: bool = False,
     entropy: bool = False,
     hidden_hook: Callable[[Tensor], None] | None = None,
+    keep_head_inputs: bool = False,
+    kl_to: LogpOutput | None = None,
 ) -> LogpOutput:
     """Summed (and optionally per-token) log-probs of the completion tokens of each row.
 
@@ -694,6 +809,12 @@ def completion_logps(
         entropy: also return the ``[N, T]`` detached entropy of ``p(. | prefix)``.
         hidden_hook: called with the ``[N, T, H]`` final hidden states (what the LM head receives, with their
             gradient) during the forward, e.g. for a value head on the same backbone (PPO).
+        keep_head_inputs: keep the detached hidden states that predict the completion tokens and the head in
+            the output (``head_inputs``, ``head``), for a later ``kl_to`` (run the reference with it).
+        kl_to: a reference's output on the same batch made with ``keep_head_inputs``: also return ``kl``, the
+            per-token full-vocabulary ``KL(p_ref || p)`` with its gradient (:func:`chunked_token_kl`). Like
+            ``hidden_hook``, this reads the hidden states inside the forward but outside its output, so it is
+            for unsharded models (plain or DistributedDataParallel), not FSDP or ZeRO-3.
 
     Returns:
         A :class:`LogpOutput` (float32, or float64 for a float64 model).
@@ -722,6 +843,8 @@ def completion_logps(
         logsumsq=logsumsq,
         entropy=entropy,
         hidden_hook=hidden_hook,
+        keep_head_inputs=keep_head_inputs,
+        kl_to=kl_to,
     )
 
 
@@ -741,6 +864,8 @@ def _score(
     logsumsq: bool,
     entropy: bool = False,
     hidden_hook: Callable[[Tensor], None] | None = None,
+    keep_head_inputs: bool = False,
+    kl_to: LogpOutput | None = None,
 ) -> LogpOutput:
     """Run ``model`` on ``inputs`` and score ``targets`` ``[M]`` from the hidden states ``pick(hidden)``
     ``[M, H]`` that predict them; token ``m`` is position ``(rows[m], cols[m])`` of the ``shape = (N, T)``
@@ -752,8 +877,23 @@ def _score(
     def on_hidden(hidden: Tensor) -> Tensor:
         if hidden_hook is not None:
             hidden_hook(hidden)
+        picked = pick(hidden)
+        if keep_head_inputs:
+            found["head_inputs"] = picked.detach()
+        if kl_to is not None:
+            found["kl"] = chunked_token_kl(
+                picked,
+                head.module.weight,
+                kl_to.head_inputs,
+                kl_to.head,
+                head.module.bias,
+                chunk_size=chunk_size,
+                memory_mb=memory_mb,
+                logit_scale=head.scale,
+                softcap=head.softcap,
+            )
         result = chunked_token_logps(
-            pick(hidden),
+            picked,
             head.module.weight,
             targets,
             head.module.bias,
@@ -791,6 +931,10 @@ def _score(
         out.logsumsq = found["lss"].new_zeros(n, t).index_put((rows, cols), found["lss"]).detach()
     if entropy:
         out.entropy = found["ent"].new_zeros(n, t).index_put((rows, cols), found["ent"]).detach()
+    if kl_to is not None:
+        out.kl = found["kl"].new_zeros(n, t).index_put((rows, cols), found["kl"])
+    if keep_head_inputs:
+        out.head_inputs, out.head = found["head_inputs"], head
     return out
 
 

@@ -187,6 +187,13 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
         raise _fail("online.same_prompts", "true or false", o["same_prompts"])
     if o["rounds"] and catalog[o["loss"]].kind != "pairwise":
         raise ConfigError("online.rounds (iterative DPO) trains a pairwise loss (dpo, ipo, ...)")
+    if catalog[o["loss"]].needs_kl and not o["rounds"]:
+        raise _fail(
+            "online.loss",
+            "a loss without the token-level KL for online DPO (tdpo1 / tdpo2 train offline: prefkit train, or "
+            "iterative DPO with online.rounds)",
+            o["loss"],
+        )
     if o["judge"] is not None:
         if not isinstance(o["judge"], Mapping) or "judge" not in o["judge"]:
             raise _fail("online.judge", "a mapping with judge: NAME (e.g. {judge: lab, world: default})", o["judge"])

@@ -206,6 +206,7 @@ class CatalogEntry:
     hyperparameters: dict[str, Any]
     ranges: dict[str, str]
     batch_coupled: bool = False
+    needs_kl: bool = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -230,7 +231,12 @@ def loss_catalog() -> dict[str, CatalogEntry]:
                     if d is not None
                 }
                 out[name] = CatalogEntry(
-                    name, kw["kind"], defaults, dict(kw.get("ranges") or {}), bool(kw.get("batch_coupled", False))
+                    name,
+                    kw["kind"],
+                    defaults,
+                    dict(kw.get("ranges") or {}),
+                    bool(kw.get("batch_coupled", False)),
+                    bool(kw.get("needs_kl", False)),
                 )
     return out
 
@@ -505,6 +511,10 @@ def check_losses(values: Mapping[str, Any]) -> None:
     except (ValueError, TypeError) as err:
         raise ConfigError(f"loss_params: {err}") from None
     kind = loss_catalog()[names[0]].kind
+    kl_losses = [n for n in names if loss_catalog()[n].needs_kl]
+    for key in ("share_prompt", "packing", "precompute_ref_logps"):
+        if kl_losses and values.get(key) is True:
+            raise _fail(key, f"false for {', '.join(kl_losses)} (they read the reference's token distributions)", True)
     if values.get("curriculum") == "margin" and kind != "pairwise":
         raise _fail("curriculum", f"none for {kind} losses (margin orders preference pairs)", "margin")
     if loss_catalog()[names[0]].kind == "policy":

@@ -151,6 +151,8 @@ def pair_logps_batch(pol: LogpOutput, ref: LogpOutput | None, mask: Tensor, marg
         batch.chosen_logsumsq, batch.rejected_logsumsq = pol.logsumsq[:b], pol.logsumsq[b:]
         if ref is not None:
             batch.ref_chosen_tokens, batch.ref_rejected_tokens = ref.per_token[:b], ref.per_token[b:]
+    if pol.kl is not None:
+        batch.chosen_kl, batch.rejected_kl = pol.kl[:b], pol.kl[b:]
     return batch
 
 
@@ -215,6 +217,7 @@ class PreferenceTrainer(CheckpointingTrainer):
             )
         self.needs_reference = any(s.needs_reference for s in self.loss_specs)
         self.needs_tokens = any(s.needs_tokens for s in self.loss_specs)
+        self.needs_kl = any(s.needs_kl for s in self.loss_specs)
         ref_point_kinds = {REF_POINT[n] for n in self.loss_names if n in REF_POINT}
         if len(ref_point_kinds) > 1:
             raise ValueError(
@@ -564,19 +567,27 @@ class PreferenceTrainer(CheckpointingTrainer):
         *,
         tokens: bool,
         logsumsq: bool = False,
+        **engine: Any,
     ):
-        return completion_logps(model, ids, attn, comp, per_token=tokens, logsumsq=logsumsq, **self._chunking())
+        return completion_logps(
+            model, ids, attn, comp, per_token=tokens, logsumsq=logsumsq, **engine, **self._chunking()
+        )
 
     def _chunking(self) -> dict[str, Any]:
         """The engine's chunking options from the config."""
         return {"chunk_size": self.args.logps_chunk_size, "memory_mb": self.args.logps_memory_mb}
 
-    def _pair_logps(self, model: nn.Module, inputs: dict[str, Any], *, tokens: bool, logsumsq: bool = False):
+    def _pair_logps(
+        self, model: nn.Module, inputs: dict[str, Any], *, tokens: bool, logsumsq: bool = False, **engine: Any
+    ):
         """Log-probs of a pairwise batch's ``2B`` rows; with ``share_prompt``, one pass per prompt; with
-        ``packing``, from padding-free packed rows (both: `shared_prefix_logps`)."""
+        ``packing``, from padding-free packed rows (both: `shared_prefix_logps`). ``engine``: the plain layout's
+        further `completion_logps` options (``keep_head_inputs``, ``kl_to``)."""
         if not (self.args.share_prompt or self.args.packing):
             ids, attn, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-            return self._logps(model, ids, attn, comp, tokens=tokens, logsumsq=logsumsq)
+            return self._logps(model, ids, attn, comp, tokens=tokens, logsumsq=logsumsq, **engine)
+        if engine:
+            raise ValueError(f"{sorted(engine)} need the plain layout; set share_prompt and packing to false")
         missing = [k for k in SHARED_PREFIX_KEYS if k not in inputs]
         if missing:
             raise KeyError(
@@ -632,8 +643,13 @@ class PreferenceTrainer(CheckpointingTrainer):
         weight = inputs["weight"]
         b = weight.shape[0]
         tokens = self.needs_tokens
-        pol = self._pair_logps(model, inputs, tokens=tokens, logsumsq=tokens)
-        ref = self._pair_reference(model, inputs, pol, tokens=tokens) if self.needs_reference else None
+        if self.needs_kl:  # the reference first: the policy's pass reads its hidden states for the token KL
+            with self._reference(model) as ref_model:
+                ref = self._pair_logps(ref_model, inputs, tokens=True, keep_head_inputs=True)
+            pol = self._pair_logps(model, inputs, tokens=True, logsumsq=True, kl_to=ref)
+        else:
+            pol = self._pair_logps(model, inputs, tokens=tokens, logsumsq=tokens)
+            ref = self._pair_reference(model, inputs, pol, tokens=tokens) if self.needs_reference else None
         batch = pair_logps_batch(pol, ref, inputs["completion_mask"], inputs.get("margin"), tokens=tokens)
         out = combine_losses(batch, self.loss_names, self.loss_weights, self.loss_params)
         self._check_batch_coupled_weights(weight)

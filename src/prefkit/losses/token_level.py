@@ -1,0 +1,134 @@
+"""Token-level preference losses: DPO's margin assembled from per-token terms.
+
+DPO scores a completion by its summed log-ratio ``sum_t (log pi - log pi_ref)(y_t)``. Token-level methods change
+what each token contributes: a weight per token, and a term for how far the policy's whole next-token
+distribution has moved from the reference's at each position (the full-vocabulary KL, which the log-prob engine
+computes chunk by chunk: ``PairLogps.chosen_kl`` / ``rejected_kl``, filled for losses registered with
+``needs_kl=True``). `token_dpo` is the one place this is assembled; a token-level method is a function that
+computes its weights (or none) and calls it.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from prefkit.losses.base import LossOutput, PairLogps, pair_metrics, register_loss, require_reference
+
+__all__ = ["sequence_kl", "tdpo1", "tdpo2", "token_dpo", "weighted_log_ratios"]
+
+_TOKENS = ("policy_chosen_tokens", "policy_rejected_tokens", "ref_chosen_tokens", "ref_rejected_tokens")
+
+
+def _need(b: PairLogps, loss: str, fields: tuple[str, ...]) -> None:
+    missing = [f for f in fields if getattr(b, f) is None]
+    if missing:
+        raise ValueError(
+            f"loss {loss!r} needs {missing}, but the batch has none (token-level losses need per-token log-probs "
+            "and, with needs_kl, the reference's per-token KL: the plain layout without share_prompt, packing or "
+            "precompute_ref_logps)"
+        )
+
+
+def weighted_log_ratios(
+    b: PairLogps, w_chosen: Tensor | None = None, w_rejected: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(sum_t w_t (pi - ref)(y_w,t), sum_t w_t (pi - ref)(y_l,t))`` over each completion's tokens, ``[B]`` each;
+    weights ``[B, T]`` in the per-token layout (None: 1 on every token, i.e. DPO's log-ratios)."""
+    require_reference(b, "token-level")
+    out = []
+    for pol, ref, mask, w in (
+        (b.policy_chosen_tokens, b.ref_chosen_tokens, b.chosen_mask, w_chosen),
+        (b.policy_rejected_tokens, b.ref_rejected_tokens, b.rejected_mask, w_rejected),
+    ):
+        ratio = (pol - ref) * mask
+        out.append((ratio if w is None else ratio * w).sum(-1))
+    return out[0], out[1]
+
+
+def sequence_kl(
+    b: PairLogps, w_chosen: Tensor | None = None, w_rejected: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The sequential KL of each completion, ``sum_t w_t KL(pi_ref(.|x, y_<t) || pi(.|x, y_<t))``, ``[B]`` each."""
+    out = []
+    for kl, mask, w in ((b.chosen_kl, b.chosen_mask, w_chosen), (b.rejected_kl, b.rejected_mask, w_rejected)):
+        kl = kl * mask
+        out.append((kl if w is None else kl * w).sum(-1))
+    return out[0], out[1]
+
+
+def token_dpo(
+    b: PairLogps,
+    *,
+    beta: float,
+    loss: str,
+    alpha: float = 0.0,
+    detach_chosen_kl: bool = False,
+    weights: tuple[Tensor, Tensor] | None = None,
+    kl_weights: tuple[Tensor, Tensor] | None = None,
+) -> LossOutput:
+    """``-log sigma(beta * (h - alpha * (KL_l - KL_w)))``: DPO on weighted token log-ratios
+    (`weighted_log_ratios`), minus ``alpha`` times the gap between the rejected and chosen sequential KL
+    (`sequence_kl`, the chosen one detached with ``detach_chosen_kl``). ``alpha = 0`` with no weights is ``dpo``.
+    Logged rewards: ``beta * (log-ratio + KL)`` per side (TDPO's reading of the implicit reward); metrics
+    ``kl/chosen`` and ``kl/rejected`` (per example)."""
+    if not beta > 0:
+        raise ValueError(f"loss {loss!r}: beta must be > 0, got {beta}")
+    if not alpha >= 0:
+        raise ValueError(f"loss {loss!r}: alpha must be >= 0, got {alpha}")
+    _need(b, loss, (*_TOKENS, "chosen_mask", "rejected_mask"))
+    lr_w, lr_l = weighted_log_ratios(b, *(weights or (None, None)))
+    metrics: dict[str, Tensor] = {}
+    delta = lr_w.new_zeros(lr_w.shape)
+    kl_w = kl_l = None
+    if alpha:
+        _need(b, loss, ("chosen_kl", "rejected_kl"))
+        kl_w, kl_l = sequence_kl(b, *(kl_weights or (None, None)))
+        delta = alpha * (kl_l - (kl_w.detach() if detach_chosen_kl else kl_w))
+    out = -F.logsigmoid(beta * (lr_w - lr_l - delta))
+    if kl_w is not None:
+        metrics = pair_metrics(beta * (lr_w + kl_w), beta * (lr_l + kl_l))
+        metrics["kl/chosen"], metrics["kl/rejected"] = kl_w.detach(), kl_l.detach()
+    else:
+        metrics = pair_metrics(beta * lr_w, beta * lr_l)
+    return LossOutput(loss=out, metrics=metrics)
+
+
+@register_loss("tdpo1", kind="pairwise", needs_tokens=True, needs_kl=True, ranges={"beta": "> 0"})
+def tdpo1(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """TDPO1: DPO with the difference of the two completions' sequential KL divergences in the margin.
+
+    Formula: loss = -log sigma(beta * h - beta * (SeqKL_l - SeqKL_w)),
+    SeqKL = sum_t KL(pi_ref(.|x, y_<t) || pi(.|x, y_<t))
+
+    Paper: Zeng, Liu, Ma, Yang, Zhang, Wang (2024), "Token-level Direct Preference Optimization", ICML 2024,
+    arXiv:2404.11999 (TDPO1).
+
+    Hyper-parameters:
+        beta: as in DPO (> 0); default 0.1, the paper's.
+
+    The KL is over the whole vocabulary at every completion position (the engine's ``kl_to``, chunked; the
+    reference scores the batch first). TRL: none. Needs the plain layout: no share_prompt, packing or
+    precompute_ref_logps. Logged rewards are ``beta * (log-ratio + SeqKL)``, as the paper's code logs them.
+    """
+    return token_dpo(b, beta=beta, alpha=1.0, loss="tdpo1")
+
+
+@register_loss("tdpo2", kind="pairwise", needs_tokens=True, needs_kl=True, ranges={"beta": "> 0", "alpha": ">= 0"})
+def tdpo2(b: PairLogps, *, beta: float = 0.1, alpha: float = 0.5) -> LossOutput:
+    """TDPO2: TDPO1 with the KL gap scaled by alpha and the chosen completion's KL held fixed (no gradient), so
+    the loss pulls the rejected completion's distribution back towards the reference without pushing the chosen
+    one's away.
+
+    Formula: loss = -log sigma(beta * h - alpha * beta * (SeqKL_l - sg(SeqKL_w))), sg = stop-gradient
+
+    Paper: Zeng, Liu, Ma, Yang, Zhang, Wang (2024), "Token-level Direct Preference Optimization", ICML 2024,
+    arXiv:2404.11999 (TDPO2, the variant the paper recommends).
+
+    Hyper-parameters:
+        beta: as in DPO (> 0); default 0.1.
+        alpha: weight of the KL gap (>= 0; 0 is DPO); default 0.5, the paper's.
+
+    As ``tdpo1``: full-vocabulary KL, plain layout only; TRL: none.
+    """
+    return token_dpo(b, beta=beta, alpha=alpha, detach_chosen_kl=True, loss="tdpo2")
