@@ -1,7 +1,8 @@
 """Run the lab studies with their default settings (`prefkit.lab.studies`).
 
     python benchmarks/lab_studies.py                    # all of them
-    python benchmarks/lab_studies.py --only noise       # or losses, overopt, pluralism, online, rlhf, budget, process
+    python benchmarks/lab_studies.py --only noise       # or losses, lists, overopt, pluralism, online, rlhf, budget,
+                                                        # process
 
 Each study writes results.md, results.json and PNG plots into benchmarks/results/lab_<study>/ (the same
 as `prefkit lab study <study> --output-dir benchmarks/results/lab_<study>`). The reference policy is
@@ -18,11 +19,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from prefkit.lab import budget_study, online_study, pluralism, process_study, rlhf_study, studies
+from prefkit.lab import budget_study, list_study, online_study, pluralism, process_study, rlhf_study, studies
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STUDIES = {
     "losses": studies.loss_comparison,
+    "lists": list_study.list_study,
     "noise": studies.noise_study,
     "overopt": studies.overoptimization,
     "pluralism": pluralism.pluralism_study,

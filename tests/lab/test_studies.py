@@ -37,7 +37,7 @@ def _boom(b, *, beta: float = 0.1):
 def test_loss_comparison_records_every_loss(tmp_path, cache, monkeypatch):
     monkeypatch.setitem(_REGISTRY, "boom", LossSpec("boom", "pairwise", _boom, True, False, "none", "none"))
     out = tmp_path / "losses"
-    r = loss_comparison(losses=["dpo", "simpo", "boom"], output_dir=out, cache_dir=cache, **TINY)
+    r = loss_comparison(losses=["dpo", "simpo", "boom"], seeds=(0, 1), output_dir=out, cache_dir=cache, **TINY)
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "reward_vs_kl.png"}
     rows = {row["loss"]: row for row in r["rows"]}
     # the shared beta replaces dpo's; simpo keeps its published beta (2.0)
@@ -49,8 +49,15 @@ def test_loss_comparison_records_every_loss(tmp_path, cache, monkeypatch):
         assert 0 <= row["agreement"] <= 1 and 0 <= row["win_rate"] <= 1
         assert row["gain"] == pytest.approx(row["mean_reward"] - r["reference"]["mean_reward"])
         assert math.isfinite(row["kl"]) and row["train_seconds"] > 0
+        # two seeds: means over the runs, standard errors over the runs
+        runs = row["runs"]
+        assert [run["seed"] for run in runs] == [0, 1]
+        assert row["mean_reward"] == pytest.approx((runs[0]["mean_reward"] + runs[1]["mean_reward"]) / 2)
+        assert row["reward_se"] == pytest.approx(abs(runs[0]["mean_reward"] - runs[1]["mean_reward"]) / 2)
+        assert row["gain_se"] == row["reward_se"]
     md = (out / "results.md").read_text()
     assert "| dpo | beta=0.1 |" in md and "failed: RuntimeError: boom" in md and "## What this shows" in md
+    assert "over the 2 seeds 0, 1" in md
     assert json.loads((out / "results.json").read_text())["rows"][0]["loss"] == "dpo"
 
 
@@ -111,3 +118,25 @@ def test_overoptimization(tmp_path, cache):
     assert 0 <= r["proxy_agreement"] <= 1
     with pytest.raises(ValueError, match="must be <= pool"):
         overoptimization(pool=4, n_max=8, output_dir=tmp_path)
+
+
+def test_list_study_trains_listwise_and_pairwise_methods_on_the_same_lists(tmp_path, cache):
+    from prefkit.lab.list_study import list_study
+
+    out = tmp_path / "lists"
+    r = list_study(
+        seeds=(0, 1), steps=2, lists_per_step=2, heldout_pairs=20, samples_per_prompt=2, spec=SPEC, progress=False,
+        output_dir=out, cache_dir=cache,
+    )  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "reward_vs_kl.png"}
+    rows = {row["method"]: row for row in r["rows"]}
+    assert set(rows) == {"pl_dpo", "pro", "lipo", "dpo_all_pairs", "dpo_best_pairs"}
+    # 2 steps x 2 lists of 4 per seed: the pair methods get 6 and 3 pairs per list
+    assert [run["examples"] for run in rows["pl_dpo"]["runs"]] == [4, 4]
+    assert rows["dpo_all_pairs"]["runs"][0]["examples"] == 24 and rows["dpo_best_pairs"]["runs"][0]["examples"] == 12
+    assert rows["pro"]["params"] == {} and rows["lipo"]["params"] == {"beta": 0.1}
+    for row in rows.values():
+        assert math.isfinite(row["gain"]) and 0 <= row["agreement"] <= 1
+    assert "dpo_all_pairs" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="unknown method"):
+        list_study(methods=["nope"], output_dir=tmp_path)

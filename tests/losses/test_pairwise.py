@@ -17,7 +17,7 @@ from prefkit.losses import pairwise as pw
 NAMES = [
     "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "exo", "nca", "bco_pair", "sppo_hard", "aot",
     "aot_pair", "apo_zero", "apo_down", "discopop", "length_dpo", "length_normalized_dpo",
-    "ld_dpo", "f_dpo", "wpo", "dpop",
+    "ld_dpo", "f_dpo", "wpo", "dpop", "lcpo",
 ]  # fmt: skip
 TOKEN_LOSSES = {"ld_dpo", "wpo"}
 
@@ -326,7 +326,7 @@ def grads(name, batch=None, **kw):
 SIGN_CASES = [
     ("dpo", {}), ("cdpo", {}), ("robust_dpo", {}), ("ipo", {}), ("hinge", {}), ("exo", {}),
     ("nca", {}), ("bco_pair", {}), ("sppo_hard", {}), ("aot", {}), ("aot_pair", {}),
-    ("apo_zero", {}), ("length_dpo", {}), ("length_normalized_dpo", {}), ("dpop", {}),
+    ("apo_zero", {}), ("length_dpo", {}), ("length_normalized_dpo", {}), ("dpop", {}), ("lcpo", {}),
     ("discopop", {"beta": 2.0}),  # |beta * h| >= 0.4, outside discopop's non-monotone band
     ("f_dpo", {"divergence": "reverse_kl"}), ("f_dpo", {"divergence": "forward_kl"}),
     ("f_dpo", {"divergence": "js_divergence"}), ("f_dpo", {"divergence": "alpha_divergence"}),
@@ -643,3 +643,36 @@ def test_dpop_gradient_on_the_chosen_grows_by_lam_once_below_the_reference():
 def test_dpop_refuses_a_negative_lam():
     with pytest.raises(ValueError, match="lam"):
         get_loss("dpop")(rows(), lam=-1.0)
+
+
+
+# ------------------------------------------------------------------------------------------
+# LCPO (EM label weights) on DPO
+
+
+def test_lcpo_weights_each_label_by_its_posterior_by_hand():
+    beta, eps = 0.5, 0.2
+    expected, weights = [], []
+    for h in H:
+        z = beta * h
+        w = (1 - eps) * sig(z) / ((1 - eps) * sig(z) + eps * sig(-z))  # P(label right | policy), Bayes
+        weights.append(w)
+        expected.append(-w * logsig(z) - (1 - w) * logsig(-z))
+    check("lcpo", expected, beta=beta, label_smoothing=eps)
+    out = get_loss("lcpo")(rows(), beta=beta, label_smoothing=eps)
+    assert out.metrics["lcpo/label_weight"].tolist() == pytest.approx(weights)
+    # a label the policy contradicts (h = -2) weighs less than one it agrees with (h = 2)
+    assert weights[2] < weights[0]
+    check("lcpo", [-logsig(0.5 * h) for h in H], beta=0.5, label_smoothing=0.0)  # eps = 0: dpo
+
+
+def test_lcpo_gradient_is_sigma_minus_the_held_weight():
+    beta, eps = 0.5, 0.2
+    batch = make(G_PC, G_PR, G_RC, G_RR, grad=True)
+    get_loss("lcpo")(batch, beta=beta, label_smoothing=eps).loss.sum().backward()
+    for i in range(3):
+        z = beta * ((G_PC[i] - G_RC[i]) - (G_PR[i] - G_RR[i]))
+        w = sig(z + math.log((1 - eps) / eps))
+        # d/dz [-w log s(z) - (1-w) log s(-z)] = s(z) - w, with w held fixed
+        assert batch.policy_chosen.grad[i].item() == pytest.approx(beta * (sig(z) - w))
+        assert batch.policy_rejected.grad[i].item() == pytest.approx(-beta * (sig(z) - w))

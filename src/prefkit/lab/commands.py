@@ -19,7 +19,7 @@ WORLDS_HELP = (
 )
 
 STUDIES = {
-    "losses": "every registered pairwise loss on the same world and data: true-reward gain, KL, win rate, "
+    "losses": "every registered pairwise loss on the same world and data over seeds: true-reward gain, KL, win rate, "
     "implicit-reward agreement with the true preferences, wall time",
     "noise": "labels flipped at set rates: dpo against the noise-aware losses (cdpo, robust_dpo), mean ± SE over seeds",
     "overopt": "best-of-N against a proxy reward model learned from few pairs: true and proxy reward against "
@@ -32,6 +32,8 @@ STUDIES = {
     "DPO, GRPO; and offline data without the high-reward region (coverage)",
     "process": "process against outcome rewards on verifiable arithmetic: PRM (true and Monte-Carlo labels), ORM, "
     "implicit PRM and majority vote in best-of-N, step-level quality, beam search and MCTS, mean ± SE over seeds",
+    "lists": "listwise losses (pl_dpo, pro, lipo) against DPO on pairs cut from the same ranked lists: true-reward "
+    "gain, KL, agreement, mean ± SE over seeds",
     "pluralism": "user groups of unequal shares: pooled BT against MixtureBT, PAL, VPL, MiCRo per group, for seen "
     "and unseen users; PAL on planted ideal points, a pets task, GPM against BT on cyclic preferences",
 }
@@ -107,6 +109,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated pairwise losses (default: every registered one; `prefkit losses`)",
     )
+    losses.add_argument(
+        "--seeds", type=_ints, default=[0, 1, 2], help="data and training seeds, one run per loss each (default: 0,1,2)"
+    )
     _training(losses, samples_per_prompt=16)
 
     noise = studies.add_parser("noise", help=STUDIES["noise"], description=STUDIES["noise"])
@@ -151,6 +156,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _rlhf(studies.add_parser("rlhf", help=STUDIES["rlhf"], description=STUDIES["rlhf"]))
     _budget(studies.add_parser("budget", help=STUDIES["budget"], description=STUDIES["budget"]))
     _process(studies.add_parser("process", help=STUDIES["process"], description=STUDIES["process"]))
+    _lists(studies.add_parser("lists", help=STUDIES["lists"], description=STUDIES["lists"]))
+
+
+def _lists(parser: argparse.ArgumentParser) -> None:
+    from prefkit.lab.list_study import METHODS
+
+    _common(parser, "lists")
+    parser.add_argument("--methods", type=_names, default=list(METHODS), help=f"default: {','.join(METHODS)}")
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="one run per seed and method (default: 0,1,2)")
+    parser.add_argument("--k", type=int, default=4, help="responses per ranked list (default: 4)")
+    parser.add_argument("--lists-per-step", type=int, default=8, help="lists per optimizer step (default: 8)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default: 200)")
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="learning rate of every run (default: 5e-4)")
+    parser.add_argument("--beta", type=float, default=0.1, help="the shared beta (default: 0.1)")
 
 
 def _process(parser: argparse.ArgumentParser) -> None:
@@ -290,7 +309,7 @@ def _problem(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be at least 1, got {value}"
     if args.study == "noise" and (not args.rates or any(not 0 <= r < 0.5 for r in args.rates)):
         return f"--rates must be one or more flip rates in [0, 0.5), got {args.rates}"
-    if args.study == "noise" and not args.seeds:
+    if args.study in ("noise", "losses") and not args.seeds:
         return "--seeds must name at least one seed"
     if args.study == "online":
         from prefkit.lab.online_study import METHODS
@@ -319,6 +338,28 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"prefkit lab study {args.study}: error: {problem}", file=sys.stderr)
         return 2
+    if args.study == "lists":
+        from prefkit.lab.list_study import list_study
+
+        try:
+            list_study(
+                args.world,
+                args.methods,
+                args.seeds,
+                k=args.k,
+                lists_per_step=args.lists_per_step,
+                steps=args.steps,
+                learning_rate=args.learning_rate,
+                beta=args.beta,
+                seed=args.seed,
+                output_dir=args.output_dir,
+                cache_dir=args.cache_dir,
+                progress=not args.quiet,
+            )
+        except ValueError as err:
+            print(f"prefkit lab study lists: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.study == "process":
         from prefkit.lab.process_study import process_study
 
@@ -414,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
         samples_per_prompt=args.samples_per_prompt,
     )
     if args.study == "losses":
-        studies.loss_comparison(args.world, args.losses, **training, **common)
+        studies.loss_comparison(args.world, args.losses, seeds=args.seeds, **training, **common)
     else:
         studies.noise_study(
             args.world, args.rates, args.losses, args.seeds, annotator=args.annotator, **training, **common

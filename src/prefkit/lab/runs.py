@@ -87,9 +87,10 @@ def train_policy(
     progress: bool = True,
 ):
     """Train a copy of ``reference.model`` on ``train_records`` with ``loss`` against the frozen reference;
-    returns the `PreferenceTrainer` (``trainer.model`` is the trained policy, ``trainer.state.log_history``
-    its logs)."""
+    returns the `PreferenceTrainer` (a `ListPreferenceTrainer` on ranked records for a listwise loss;
+    ``trainer.model`` is the trained policy, ``trainer.state.log_history`` its logs)."""
     from prefkit.losses import get_loss
+    from prefkit.train.list_trainer import ListPreferenceTrainer
     from prefkit.train.trainer import PreferenceTrainer
 
     names = [loss] if isinstance(loss, str) else list(loss)
@@ -106,7 +107,8 @@ def train_policy(
         eval_every=eval_every if eval_records else None,
         logging_steps=logging_steps,
     )
-    trainer = PreferenceTrainer(
+    trainer_class = ListPreferenceTrainer if get_loss(names[0]).kind == "list" else PreferenceTrainer
+    trainer = trainer_class(
         copy.deepcopy(reference.model),
         args,
         train_dataset=list(train_records),

@@ -45,7 +45,7 @@ OWN_BETA = frozenset({"simpo", "length_normalized_dpo", "orpo"})
 # Losses whose ``label_smoothing`` is the assumed probability that a label is flipped: the noise study
 # sets it to the true flip rate. (exo's label_smoothing is a target mass for numerical stability, not a
 # flip rate, so it is not here.)
-NOISE_AWARE_LOSSES = frozenset({"cdpo", "robust_dpo", "aot", "aot_pair", "simpo", "cpo"})
+NOISE_AWARE_LOSSES = frozenset({"cdpo", "robust_dpo", "lcpo", "aot", "aot_pair", "simpo", "cpo"})
 
 Say = Callable[..., None]
 
@@ -224,6 +224,7 @@ def loss_comparison(
     world: str = "default",
     losses: Sequence[str] | None = None,
     *,
+    seeds: Sequence[int] = (0, 1, 2),
     steps: int = 200,
     batch_size: int = 32,
     learning_rate: float = 5e-4,
@@ -236,17 +237,18 @@ def loss_comparison(
     cache_dir=None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train every pairwise loss (default: all registered ones) from the world's reference policy on the
-    same ``steps * batch_size`` fresh Bradley-Terry (temperature 1) pairs, one epoch, and measure each
-    against the true reward.
+    """Train every pairwise loss (default: all registered ones) from the world's reference policy, once per seed in
+    ``seeds``, and measure each against the true reward.
 
-    Hyper-parameters: each loss's published defaults, except that losses taking DPO's ``beta`` share
-    ``beta`` (not those in `OWN_BETA`). Per loss: mean true reward and its gain over the reference
-    (± one standard error), KL to the reference, win rate against the reference's samples, agreement
-    of the implicit reward ``log pi - log ref`` (with the lab reference, also for the reference-free
-    losses) with the true preferences on ``heldout_pairs`` fresh pairs, and training wall time. A loss
-    that fails is kept in the table with its error. ``spec``/``cache_dir``: the reference policy's
-    `ReferenceSpec` and cache (see `prefkit.lab.policy.reference_policy`).
+    Seed ``s`` draws ``steps * batch_size`` fresh Bradley-Terry (temperature 1) pairs (data seed ``seed + 1 + 100 s``,
+    shared by every loss) and trains one epoch with training seed ``s``; the reference's evaluation and the
+    ``heldout_pairs`` agreement pairs are the same for every run. Hyper-parameters: each loss's published defaults,
+    except that losses taking DPO's ``beta`` share ``beta`` (not those in `OWN_BETA`). Per loss: mean over seeds
+    (± standard error over seeds; with one seed, over the evaluation's samples) of the true reward and its gain
+    over the reference, KL to the reference, win rate against the reference's samples, agreement of the implicit
+    reward ``log pi - log ref`` (with the lab reference, also for the reference-free losses) with the true
+    preferences, and training wall time. A loss that fails is kept in the table with its error. ``spec`` /
+    ``cache_dir``: the reference policy's `ReferenceSpec` and cache (see `prefkit.lab.policy.reference_policy`).
     """
     from prefkit.lab import BradleyTerry, draw_dataset
     from prefkit.lab.evaluate import truth_pairs
@@ -257,15 +259,20 @@ def loss_comparison(
     _check_positive(
         steps=steps, batch_size=batch_size, heldout_pairs=heldout_pairs, samples_per_prompt=samples_per_prompt
     )
+    seeds = _check_seeds(seeds)
     start = time.perf_counter()
     setup = _setup(world, seed, output_dir, spec, cache_dir, progress, "loss comparison")
     say = setup.say
-    train = draw_dataset(setup.world, "pairwise", steps * batch_size, BradleyTerry(1.0), seed=seed + 1)
+    # data seed seed + 1 + 100 s: seed 0 draws the pairs it always drew, and no seed meets the held-out draws below
+    data = {
+        s: draw_dataset(setup.world, "pairwise", steps * batch_size, BradleyTerry(1.0), seed=seed + 1 + 100 * s)
+        for s in seeds
+    }
     pairs = truth_pairs(setup.world, heldout_pairs, seed=seed + 2)
     before = _reference_eval(setup, samples_per_prompt, seed + 3)
     say(
-        f"  {len(train)} training pairs; reference mean true reward {before.mean_reward:.3f}; "
-        f"training {len(names)} losses, {steps} steps each"
+        f"  {steps * batch_size} training pairs per seed, seeds {list(seeds)}; reference mean true reward "
+        f"{before.mean_reward:.3f}; training {len(names)} losses, {steps} steps each"
     )
     fixed = dict(
         steps=steps,
@@ -277,28 +284,29 @@ def loss_comparison(
     rows = []
     for i, name in enumerate(names, 1):
         params = _beta_params(name, beta)
+        runs = []
         try:
-            ev, agreement, seconds = _train_and_evaluate(
-                setup, train, pairs, loss=name, params=params, seed=seed, **fixed
-            )
-            row = {
-                "loss": name,
-                "params": params,
-                "error": None,
-                "mean_reward": ev.mean_reward,
-                "reward_se": ev.reward_se,
-                "gain": ev.mean_reward - before.mean_reward,
-                "gain_se": math.hypot(ev.reward_se, before.reward_se),
-                "kl": ev.kl,
-                "kl_se": ev.kl_se,
-                "win_rate": ev.win_rate,
-                "mean_length": ev.mean_length,
-                "agreement": agreement,
-                "train_seconds": seconds,
-            }
+            for s in seeds:
+                ev, agreement, seconds = _train_and_evaluate(
+                    setup, data[s], pairs, loss=name, params=params, seed=s, **fixed
+                )
+                runs.append(
+                    {
+                        "seed": s,
+                        "mean_reward": ev.mean_reward,
+                        "reward_se": ev.reward_se,
+                        "kl": ev.kl,
+                        "kl_se": ev.kl_se,
+                        "win_rate": ev.win_rate,
+                        "mean_length": ev.mean_length,
+                        "agreement": agreement,
+                        "train_seconds": seconds,
+                    }
+                )
+            row = {"loss": name, "params": params, "error": None, **_over_seeds(runs, before), "runs": runs}
             say(
-                f"  [{i}/{len(names)}] {name}: true reward {row['mean_reward']:.3f} (gain {row['gain']:+.3f}), "
-                f"KL {row['kl']:.2f}, agreement {row['agreement']:.3f}, {seconds:.1f} s"
+                f"  [{i}/{len(names)}] {name}: true reward {row['mean_reward']:.3f} (gain {row['gain']:+.3f} "
+                f"± {row['gain_se']:.3f}), KL {row['kl']:.2f}, agreement {row['agreement']:.3f}"
             )
         except Exception as err:  # recorded in the table, not skipped
             row = {"loss": name, "params": params, "error": f"{type(err).__name__}: {err}"}
@@ -308,11 +316,12 @@ def loss_comparison(
         "study": "losses",
         "world": world,
         "seed": seed,
+        "seeds": list(seeds),
         "steps": steps,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "beta": beta,
-        "train_pairs": len(train),
+        "train_pairs": steps * batch_size,
         "heldout_pairs": heldout_pairs,
         "samples_per_prompt": samples_per_prompt,
         "reference": {
@@ -329,7 +338,7 @@ def loss_comparison(
         setup.out / "reward_vs_kl.png",
         xlabel="KL(policy || reference), nats" + (" (symmetric log scale)" if log_x else ""),
         ylabel="mean true reward",
-        title=f"Pairwise losses in world '{world}', {steps} steps",
+        title=f"Pairwise losses in world '{world}', {steps} steps, {len(seeds)} seed(s)",
         hline=before.mean_reward,
         log_x=log_x,
     )
@@ -337,6 +346,44 @@ def loss_comparison(
     _write(setup.out, results, _losses_markdown(results))
     say(f"  wrote {setup.out}/results.md, results.json, reward_vs_kl.png ({results['seconds']:.0f} s)")
     return results
+
+
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be one or more integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must differ, got {seeds!r}")
+    return seeds
+
+
+def _over_seeds(runs: list[dict], before) -> dict[str, float]:
+    """One loss's runs summarised: means over seeds and their standard errors (with one run, the standard errors of
+    its evaluation's samples instead)."""
+    one = len(runs) == 1
+
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in runs]))
+
+    def se(key: str, sample_key: str | None = None) -> float:
+        if one:
+            return runs[0][sample_key] if sample_key else float("nan")
+        return _se([r[key] for r in runs])
+
+    reward_se = se("mean_reward", "reward_se")
+    return {
+        "mean_reward": mean("mean_reward"),
+        "reward_se": reward_se,
+        "gain": mean("mean_reward") - before.mean_reward,
+        "gain_se": math.hypot(reward_se, before.reward_se) if one else reward_se,
+        "kl": mean("kl"),
+        "kl_se": se("kl", "kl_se"),
+        "win_rate": mean("win_rate"),
+        "mean_length": mean("mean_length"),
+        "agreement": mean("agreement"),
+        "agreement_se": se("agreement"),
+        "train_seconds": mean("train_seconds"),
+    }
 
 
 def _spread(values: Sequence[float]) -> bool:
@@ -349,13 +396,20 @@ def _losses_markdown(r: dict[str, Any]) -> list[str]:
     ok = sorted((row for row in r["rows"] if row["error"] is None), key=lambda row: -row["mean_reward"])
     failed = [row for row in r["rows"] if row["error"] is not None]
     ref = r["reference"]
+    seeds = r.get("seeds", [r["seed"]])
+    spread = (
+        f"mean ± standard error over the {len(seeds)} seeds {', '.join(map(str, seeds))} (each its own training "
+        "pairs and training seed)"
+        if len(seeds) > 1
+        else "one seed (± one standard error over the evaluation's samples)"
+    )
     lines = [
-        f"# Loss comparison in the lab world `{r['world']}` (seed {r['seed']})",
+        f"# Loss comparison in the lab world `{r['world']}` (world seed {r['seed']})",
         "",
-        f"Every pairwise loss trained from the same reference policy on the same {r['train_pairs']} fresh pairs "
+        f"Every pairwise loss trained from the same reference policy on {r['train_pairs']} fresh pairs per seed "
         f"(Bradley-Terry annotators, temperature 1; one epoch: {r['steps']} steps of {r['batch_size']}, learning "
-        f"rate {r['learning_rate']}). Hyper-parameters: each loss's published defaults; losses that take DPO's "
-        f"beta share beta = {r['beta']} (simpo, length_normalized_dpo and orpo keep their own beta, which is "
+        f"rate {r['learning_rate']}); {spread}. Hyper-parameters: each loss's published defaults; losses that take "
+        f"DPO's beta share beta = {r['beta']} (simpo, length_normalized_dpo and orpo keep their own beta, which is "
         f"not a KL scale). Reference policy: mean true reward {_pm(ref['mean_reward'], ref['reward_se'])}.",
         "",
         "| loss | params | true reward | gain over reference | KL (nats) | win rate | agreement | length | train s |",
@@ -366,12 +420,13 @@ def _losses_markdown(r: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {row['loss']} | {params} | {_pm(row['mean_reward'], row['reward_se'])} | "
             f"{_pm(row['gain'], row['gain_se'])} | {_pm(row['kl'], row['kl_se'], 2)} | {_fmt(row['win_rate'])} | "
-            f"{_fmt(row['agreement'])} | {_fmt(row['mean_length'], 2)} | {_fmt(row['train_seconds'], 1)} |"
+            f"{_pm(row['agreement'], row.get('agreement_se'))} | {_fmt(row['mean_length'], 2)} | "
+            f"{_fmt(row['train_seconds'], 1)} |"
         )
     lines += [f"| {row['loss']} | | failed: {row['error']} | | | | | | |" for row in failed]
     lines += [
         "",
-        f"True reward and KL: {r['samples_per_prompt']} samples per prompt of the world (± one standard error); "
+        f"True reward and KL: {r['samples_per_prompt']} samples per prompt of the world per run; "
         "win rate: share of (policy, reference) sample pairs for the same prompt won under the true reward (ties "
         f"one half); agreement: share of {r['heldout_pairs']} fresh response pairs that the implicit reward "
         "log π(y|x) − log π_ref(y|x) orders as the true preference does (the lab reference is used for the "
@@ -408,8 +463,8 @@ def _losses_summary(ok: list[dict], failed: list[dict], far_kl: float = 20.0) ->
             f"{len(failed)} loss(es) failed to train: {', '.join(row['loss'] for row in failed)} (errors in the table)."
         )
     text.append(
-        "One seed and one learning rate for all losses: a loss with a low gain here may need its own "
-        "learning rate or beta, so read this as a like-for-like run, not as each loss's best."
+        "One learning rate for all losses: a loss with a low gain here may need its own learning rate or beta, so "
+        "read this as a like-for-like run, not as each loss's best."
     )
     return text
 

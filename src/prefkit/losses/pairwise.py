@@ -265,6 +265,40 @@ def robust_dpo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1)
     return _out(loss, beta, lr_w, lr_l)
 
 
+@register_loss("lcpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "label_smoothing": "[0, 0.5)"})
+def lcpo(b: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
+    """LCPO on DPO: each label weighted by the posterior probability that it is right (the E-step of an EM
+    over a latent "this label is correct" variable), then DPO's likelihood of the label and of its reverse mixed
+    by that weight (the M-step).
+
+    Formula: loss = -w log sigma(beta * h) - (1 - w) log sigma(-beta * h), w = sg[(1 - eps) sigma(beta * h) /
+    ((1 - eps) sigma(beta * h) + eps sigma(-beta * h))]
+
+    Paper: Cao, Xu, Guang, Long, Bakker, Wang, Yu (2025), "Latent Collective Preference Optimization: A General
+    Framework for Robust LLM Alignment", arXiv:2509.24159 (LCPO with DPO as the base loss, whose probabilistic
+    model is sigma(beta * h)).
+
+    Hyper-parameters:
+        beta: as in DPO (> 0); default 0.1.
+        label_smoothing: ``eps = 1 - eta``, the prior probability that a label is flipped, in [0, 0.5); default
+            0.1. ``eps = 0`` is DPO.
+
+    The weight ``w`` is computed from the current policy and held fixed (no gradient): a label the policy already
+    agrees with keeps ``w`` near 1, one it confidently contradicts is down-weighted towards its reverse. Unlike
+    ``cdpo`` (a fixed ``w = 1 - eps``) the weight adapts per pair. The paper also re-estimates ``eps`` as the
+    mean posterior of a wrong label over the data; here ``eps`` is a setting, and the batch's estimate is logged
+    as ``lcpo/flip_estimate`` to compare against it. TRL: none.
+    """
+    beta = _positive("beta", beta, "lcpo")
+    eps = _in_range("label_smoothing", label_smoothing, "lcpo", 0.0, 0.5)
+    lr_w, lr_l = _logratios(b, "lcpo")
+    z = beta * (lr_w - lr_l)
+    with torch.no_grad():  # w = sigma(z + log((1 - eps) / eps)): the posterior that the label is right
+        w = torch.ones_like(z) if eps == 0 else torch.sigmoid(z + math.log((1.0 - eps) / eps))
+    loss = -w * F.logsigmoid(z) - (1.0 - w) * F.logsigmoid(-z)
+    return _out(loss, beta, lr_w, lr_l, **{"lcpo/label_weight": w, "lcpo/flip_estimate": 1.0 - w})
+
+
 # --------------------------------------------------------------------------------------------
 # squared / hinge / classification forms
 
@@ -842,6 +876,7 @@ __all__ = [
     "f_dpo",
     "hinge",
     "ipo",
+    "lcpo",
     "ld_dpo",
     "length_dpo",
     "length_normalized_dpo",
