@@ -70,24 +70,44 @@ def test_loss_comparison_rejects_bad_losses(tmp_path):
         loss_comparison("nowhere", losses=["dpo"], output_dir=tmp_path)
 
 
-def test_noise_study(tmp_path, cache):
+def test_noise_study_compares_losses_at_matched_kl(tmp_path, cache):
     out = tmp_path / "noise"
-    r = noise_study(rates=(0.0, 0.2), losses=("dpo", "robust_dpo"), seeds=(0,), output_dir=out, cache_dir=cache, **TINY)
+    r = noise_study(
+        rates=(0.0, 0.2), losses=("dpo", "robust_dpo"), seeds=(0,), kl_budgets=(1e-6, 1e6), eval_every=1,
+        output_dir=out, cache_dir=cache, **TINY,
+    )  # fmt: skip
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "noise.png"}
     assert len(r["runs"]) == 2 * 2
     robust = [run for run in r["runs"] if run["loss"] == "robust_dpo"]
     assert {run["params"]["label_smoothing"] for run in robust} == {0.0, 0.2}  # told the flip rate
-    # at flip rate 0 robust_dpo's loss is dpo's ((1 - 0) * L(h) - 0) / 1), so the runs match exactly
+    run = r["runs"][0]
+    # the path: the reference at step 0, then every step; the final numbers are its last point
+    assert [p["step"] for p in run["path"]] == [0, 1, 2, 3] and run["path"][0]["kl"] == 0.0
+    assert run["mean_reward"] == run["path"][-1]["mean_reward"]
+    # every budget is read off the path (the crossing itself: test_reward_at_kl_...); one no run reaches is missing
+    assert set(run["at_kl"]) == {"1e-06", "1e+06"} and math.isnan(run["at_kl"]["1e+06"])
+    # at flip rate 0 robust_dpo's loss is dpo's, so the runs match exactly
     at_zero = r["table"]["robust_dpo"][0]
     assert at_zero["rate"] == 0.0 and at_zero["reward_minus_dpo"] == pytest.approx(0.0, abs=1e-9)
-    assert at_zero["mean_reward"] == pytest.approx(r["table"]["dpo"][0]["mean_reward"])
     assert at_zero["n"] == 1 and math.isnan(at_zero["mean_reward_se"])  # one seed: no standard error
+    assert at_zero["n_at_kl_1e+06"] == 0
     md = (out / "results.md").read_text()
-    assert "robust_dpo minus dpo" in md and "Only 1 data seed(s)" in md
+    assert "robust_dpo − dpo at KL 1e-06" in md and "(0/1 runs)" in md and "Only 1 data seed(s)" in md
     with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
         noise_study(rates=(0.5,), output_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown annotator"):
         noise_study(annotator="oracle", output_dir=tmp_path)
+    with pytest.raises(ValueError, match="kl_budgets"):
+        noise_study(kl_budgets=(0.0,), output_dir=tmp_path)
+
+
+def test_reward_at_kl_interpolates_the_first_crossing():
+    from prefkit.lab.studies import _reward_at_kl
+
+    path = [{"kl": 0.0, "mean_reward": 1.0}, {"kl": 2.0, "mean_reward": 3.0}, {"kl": 1.0, "mean_reward": 0.0}]
+    assert _reward_at_kl(path, 1.0) == pytest.approx(2.0)  # halfway along the first segment
+    assert _reward_at_kl(path, 1.5) == pytest.approx(2.5)
+    assert math.isnan(_reward_at_kl(path, 5.0))
 
 
 def test_overoptimization(tmp_path, cache):

@@ -21,7 +21,8 @@ WORLDS_HELP = (
 STUDIES = {
     "losses": "every registered pairwise loss on the same world and data over seeds: true-reward gain, KL, win rate, "
     "implicit-reward agreement with the true preferences, wall time",
-    "noise": "labels flipped at set rates: dpo against the noise-aware losses (cdpo, robust_dpo), mean ± SE over seeds",
+    "noise": "labels flipped at set rates: dpo against the noise-aware losses (cdpo, robust_dpo, lcpo) at matched KL, "
+    "mean ± SE over seeds",
     "overopt": "best-of-N against a proxy reward model learned from few pairs: true and proxy reward against "
     "KL = log N - (N-1)/N (Gao et al. 2023)",
     "online": "GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ on a verifiable arithmetic world (accuracy against "
@@ -119,9 +120,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     noise.add_argument(
         "--losses",
         type=_names,
-        default=["dpo", "cdpo", "robust_dpo"],
+        default=["dpo", "cdpo", "robust_dpo", "lcpo"],
         help="comma-separated pairwise losses; noise-aware ones get label_smoothing = the flip rate "
-        "(default: dpo,cdpo,robust_dpo)",
+        "(default: dpo,cdpo,robust_dpo,lcpo)",
     )
     noise.add_argument(
         "--rates", type=_floats, default=[0.0, 0.1, 0.2, 0.3], help="flip rates in [0, 0.5) (default: 0,0.1,0.2,0.3)"
@@ -132,9 +133,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     noise.add_argument(
         "--annotator",
         choices=["argmax", "bt"],
-        default="argmax",
-        help="labels before flipping: argmax (noise-free, so the flip rate is all the noise) or bt "
-        "(Bradley-Terry, temperature 1) (default: argmax)",
+        default="bt",
+        help="labels before flipping: bt (Bradley-Terry, temperature 1) or argmax (noise-free, so the flip rate is "
+        "all the noise) (default: bt)",
+    )
+    noise.add_argument(
+        "--kl-budgets",
+        type=_floats,
+        default=[1.0, 2.0, 4.0],
+        help="KL values (nats) at which the losses' true rewards are compared (default: 1,2,4)",
+    )
+    noise.add_argument(
+        "--eval-every", type=int, default=25, help="steps between evaluations of each run's path (default: 25)"
     )
     _training(noise, samples_per_prompt=8)
 
@@ -458,7 +468,15 @@ def run(args: argparse.Namespace) -> int:
         studies.loss_comparison(args.world, args.losses, seeds=args.seeds, **training, **common)
     else:
         studies.noise_study(
-            args.world, args.rates, args.losses, args.seeds, annotator=args.annotator, **training, **common
+            args.world,
+            args.rates,
+            args.losses,
+            args.seeds,
+            annotator=args.annotator,
+            kl_budgets=args.kl_budgets,
+            eval_every=args.eval_every,
+            **training,
+            **common,
         )
     return 0
 

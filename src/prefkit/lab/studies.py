@@ -106,7 +106,16 @@ def _trainable(reference):
 
 
 def _train(
-    reference, records, *, loss: str, params: dict, steps: int, batch_size: int, learning_rate: float, seed: int
+    reference,
+    records,
+    *,
+    loss: str,
+    params: dict,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    callbacks: Sequence = (),
 ):
     """`train_policy` in a temporary folder, without its per-step log lines; returns ``(trainer, seconds)``."""
     from prefkit.lab.runs import train_policy
@@ -124,6 +133,7 @@ def _train(
             learning_rate=learning_rate,
             seed=seed,
             logging_steps=max(1, steps // 10),
+            callbacks=callbacks,
             progress=False,
         )
     return trainer, time.perf_counter() - start
@@ -484,10 +494,12 @@ def _noise_annotator(kind: str, rate: float):
 def noise_study(
     world: str = "default",
     rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3),
-    losses: Sequence[str] = ("dpo", "cdpo", "robust_dpo"),
+    losses: Sequence[str] = ("dpo", "cdpo", "robust_dpo", "lcpo"),
     seeds: Sequence[int] = (0, 1, 2),
     *,
-    annotator: str = "argmax",
+    annotator: str = "bt",
+    kl_budgets: Sequence[float] = (1.0, 2.0, 4.0),
+    eval_every: int = 25,
     steps: int = 200,
     batch_size: int = 32,
     learning_rate: float = 5e-4,
@@ -500,20 +512,27 @@ def noise_study(
     cache_dir=None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train each loss on labels flipped at each rate, once per data seed, and measure the policies.
+    """Train each loss on labels flipped at each rate, once per data seed, and compare the losses **at matched KL**.
 
-    Labels: ``Flip(Argmax(), rate)`` (``annotator="argmax"``: the flip rate is then the whole label noise)
-    or ``Flip(BradleyTerry(1.0), rate)`` (``"bt"``). For one data seed the pairs are the same at every
-    rate and a label flipped at one rate is flipped at every higher rate (one uniform draw per pair), so
-    rates and losses are compared on common data. Losses in `NOISE_AWARE_LOSSES` get
-    ``label_smoothing = rate`` (their assumed flip rate); all share ``beta``. The world and reference
-    policy use ``seed``; data seed ``s`` draws the training pairs and seeds training. Reported per (loss,
-    rate): mean true reward, KL and implicit-reward agreement with the true preferences, mean ± standard
-    error over the data seeds, and each loss's paired difference from dpo (when dpo is in ``losses``).
+    Losses that drift further from the reference gain (or lose) true reward for that alone, so the comparison is
+    the true reward each run reaches at the same KL to the reference: every run is evaluated against the world's
+    true reward every ``eval_every`` steps (and at step 0), and its (KL, true reward) path is interpolated
+    linearly at each of ``kl_budgets`` nats (a run that never reaches a budget has none there). The final step's
+    true reward, KL and implicit-reward agreement are reported too.
+
+    Labels: ``Flip(BradleyTerry(1.0), rate)`` (``annotator="bt"``, the default: noisy labels, as real
+    annotators give) or ``Flip(Argmax(), rate)`` (``"argmax"``: noise-free labels, so the flip rate is all the
+    noise; DPO then over-fits deterministic preferences and drifts far). For one data seed the pairs are the same
+    at every rate and a label flipped at one rate is flipped at every higher rate (one uniform draw per pair).
+    Losses in `NOISE_AWARE_LOSSES` get ``label_smoothing = rate``; all share ``beta``. The world and reference
+    policy use ``seed``; data seed ``s`` draws the training pairs and seeds training. Reported per (loss, rate):
+    mean ± standard error over the data seeds, and each loss's paired difference from dpo (when dpo is in
+    ``losses``).
     """
     from prefkit.lab import draw_dataset
     from prefkit.lab.evaluate import truth_pairs
     from prefkit.lab.plots import metric_panels
+    from prefkit.lab.runs import TruthCallback
 
     names = _check_pairwise_losses(list(losses))
     rates = [float(r) for r in rates]
@@ -522,26 +541,27 @@ def noise_study(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("no seeds given")
+    budgets = [float(b) for b in kl_budgets]
+    if not budgets or any(not b > 0 for b in budgets):
+        raise ValueError(f"kl_budgets must be one or more KL values > 0 (nats), got {list(kl_budgets)}")
     _noise_annotator(annotator, 0.0)
     _check_positive(
-        steps=steps, batch_size=batch_size, heldout_pairs=heldout_pairs, samples_per_prompt=samples_per_prompt
+        steps=steps,
+        batch_size=batch_size,
+        heldout_pairs=heldout_pairs,
+        samples_per_prompt=samples_per_prompt,
+        eval_every=eval_every,
     )
     start = time.perf_counter()
     setup = _setup(world, seed, output_dir, spec, cache_dir, progress, "noise study")
     say = setup.say
     pairs = truth_pairs(setup.world, heldout_pairs, seed=seed + 2)
     before = _reference_eval(setup, samples_per_prompt, seed + 3)
+    start_point = {"step": 0, "mean_reward": before.mean_reward, "kl": 0.0}
     total, done = len(names) * len(rates) * len(seeds), 0
     say(
         f"  {total} runs: losses {', '.join(names)} x flip rates {rates} x data seeds {seeds}; "
-        f"{steps * batch_size} pairs each"
-    )
-    fixed = dict(
-        steps=steps,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        n_per_prompt=samples_per_prompt,
-        eval_seed=seed + 3,
+        f"{steps * batch_size} pairs each; true reward at KL {budgets} nats"
     )
     runs = []
     for s in seeds:
@@ -551,34 +571,62 @@ def noise_study(
             )
             for name in names:
                 params = _beta_params(name, beta) | ({"label_smoothing": rate} if name in NOISE_AWARE_LOSSES else {})
-                ev, agreement, seconds = _train_and_evaluate(
-                    setup, train, pairs, loss=name, params=params, seed=s, **fixed
+                truth = TruthCallback(
+                    setup.world,
+                    setup.reference.tokenizer,
+                    setup.reference.model,
+                    eval_every,
+                    n_per_prompt=samples_per_prompt,
+                    seed=seed + 3,
+                )
+                truth.history, truth._reference_samples = [dict(start_point)], before.samples  # step 0 is the reference
+                trainer, seconds = _train(
+                    setup.reference,
+                    train,
+                    loss=name,
+                    params=params,
+                    steps=steps,
+                    batch_size=batch_size,
+                    learning_rate=learning_rate,
+                    seed=s,
+                    callbacks=[truth],
+                )
+                path = [{k: p[k] for k in ("step", "mean_reward", "kl")} for p in truth.history]
+                final = path[-1]
+                agreement = _agreement(
+                    setup.world, trainer.model, setup.reference.model, setup.reference.tokenizer, pairs
                 )
                 run = {
                     "loss": name,
                     "rate": rate,
                     "seed": s,
                     "params": params,
-                    "mean_reward": ev.mean_reward,
-                    "kl": ev.kl,
+                    "mean_reward": final["mean_reward"],
+                    "kl": final["kl"],
                     "agreement": agreement,
+                    "at_kl": {f"{b:g}": _reward_at_kl(path, b) for b in budgets},
+                    "path": path,
                     "train_seconds": seconds,
                 }
                 runs.append(run)
                 done += 1
+                at = ", ".join(f"{k}: {_fmt(v)}" for k, v in run["at_kl"].items())
                 say(
-                    f"  [{done}/{total}] seed {s} flip {rate:g} {name}: true reward {run['mean_reward']:.3f}, "
-                    f"KL {run['kl']:.2f}, agreement {run['agreement']:.3f}"
+                    f"  [{done}/{total}] seed {s} flip {rate:g} {name}: final true reward {run['mean_reward']:.3f} "
+                    f"at KL {run['kl']:.2f}; at KL budgets {at}"
                 )
-    table = _noise_table(runs, names, rates)
+    table = _noise_table(runs, names, rates, budgets)
     results = {
         "study": "noise",
+        "design": "matched KL",
         "world": world,
         "seed": seed,
         "seeds": seeds,
         "rates": rates,
         "losses": names,
         "annotator": annotator,
+        "kl_budgets": budgets,
+        "eval_every": eval_every,
         "steps": steps,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
@@ -590,6 +638,7 @@ def noise_study(
         "table": table,
         "runs": runs,
     }
+    mid = f"{budgets[len(budgets) // 2]:g}"
     panels = {
         title: {
             name: {
@@ -599,9 +648,9 @@ def noise_study(
             for name in names
         }
         for title, key in (
-            ("mean true reward", "mean_reward"),
-            ("agreement with true preferences", "agreement"),
-            ("KL to the reference (nats)", "kl"),
+            (f"true reward at KL = {mid} nats", f"reward_at_kl_{mid}"),
+            ("true reward at the last step", "mean_reward"),
+            ("KL at the last step (nats)", "kl"),
         )
     }
     metric_panels(
@@ -609,7 +658,7 @@ def noise_study(
         panels,
         setup.out / "noise.png",
         xlabel="flip rate",
-        title=f"Label noise in world '{world}' (mean ± SE over {len(seeds)} data seeds)",
+        title=f"Label noise in world '{world}' at matched KL (mean ± SE over {len(seeds)} data seeds)",
     )
     results["seconds"] = time.perf_counter() - start
     _write(setup.out, results, _noise_markdown(results))
@@ -617,11 +666,29 @@ def noise_study(
     return results
 
 
-def _noise_table(runs: list[dict], names: list[str], rates: list[float]) -> dict[str, list[dict]]:
-    """``table[loss][i]``: means and SEs over seeds at ``rates[i]``, plus the paired difference from dpo."""
+def _reward_at_kl(path: list[dict], budget: float) -> float:
+    """The true reward where a run's (KL, reward) path first reaches ``budget`` nats, linear between the two
+    evaluations around it; NaN when the run never gets there."""
+    for a, b in zip(path, path[1:]):
+        if a["kl"] <= budget <= b["kl"] and b["kl"] > a["kl"]:
+            t = (budget - a["kl"]) / (b["kl"] - a["kl"])
+            return a["mean_reward"] + t * (b["mean_reward"] - a["mean_reward"])
+    return float("nan")
+
+
+def _noise_table(
+    runs: list[dict], names: list[str], rates: list[float], budgets: Sequence[float] = ()
+) -> dict[str, list[dict]]:
+    """``table[loss][i]``: means and SEs over seeds at ``rates[i]`` of the final true reward, KL and agreement
+    and of the true reward at each KL budget (``reward_at_kl_B``, over the seeds that reached it; ``n_at_kl_B``
+    of them), plus the paired differences from dpo (``reward_minus_dpo``, ``at_kl_B_minus_dpo``)."""
 
     def cell(name, rate):
         return sorted((r for r in runs if r["loss"] == name and r["rate"] == rate), key=lambda r: r["seed"])
+
+    def mean_se(values):
+        values = [v for v in values if not math.isnan(v)]
+        return (float(np.mean(values)), _se(values), len(values)) if values else (float("nan"), float("nan"), 0)
 
     table = {}
     for name in names:
@@ -630,11 +697,20 @@ def _noise_table(runs: list[dict], names: list[str], rates: list[float]) -> dict
             these = cell(name, rate)
             row = {"rate": rate, "n": len(these)}
             for key in ("mean_reward", "kl", "agreement"):
-                values = [r[key] for r in these]
-                row[key], row[key + "_se"] = float(np.mean(values)), _se(values)
+                row[key], row[key + "_se"], _ = mean_se([r[key] for r in these])
+            for b in budgets:
+                k = f"{b:g}"
+                row[f"reward_at_kl_{k}"], row[f"reward_at_kl_{k}_se"], row[f"n_at_kl_{k}"] = mean_se(
+                    [r["at_kl"][k] for r in these]
+                )
             if "dpo" in names and name != "dpo":
-                diff = [a["mean_reward"] - b["mean_reward"] for a, b in zip(these, cell("dpo", rate))]
-                row["reward_minus_dpo"], row["reward_minus_dpo_se"] = float(np.mean(diff)), _se(diff)
+                dpo = cell("dpo", rate)
+                diff = [a["mean_reward"] - b["mean_reward"] for a, b in zip(these, dpo)]
+                row["reward_minus_dpo"], row["reward_minus_dpo_se"], _ = mean_se(diff)
+                for b in budgets:
+                    k = f"{b:g}"
+                    d = [a["at_kl"][k] - c["at_kl"][k] for a, c in zip(these, dpo)]
+                    row[f"at_kl_{k}_minus_dpo"], row[f"at_kl_{k}_minus_dpo_se"], _ = mean_se(d)
             rows.append(row)
         table[name] = rows
     return table
@@ -642,67 +718,96 @@ def _noise_table(runs: list[dict], names: list[str], rates: list[float]) -> dict
 
 def _noise_markdown(r: dict[str, Any]) -> list[str]:
     names, rates, table = r["losses"], r["rates"], r["table"]
+    budgets = [f"{b:g}" for b in r.get("kl_budgets", [])]
     label = {"argmax": "Argmax (noise-free) labels", "bt": "Bradley-Terry (temperature 1) labels"}[r["annotator"]]
     lines = [
-        f"# Label noise in the lab world `{r['world']}` (seed {r['seed']})",
+        f"# Label noise in the lab world `{r['world']}` at matched KL (seed {r['seed']})",
         "",
         f"{label}, each flipped with probability = the flip rate; {r['train_pairs']} pairs per run (one epoch, "
         f"{r['steps']} steps of {r['batch_size']}, learning rate {r['learning_rate']}, beta {r['beta']}). "
         f"Noise-aware losses ({', '.join(n for n in names if n in NOISE_AWARE_LOSSES) or 'none here'}) are told the "
-        f"flip rate as their label_smoothing. Mean ± standard error over data seeds {r['seeds']} (the pairs are "
-        "shared across rates and losses for one seed). Reference policy: mean true reward "
-        f"{_pm(r['reference']['mean_reward'], r['reference']['reward_se'])}.",
+        f"flip rate as their label_smoothing. Every run is evaluated every {r.get('eval_every', '?')} steps; the "
+        "true reward **at a KL budget** is read off its (KL, true reward) path by linear interpolation, so losses "
+        "are compared at the same distance from the reference, not at whatever KL each drifted to. Mean ± "
+        f"standard error over data seeds {r['seeds']} (pairs shared across rates and losses for one seed). "
+        f"Reference policy: mean true reward {_pm(r['reference']['mean_reward'], r['reference']['reward_se'])}.",
         "",
         "| loss | " + " | ".join(f"flip {rate:g}" for rate in rates) + " |",
         "|---|" + "---|" * len(rates),
     ]
+
+    def cells(name, key, n_key=None):
+        out = []
+        for c in table[name]:
+            text = _pm(c[key], c[key + "_se"])
+            if n_key and c[n_key] < c["n"]:
+                text += f" ({c[n_key]}/{c['n']} runs)"
+            out.append(text)
+        return out
+
+    for b in budgets:
+        for name in names:
+            lines.append(
+                f"| {name}: true reward at KL {b} | "
+                + " | ".join(cells(name, f"reward_at_kl_{b}", f"n_at_kl_{b}"))
+                + " |"
+            )
+        for name in names:
+            if f"at_kl_{b}_minus_dpo" in table[name][0]:
+                lines.append(f"| {name} − dpo at KL {b} | " + " | ".join(cells(name, f"at_kl_{b}_minus_dpo")) + " |")
     for key, what in (
-        ("mean_reward", "true reward"),
+        ("mean_reward", "final true reward"),
+        ("kl", "final KL"),
         ("agreement", "agreement"),
-        ("kl", "KL"),
-        ("reward_minus_dpo", "true reward − dpo's"),
+        ("reward_minus_dpo", "final true reward − dpo's"),
     ):
         for name in names:
-            cells = table[name]
-            if key not in cells[0]:
-                continue
-            lines.append(f"| {name}: {what} | " + " | ".join(_pm(c[key], c[key + "_se"]) for c in cells) + " |")
+            if key in table[name][0]:
+                lines.append(f"| {name}: {what} | " + " | ".join(cells(name, key)) + " |")
     lines += [
         "",
-        f"True reward and KL: {r['samples_per_prompt']} samples per prompt; agreement: share of {r['heldout_pairs']} "
-        "fresh pairs that the implicit reward log π − log π_ref orders as the true preference does; "
-        '"true reward − dpo\'s": the paired difference on the same data seed.',
+        f"True reward and KL: {r['samples_per_prompt']} samples per prompt; a budget a run never reached counts as "
+        f"missing (the count is shown); agreement: share of {r['heldout_pairs']} fresh pairs that the implicit "
+        'reward log π − log π_ref orders as the true preference does; "− dpo": the paired difference on the same '
+        "data seed.",
     ]
     return lines + _ending(
-        "noise.png", "true reward, agreement and KL against the flip rate", _noise_summary(r), r["seconds"]
+        "noise.png",
+        "true reward at matched KL, final true reward and KL against the flip rate",
+        _noise_summary(r),
+        r["seconds"],
     )
 
 
 def _noise_summary(r: dict[str, Any]) -> list[str]:
     names, rates, table = r["losses"], r["rates"], r["table"]
+    budgets = [f"{b:g}" for b in r.get("kl_budgets", [])]
     text = []
     for name in names:
         first, last = table[name][0], table[name][-1]
         text.append(
-            f"{name}'s true reward goes from {_fmt(first['mean_reward'])} at flip rate {rates[0]:g} to "
-            f"{_fmt(last['mean_reward'])} at {rates[-1]:g}."
+            f"{name}: final KL {_fmt(first['kl'], 2)} at flip rate {rates[0]:g} and {_fmt(last['kl'], 2)} at "
+            f"{rates[-1]:g}."
         )
-    for name in names:
-        cells = table[name]
-        if "reward_minus_dpo" not in cells[0]:
-            continue
-        diffs = [c["reward_minus_dpo"] for c in cells]
-        clear = [f"{c['rate']:g}" for c in cells if abs(c["reward_minus_dpo"]) > 2 * c["reward_minus_dpo_se"]]
-        trend = (
-            "grows with every step of the flip rate"
-            if all(b > a for a, b in zip(diffs, diffs[1:]))
-            else "does not grow monotonically with the flip rate"
-        )
-        text.append(
-            f"{name} minus dpo: " + ", ".join(f"{d:+.3f}" for d in diffs) + f" at the rates above; the "
-            f"difference {trend}, and it exceeds two standard errors at "
-            f"{'flip rate(s) ' + ', '.join(clear) if clear else 'no rate'}."
-        )
+    for b in budgets:
+        for name in names:
+            key = f"at_kl_{b}_minus_dpo"
+            if key not in table[name][0]:
+                continue
+            cells = table[name]
+            diffs = [c[key] for c in cells]
+            clear = [f"{c['rate']:g}" for c in cells if abs(c[key]) > 2 * c[key + "_se"]]
+            if all(math.isnan(d) for d in diffs):
+                text.append(f"At KL {b}: {name} and dpo never both reached it.")
+                continue
+            grows = all(y > x for x, y in zip(diffs, diffs[1:]))
+            text.append(
+                f"At KL {b}, {name} minus dpo: "
+                + ", ".join(_fmt(d) for d in diffs)
+                + " over the flip rates; "
+                + ("the advantage grows with every step of the flip rate" if grows else "not growing monotonically")
+                + f", beyond two standard errors at {'flip rate(s) ' + ', '.join(clear) if clear else 'no rate'}."
+            )
     if len(r["seeds"]) < 3:
         text.append(f"Only {len(r['seeds'])} data seed(s): the standard errors are rough.")
     return text
