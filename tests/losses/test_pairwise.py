@@ -645,7 +645,6 @@ def test_dpop_refuses_a_negative_lam():
         get_loss("dpop")(rows(), lam=-1.0)
 
 
-
 # ------------------------------------------------------------------------------------------
 # LCPO (EM label weights) on DPO
 
@@ -676,3 +675,8 @@ def test_lcpo_gradient_is_sigma_minus_the_held_weight():
         # d/dz [-w log s(z) - (1-w) log s(-z)] = s(z) - w, with w held fixed
         assert batch.policy_chosen.grad[i].item() == pytest.approx(beta * (sig(z) - w))
         assert batch.policy_rejected.grad[i].item() == pytest.approx(-beta * (sig(z) - w))
+
+
+def test_jpo_is_dpo_on_the_pair_it_is_given():
+    """JPO's joint pairs differ in the data (each completion after its own prompt), not in the formula."""
+    check("jpo", [-logsig(0.3 * h) for h in H], beta=0.3)

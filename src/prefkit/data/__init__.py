@@ -2,6 +2,7 @@
 
 from prefkit.data.convert import (
     convert_records,
+    joint_pairs,
     pairwise_to_unpaired,
     ranked_to_pairwise,
     rated_score,
@@ -63,6 +64,7 @@ __all__ = [
     "hh_pair_to_messages",
     "hh_to_messages",
     "hhh_row",
+    "joint_pairs",
     "llmbar_row",
     "load_records",
     "looks_like_hh",

@@ -213,7 +213,8 @@ class PairwiseCollator:
     """Collate pairwise examples into one concatenated batch of ``2B`` rows.
 
     Rows ``0..B-1`` are prompt+chosen and rows ``B..2B-1`` prompt+rejected (row ``i`` and ``B+i``
-    share example ``i``'s prompt), right-padded with ``pad_token_id``.
+    share example ``i``'s prompt; for a joint pair, non-empty ``rejected_prompt_input_ids``, row ``B+i`` is
+    that prompt + rejected), right-padded with ``pad_token_id``.
 
     Output: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[2B, T]`` long; ``weight``
     and ``margin`` ``[B]`` float32 (1.0 / 0.0 when an example lacks them); ``user_id`` (list of
@@ -265,7 +266,19 @@ class PairwiseCollator:
         prompts = [_ids(ex, "prompt_input_ids", i) for i, ex in enumerate(examples)]
         chosen = [_ids(ex, "chosen_input_ids", i) for i, ex in enumerate(examples)]
         rejected = [_ids(ex, "rejected_input_ids", i) for i, ex in enumerate(examples)]
+        # a joint pair (JPO): the rejected completion answers its own prompt
+        own = [ex.get("rejected_prompt_input_ids") for ex in examples]
+        rejected_prompts = [
+            _ids(ex, "rejected_prompt_input_ids", i) if o is not None and len(o) else p
+            for i, (ex, o, p) in enumerate(zip(examples, own, prompts))
+        ]
+        joint = any(o is not None and len(o) for o in own)
         size = len(examples)
+        if self.share_prompt and joint:
+            raise ValueError(
+                "share_prompt runs each pair's prompt once, but a joint pair (rejected_prompt) has two prompts; "
+                "set share_prompt to false"
+            )
         if self.share_prompt:  # units [prompt][chosen][rejected]
             batch: dict[str, Any] = pack_shared_rows(
                 prompts,
@@ -278,7 +291,7 @@ class PairwiseCollator:
             )
         elif self.packing:  # units [prompt][chosen] and [prompt][rejected]
             batch = pack_shared_rows(
-                prompts + prompts,
+                prompts + rejected_prompts,
                 [[c] for c in chosen + rejected],
                 [[i] for i in range(2 * size)],
                 self.pad_token_id,
@@ -287,14 +300,17 @@ class PairwiseCollator:
                 max_tokens=self.packing_max_tokens,
             )
         else:
-            batch = pad_rows(prompts + prompts, chosen + rejected, self.pad_token_id, self.pad_to_multiple_of)
+            batch = pad_rows(prompts + rejected_prompts, chosen + rejected, self.pad_token_id, self.pad_to_multiple_of)
         batch["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
         batch["margin"] = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples], dtype=torch.float32)
         batch.update(_reference_sums(examples, ("ref_chosen_logps", "ref_rejected_logps")))
         width = batch["completion_mask"].shape[1]
-        for key, completions in (("ref_chosen_token_logps", chosen), ("ref_rejected_token_logps", rejected)):
+        for key, rows_prompts, completions in (
+            ("ref_chosen_token_logps", prompts, chosen),
+            ("ref_rejected_token_logps", rejected_prompts, rejected),
+        ):
             if key in examples[0]:
-                batch[key] = _reference_tokens(examples, key, prompts, completions, width)
+                batch[key] = _reference_tokens(examples, key, rows_prompts, completions, width)
         user_ids = _user_ids(examples)
         if user_ids is not None:
             batch["user_id"] = user_ids

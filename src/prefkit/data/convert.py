@@ -4,6 +4,7 @@
 * `rated_to_pairwise`: rated completions of the same prompt -> pairs by one attribute or a
   weighted sum of attributes, with the score gap as the margin.
 * `pairwise_to_unpaired`: each pair -> a desirable and an undesirable example (KTO-style).
+* `joint_pairs`: thumbs-up/down feedback -> joint pairs across prompts (JPO).
 * `reward_augmented_pairs`: scored pairs -> pairs whose prompt names a target score (reward-augmented DPO).
 * `convert_records`: the dispatcher behind ``prefkit data convert --to``.
 
@@ -223,6 +224,40 @@ def pairwise_to_unpaired(records: Iterable[PairwiseRecord]) -> list[UnpairedReco
     return out
 
 
+def joint_pairs(records: Iterable[UnpairedRecord], *, seed: int = 0) -> list[PairwiseRecord]:
+    """Joint preference pairs (JPO, Bansal et al. 2024) from thumbs-up/down feedback: each desirable ``(x, y)``
+    is paired with an undesirable ``(x', y')`` of another prompt, "y to x is better than y' to x'" (the pair's
+    ``rejected_prompt`` is ``x'``). Matching: the undesirable examples shuffled with ``seed`` and taken in turn,
+    skipping those of the same prompt, until one side runs out (each example in at most one pair). Weights
+    multiply; ``user_id`` is kept when both agree; ids ``"{good}~{bad}"``."""
+    import random
+
+    records = _expect(records, UnpairedRecord, "joint_pairs")
+    good = [r for r in records if r.label]
+    bad = [r for r in records if not r.label]
+    random.Random(seed).shuffle(bad)
+    out: list[PairwiseRecord] = []
+    for g in good:
+        for j, b in enumerate(bad):
+            if text_key(b.prompt) == text_key(g.prompt):
+                continue
+            bad.pop(j)
+            weight = None if g.weight is None and b.weight is None else (g.weight or 1.0) * (b.weight or 1.0)
+            out.append(
+                PairwiseRecord(
+                    prompt=g.prompt,
+                    chosen=g.completion,
+                    rejected=b.completion,
+                    rejected_prompt=b.prompt,
+                    user_id=g.user_id if g.user_id == b.user_id else None,
+                    weight=weight,
+                    id=None if g.id is None or b.id is None else f"{g.id}~{b.id}",
+                )
+            )
+            break
+    return out
+
+
 DEFAULT_SCORE_INSTRUCTION = "Write a response that would be rated {score}."
 
 
@@ -282,6 +317,7 @@ CONVERSIONS: dict[tuple[str, str], str] = {
     ("ranked", "pairwise"): "ranked_to_pairwise",
     ("rated", "pairwise"): "rated_to_pairwise",
     ("pairwise", "unpaired"): "pairwise_to_unpaired",
+    ("unpaired", "pairwise"): "joint_pairs",
 }
 
 
@@ -351,7 +387,12 @@ def convert_records(
     if identity:
         allowed: set[str] = set()
     elif (source, to) in CONVERSIONS:
-        allowed = {"ranked": {"mode"}, "rated": {"attribute", "weights", "min_gap"}, "pairwise": set()}[source]
+        allowed = {
+            "ranked": {"mode"},
+            "rated": {"attribute", "weights", "min_gap"},
+            "pairwise": set(),
+            "unpaired": set(),
+        }[source]
     else:
         supported = ", ".join(f"{a} -> {b}" for a, b in CONVERSIONS)
         raise ValueError(f"no conversion from {source} to {to}; supported: {supported}")
@@ -370,6 +411,8 @@ def convert_records(
         converted = ranked_to_pairwise(records, mode=mode)
     elif source == "rated":
         converted = rated_to_pairwise(records, attribute=attribute, weights=weights, min_gap=min_gap)
+    elif source == "unpaired":
+        converted = joint_pairs(records)
     else:
         converted = pairwise_to_unpaired(records)
     return reward_augmented_pairs(converted) if reward_augmented else converted

@@ -78,6 +78,8 @@ class PairwiseRecord:
     chosen_score: float | None = None
     rejected_score: float | None = None
     id: str | None = None
+    # a joint preference (JPO): the rejected completion answers this other prompt ("y_w to x beats y_l to x'")
+    rejected_prompt: Text | None = None
     kind: ClassVar[str] = "pairwise"
 
 

@@ -296,10 +296,18 @@ def _label(value: Any) -> bool:
 def _pairwise(record: PairwiseRecord, ctx: _Context) -> tuple[dict[str, Any], bool, bool]:
     # The rendered prompt depends only on the prompt, so both renders agree on it.
     p_text, c_text, p_chat, c_chat = _render(record.prompt, record.chosen, ctx.tokenizer)
-    _, r_text, _, r_chat = _render(record.prompt, record.rejected, ctx.tokenizer)
+    joint = record.rejected_prompt is not None
+    rp_text, r_text, rp_chat, r_chat = _render(
+        record.rejected_prompt if joint else record.prompt, record.rejected, ctx.tokenizer
+    )
     prompt_ids, prompt_cut = _truncate_prompt(ctx, _tokenize_prompt(ctx, p_text, p_chat))
     budget = _completion_budget(ctx, prompt_ids)
     chosen_ids, chosen_cut = _truncate_completion(ctx, _tokenize_completion(ctx, c_text, c_chat), budget)
+    rejected_prompt_ids: list[int] = []
+    if joint:  # the rejected completion answers its own prompt, with its own budget
+        rejected_prompt_ids, rejected_prompt_cut = _truncate_prompt(ctx, _tokenize_prompt(ctx, rp_text, rp_chat))
+        prompt_cut = prompt_cut or rejected_prompt_cut
+        budget = _completion_budget(ctx, rejected_prompt_ids)
     rejected_ids, rejected_cut = _truncate_completion(ctx, _tokenize_completion(ctx, r_text, r_chat), budget)
     example = {
         "prompt_input_ids": prompt_ids,
@@ -309,6 +317,8 @@ def _pairwise(record: PairwiseRecord, ctx: _Context) -> tuple[dict[str, Any], bo
         "margin": _margin(record.margin),
         "truncated": prompt_cut or chosen_cut or rejected_cut,
     }
+    if joint:
+        example["rejected_prompt_input_ids"] = rejected_prompt_ids
     return example, prompt_cut, chosen_cut or rejected_cut
 
 
@@ -409,7 +419,9 @@ def tokenize_pairwise(
     """Tokenize one pairwise record.
 
     Returns ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids": list[int],
-    "weight": float (1.0 when absent), "margin": float (0.0 when absent), "truncated": bool}``.
+    "weight": float (1.0 when absent), "margin": float (0.0 when absent), "truncated": bool}``, and for a
+    joint pair (``rejected_prompt``, JPO) ``"rejected_prompt_input_ids": list[int]``, the prompt the rejected
+    completion answers (it then gets that prompt's length budget).
     Completion ids end with EOS unless cut by ``max_length`` (see the module docstring for the
     special-token, EOS and truncation rules).
 
@@ -629,7 +641,8 @@ def tokenize_records(
     Returns:
         ``(dataset, stats)``: the dataset has the columns of :func:`tokenize_pairwise` /
         :func:`tokenize_unpaired` / :func:`tokenize_ranked` in record order (minus dropped records),
-        plus ``user_id`` when any record has one (``None`` for the others); ``stats`` is a :class:`TokenizationStats`.
+        plus ``user_id`` when any record has one (``None`` for the others) and ``rejected_prompt_input_ids`` when
+        any pair is joint (``[]`` for the others); ``stats`` is a :class:`TokenizationStats`.
         The counts are also logged on the ``"prefkit.data"`` logger (WARNING when rows were cut or
         dropped, INFO otherwise).
     """
@@ -643,6 +656,7 @@ def tokenize_records(
     stats = TokenizationStats(kind=kind, n_records=len(records))
     columns: dict[str, list] = {name: [] for name in _features(kind)}
     user_ids: list[Any] = []
+    rejected_prompts: list[list[int]] = []  # joint pairs' own prompts ([] for the others)
 
     rows: Iterable = tqdm(records, desc=f"Tokenizing {kind} records", disable=not progress, unit="rec")
     for index, record in enumerate(rows):
@@ -661,12 +675,19 @@ def tokenize_records(
         for name, values in columns.items():
             values.append(example[name])
         user_ids.append(getattr(record, "user_id", None))
+        rejected_prompts.append(example.get("rejected_prompt_input_ids", []))
         stats.n_prompt_truncated += prompt_cut
         stats.n_completion_truncated += completion_cut
         stats.n_truncated += example["truncated"]
     stats.n_rows = len(user_ids)
 
-    dataset = Dataset.from_dict(columns, features=_features(kind))
+    features = _features(kind)
+    if any(rejected_prompts):
+        from datasets import List, Value
+
+        columns["rejected_prompt_input_ids"] = rejected_prompts
+        features["rejected_prompt_input_ids"] = List(Value("int64"))
+    dataset = Dataset.from_dict(columns, features=features)
     if any(uid is not None for uid in user_ids):
         dataset = dataset.add_column("user_id", user_ids)
     _log_stats(stats, settings)

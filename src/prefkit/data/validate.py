@@ -13,7 +13,9 @@ Rules (docs/data.md has the full list):
   of a ranked record) may be the empty string: an empty reply is a legitimate answer;
 * text is a ``str`` or a non-empty list of ``{"role", "content"}`` messages with a known role and
   string content; within a record all texts are plain strings or all are chat messages;
-* ``chosen`` and ``rejected`` differ after rendering (surrounding whitespace ignored);
+* ``chosen`` and ``rejected`` differ after rendering (surrounding whitespace ignored), unless the pair
+  is joint (``rejected_prompt``: the rejected completion answers another prompt, JPO), when the same
+  text may answer both;
 * text is valid Unicode: no lone surrogate (``"\\ud800"`` in JSON), which no tokenizer can encode;
 * numbers (``weight``, ``margin``, ``chosen_score``, ``rejected_score``, ratings, scores, step
   labels) are finite real numbers, not booleans, and finite in float32 (``|x| <= 3.4e38``: training
@@ -321,7 +323,9 @@ def validate_record(row: dict, kind: str, file: str | None = None, row_number: i
     if not isinstance(row, dict):
         return [DataError(file, row_number, None, "a row that is a JSON object / dict", row)]
     c = _RowChecker(row, kind, file, row_number)
-    if kind == "pairwise" and row.get("prompt") is None:
+    if kind == "pairwise" and row.get("prompt") is None and row.get("rejected_prompt") is not None:
+        c.error("prompt", "a prompt: a joint pair (with rejected_prompt) names both prompts", MISSING)
+    elif kind == "pairwise" and row.get("prompt") is None:
         c.error(
             "prompt",
             "a prompt, or 'chosen' and 'rejected' that contain it: both whole HH-RLHF dialogues "
@@ -335,7 +339,10 @@ def validate_record(row: dict, kind: str, file: str | None = None, row_number: i
     if kind == "pairwise":
         c.text_field("chosen", allow_empty=True)
         c.text_field("rejected", allow_empty=True)
-        _check_distinct(c, "chosen", "rejected")
+        if row.get("rejected_prompt") is not None:  # a joint pair: the two may answer with the same text
+            c.text_field("rejected_prompt", allow_empty=False)
+        else:
+            _check_distinct(c, "chosen", "rejected")
         c.optional_number("margin")
         c.optional_number("weight", non_negative=True)
         c.optional_number("chosen_score")

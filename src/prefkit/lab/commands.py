@@ -140,11 +140,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     noise.add_argument(
         "--kl-budgets",
         type=_floats,
-        default=[1.0, 2.0, 4.0],
-        help="KL values (nats) at which the losses' true rewards are compared (default: 1,2,4)",
+        default=[0.5, 1.0, 2.0, 4.0],
+        help="KL values (nats) at which the losses' true rewards are compared (default: 0.5,1,2,4)",
     )
     noise.add_argument(
-        "--eval-every", type=int, default=25, help="steps between evaluations of each run's path (default: 25)"
+        "--eval-every", type=int, default=10, help="steps between evaluations of each run's path (default: 10)"
     )
     _training(noise, samples_per_prompt=8)
 

@@ -149,6 +149,28 @@ def rpo(b: PairLogps, *, beta: float = 0.1, alpha: float = 1.0) -> LossOutput:
     return _out(loss, beta, lr_w, lr_l, nll_loss=nll)
 
 
+@register_loss("jpo", kind="pairwise", needs_reference=True, ranges={"beta": "> 0"})
+def jpo(b: PairLogps, *, beta: float = 0.1) -> LossOutput:
+    """JPO (joint preference optimization): DPO over instruction-response pairs, where the preferred and the
+    dispreferred response may answer different instructions.
+
+    Formula: loss = -log sigma(beta * [(pi - ref)(y_w | x_w) - (pi - ref)(y_l | x_l)])
+
+    Paper: Bansal, Suvarna, Bhatt, Peng, Chang, Grover (2024), "Comparing Bad Apples to Good Oranges: Aligning
+    Large Language Models via Joint Preference Optimization", arXiv:2404.00530.
+
+    Hyper-parameters:
+        beta: as in DPO (> 0); default 0.1.
+
+    The loss is DPO's; what makes it JPO is the data: a pairwise record with ``rejected_prompt`` is a joint
+    preference ("response y_w to x_w is better than response y_l to x_l"), and the rejected completion is scored
+    after its own prompt. A batch may mix joint and ordinary (conditional) pairs, as the paper trains on both.
+    `prefkit.data.convert.joint_pairs` makes joint pairs from thumbs-up/down feedback, which has no two answers
+    to one prompt. TRL: none (its DPOTrainer gives both completions one prompt).
+    """
+    return dpo(b, beta=beta)
+
+
 @register_loss("dpop", kind="pairwise", needs_reference=True, ranges={"beta": "> 0", "lam": ">= 0"})
 def dpop(b: PairLogps, *, beta: float = 0.1, lam: float = 50.0) -> LossOutput:
     """DPO-Positive (DPOP): DPO with a penalty, inside the sigmoid, whenever the policy puts less probability on
@@ -876,6 +898,7 @@ __all__ = [
     "f_dpo",
     "hinge",
     "ipo",
+    "jpo",
     "lcpo",
     "ld_dpo",
     "length_dpo",

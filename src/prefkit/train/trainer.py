@@ -385,6 +385,16 @@ class PreferenceTrainer(CheckpointingTrainer):
             completions = [
                 max(len(c), len(r)) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])
             ]
+            if "rejected_prompt_input_ids" in dataset.column_names:  # joint pairs: the rejected row's own prompt
+                return [
+                    max(p + len(c), (len(rp) or p) + len(r))
+                    for p, c, r, rp in zip(
+                        prompts,
+                        dataset["chosen_input_ids"],
+                        dataset["rejected_input_ids"],
+                        dataset["rejected_prompt_input_ids"],
+                    )
+                ]
         return [p + c for p, c in zip(prompts, completions)]
 
     def _tokenized_dataset(self, data, tokenizer, args: PreferenceConfig, name: str):

@@ -135,7 +135,16 @@ class UserTokens:
                 "token; give them training records, or add them after training with fit_new_user"
             )
         prompts = [self.prefix(p, u, bos_token_id) for p, u in zip(dataset["prompt_input_ids"], users)]
-        return dataset.remove_columns("prompt_input_ids").add_column("prompt_input_ids", prompts)
+        dataset = dataset.remove_columns("prompt_input_ids").add_column("prompt_input_ids", prompts)
+        if "rejected_prompt_input_ids" in dataset.column_names:  # joint pairs: their other prompt too
+            others = [
+                self.prefix(p, u, bos_token_id) if len(p) else p
+                for p, u in zip(dataset["rejected_prompt_input_ids"], users)
+            ]
+            dataset = dataset.remove_columns("rejected_prompt_input_ids").add_column(
+                "rejected_prompt_input_ids", others
+            )
+        return dataset
 
     def to_dict(self, tokenizer=None) -> dict[str, Any]:
         users = {}
