@@ -116,3 +116,22 @@ def test_bad_settings_are_named(kw, message):
     base = {"rounds": 2, "sampling": SamplingSettings(n=4)}
     with pytest.raises(ValueError, match=message):
         IterativeSettings(**{**base, **kw})
+
+
+def test_momentum_extrapolates_each_rounds_weights(tmp_path, lab):
+    """APO: after a round, theta <- theta_hat + alpha (theta_hat - theta_start); the round's training is the same."""
+    from transformers import AutoModelForCausalLM
+
+    plain = _run(tmp_path / "plain", lab, rounds=1)
+    fast = _run(tmp_path / "fast", lab, rounds=1, momentum=0.5)
+    assert fast[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=1e-6) and fast[0]["momentum"] == 0.5
+    start = lab[1].model.state_dict()
+    hat = AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "run" / "round_1" / "model").state_dict()
+    new = AutoModelForCausalLM.from_pretrained(tmp_path / "fast" / "run" / "round_1" / "model").state_dict()
+    moved = 0
+    for k in hat:
+        assert torch.allclose(new[k], hat[k] + 0.5 * (hat[k] - start[k]), atol=1e-5), k
+        moved += int(not torch.equal(hat[k], start[k]))
+    assert moved > 0
+    with pytest.raises(ValueError, match="momentum: expected a finite number >= 0"):
+        IterativeSettings(rounds=1, sampling=SamplingSettings(n=4), momentum=-0.1)

@@ -73,6 +73,9 @@ BAD = [
     ("online.kl_reward_coef=-1", "online.kl_reward_coef: expected a finite number >= 0, got -1"),
     ("online.kl_reward_estimator=k5", "online.kl_reward_estimator: expected one of k1, k2, k3, got 'k5'"),
     ("online.share_prompt=maybe", "online.share_prompt: expected true or false, got 'maybe'"),
+    ("online.loss=dpo && online.momentum=0.3", "online.momentum extrapolates between iterative DPO rounds"),
+    ("online.loss=dpo && online.rounds=2 && online.momentum=-1", "online.momentum: expected a finite number >= 0"),
+    ("online.loss=tdpo2", "online.loss: expected a loss without the token-level KL for online DPO"),
 ]
 
 

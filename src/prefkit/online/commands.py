@@ -171,6 +171,7 @@ def _run_iterative(values: dict[str, Any], online: dict[str, Any], resume) -> Pa
         ref_update=online["ref_update"],
         same_prompts=online["same_prompts"],
         max_prompt_length=online["max_prompt_length"],
+        momentum=float(online["momentum"]),
     )
     training.update(loss=online["loss"], loss_params=dict(online["loss_params"]))
     PreferenceConfig(**{**training, "output_dir": str(out / "check")})  # every round's settings, checked now

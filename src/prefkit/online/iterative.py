@@ -6,7 +6,8 @@ policy samples K completions of that round's prompts, a judge labels them (best 
 rewards' scores, every unequal pair, or a pairwise judge: as `prefkit.online.preference`), and the policy is
 trained offline on those pairs with any pairwise loss by `PreferenceTrainer`; the trained policy starts the
 next round. The reference of round ``r`` is the policy that started it (``ref_update="previous"``, the
-RLHF Workflow recipe) or the initial policy throughout (``"initial"``).
+RLHF Workflow recipe) or the initial policy throughout (``"initial"``). With ``momentum`` > 0 each round
+ends with Nesterov's extrapolation of Accelerated Preference Optimization (`extrapolate`; APO, He et al. 2024).
 
 Everything a round makes is on disk, so a round can be inspected and rerun alone::
 
@@ -46,7 +47,7 @@ from prefkit.online.preference import PAIRINGS, judged_pairs, pairs_from_scores
 from prefkit.online.rewards import CombinedReward
 from prefkit.online.rollouts import HFRollouts, SamplingSettings
 
-__all__ = ["IterativeSettings", "iterative_dpo"]
+__all__ = ["IterativeSettings", "extrapolate", "iterative_dpo"]
 
 REF_UPDATES = ("previous", "initial")
 
@@ -61,6 +62,7 @@ class IterativeSettings:
     ref_update: str = "previous"
     same_prompts: bool = False
     max_prompt_length: int | None = None
+    momentum: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
@@ -73,6 +75,9 @@ class IterativeSettings:
             raise ValueError(f"pairs: expected one of {', '.join(PAIRINGS)}, got {self.pairs!r}")
         if self.ref_update not in REF_UPDATES:
             raise ValueError(f"ref_update: expected one of {', '.join(REF_UPDATES)}, got {self.ref_update!r}")
+        m = self.momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < float("inf"):
+            raise ValueError(f"momentum: expected a finite number >= 0, got {m!r}")
 
 
 def _round_prompts(records: list[dict], settings: IterativeSettings) -> list[list[tuple[int, dict]]]:
@@ -200,11 +205,15 @@ def iterative_dpo(
         if not records:
             raise ValueError(f"round {r} produced no pairs (every prompt's samples scored alike); see {pairs_file}")
         args = PreferenceConfig(**{**training, "output_dir": str(folder / "train")})
+        start = _weights(policy) if settings.momentum else None
         trainer = PreferenceTrainer(policy, args, train_dataset=records, processing_class=tokenizer, ref_model=initial)
         has_checkpoint = any((folder / "train").glob("checkpoint-*"))
         result = trainer.train(resume_from_checkpoint=True if resume and has_checkpoint else None)
-        trainer.save_model(str(folder / "model"))
         policy = trainer.accelerator.unwrap_model(trainer.model)
+        if start is not None:
+            extrapolate(policy, start, settings.momentum)
+            figures["momentum"] = settings.momentum
+        trainer.save_model(str(folder / "model"))
         figures.update(
             train_loss=float(result.metrics.get("train_loss", result.training_loss)), pairs_trained=len(records)
         )
@@ -214,3 +223,24 @@ def iterative_dpo(
         summaries.append(figures)
         say(f"round {r}: trained on {len(records)} pairs, loss {figures['train_loss']:.4f} -> {folder / 'model'}")
     return summaries
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s floating-point weights (what momentum extrapolates from)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@torch.no_grad()
+def extrapolate(model, start: dict[str, torch.Tensor], momentum: float) -> None:
+    """Nesterov's extrapolation after a round, in place: ``theta <- theta + momentum * (theta - start)``.
+
+    Accelerated Preference Optimization (He, Yuan, Gu 2024, "Accelerated Preference Optimization for Large Language
+    Model Alignment", arXiv:2410.06293) views iterative DPO as a proximal point method and adds Nesterov's momentum:
+    after round t trains ``pi_hat`` from ``pi_t``, the next policy is ``pi_{t+1} ~ pi_hat (pi_hat / pi_t)^alpha``,
+    i.e. ``log pi_{t+1} = (1 + alpha) log pi_hat - alpha log pi_t`` up to normalisation. prefkit extrapolates the
+    weights instead, which is the same step where the log-probabilities are linear in the weights (to first order
+    in the change of a round) and keeps one model; ``momentum = 0`` is plain iterative DPO."""
+    state = model.state_dict()
+    for name, before in start.items():
+        after = state[name]
+        after.add_(after - before.to(after.device, after.dtype), alpha=momentum)

@@ -92,6 +92,7 @@ ONLINE_KEYS: dict[str, tuple[Any, str]] = {
     "rounds": (0, "iterative DPO: rounds of sample -> label -> train offline (0: online training instead)"),
     "ref_update": ("previous", "iterative DPO: each round's reference: previous (the round's start) or initial"),
     "same_prompts": (False, "iterative DPO: every round samples all prompts (default: a new part each round)"),
+    "momentum": (0.0, "iterative DPO: Nesterov extrapolation after each round, APO (He et al. 2024); 0: off"),
     "critic": (
         None,
         "PPO with a critic: policy (a copy of its backbone, zero head), shared (a value head on the policy's own "
@@ -185,6 +186,9 @@ def check_online(online: Mapping[str, Any], *, paths: bool = True) -> dict[str, 
         raise _fail("online.ref_update", "previous or initial", o["ref_update"])
     if not isinstance(o["same_prompts"], bool):
         raise _fail("online.same_prompts", "true or false", o["same_prompts"])
+    check_in_range("online.momentum", o["momentum"], ">= 0")
+    if o["momentum"] and not o["rounds"]:
+        raise ConfigError("online.momentum extrapolates between iterative DPO rounds: set online.rounds too")
     if o["rounds"] and catalog[o["loss"]].kind != "pairwise":
         raise ConfigError("online.rounds (iterative DPO) trains a pairwise loss (dpo, ipo, ...)")
     if catalog[o["loss"]].needs_kl and not o["rounds"]:
