@@ -75,9 +75,15 @@ def test_pal_recovers_planted_ideal_points():
 def test_cyclic_probes_defeat_a_scalar_reward(small_reference, lab_cache):
     _, ref = small_reference
     r = cyclic_gpm(
-        make_world("cyclic", 0), ref, train_pairs=300, test_pairs=100, probes=150, epochs=20, cache_root=lab_cache
-    )
+        make_world("cyclic", 0), ref, train_pairs=300, test_pairs=100, probes=150, contrast_pairs=300, epochs=60,
+        cache_root=lab_cache,
+    )  # fmt: skip
     bt = r["rows"]["BT"]
+    assert 0 < r["style_contrasts"] < 300
+    # trained on pairs that carry the cycle, the preference embedding gets past the 2/3 a scalar reward can reach
+    # (1.0 at the study's sizes); BT cannot
+    assert r["rows"]["GPM (style-contrast training)"]["probe"] > 0.75
+    assert r["rows"]["BT (style-contrast training)"]["probe"] < 0.75
     # a linear reward on mean-pooled token embeddings orders the probe's two markers the same way for
     # every base response, so at most 2 of 3 style match-ups (2/3 of the probes, up to sampling) are right
     assert bt["probe"] < 0.75
