@@ -457,10 +457,13 @@ def _losses_summary(ok: list[dict], failed: list[dict], far_kl: float = 20.0) ->
         f"{_fmt(best['kl'], 2)} nats), the lowest {worst['loss']}'s ({_pm(worst['mean_reward'], worst['reward_se'])}, "
         f"KL {_fmt(worst['kl'], 2)}).",
     ]
-    efficient = [row for row in significant if row["kl"] > 0]
+    efficient = [row for row in significant if row["kl"] >= 0.5]  # below half a nat the ratio is mostly noise
     if efficient:
         top = max(efficient, key=lambda row: row["gain"] / row["kl"])
-        text.append(f"Among those, the largest gain per nat of KL is {top['loss']}'s ({top['gain'] / top['kl']:.2f}).")
+        text.append(
+            f"Among those that moved at least 0.5 nats, the largest gain per nat of KL is {top['loss']}'s "
+            f"({top['gain'] / top['kl']:.2f})."
+        )
     far = [row["loss"] for row in ok if row["kl"] > far_kl]
     if far:
         text.append(f"{len(far)} loss(es) drift more than {far_kl:g} nats from the reference: {', '.join(far)}.")
