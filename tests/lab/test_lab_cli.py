@@ -55,6 +55,8 @@ def test_study_arguments_reach_the_study(monkeypatch, tmp_path):
         "dpo,robust_dpo",
         "--steps",
         "7",
+        "--kl-budgets",
+        "1,3",
         "--output-dir",
         str(tmp_path),
         "--quiet",
@@ -62,7 +64,8 @@ def test_study_arguments_reach_the_study(monkeypatch, tmp_path):
     assert main(argv) == 0
     assert calls["args"] == ("default", [0.0, 0.25], ["dpo", "robust_dpo"], [3])
     assert calls["kwargs"]["steps"] == 7 and calls["kwargs"]["progress"] is False
-    assert calls["kwargs"]["output_dir"] == str(tmp_path) and calls["kwargs"]["annotator"] == "argmax"
+    assert calls["kwargs"]["output_dir"] == str(tmp_path) and calls["kwargs"]["annotator"] == "bt"
+    assert calls["kwargs"]["kl_budgets"] == [1.0, 3.0] and calls["kwargs"]["eval_every"] == 10
 
 
 def test_draw_writes_a_loadable_file(tmp_path, capsys):
