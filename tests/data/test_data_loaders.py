@@ -308,7 +308,7 @@ def test_first_error_says_how_many_rows_are_bad_and_which_command_lists_them(tmp
         KIND_ROWS["pairwise"],
         {"prompt": "p", "chosen": "a", "rejected": "a", "weight": -1},
         {"prompt": "", "chosen": "a", "rejected": "b"},
-        {"prompt": "p", "chosen": 1, "rejected": "b"},
+        {"prompt": "p", "chosen": {"text": "a"}, "rejected": "b"},
     ]
     path = write_jsonl(tmp_path / "bad data.jsonl", rows)
     with pytest.raises(DataError) as info:
@@ -402,3 +402,21 @@ def test_write_replaces_existing_file(tmp_path):
     write_records(SAMPLES["rated"], path)
     write_records(SAMPLES["rated"][:1], path)
     assert load_records(str(path)) == SAMPLES["rated"][:1]
+
+
+def test_responses_stored_as_booleans_or_numbers_are_read_as_their_text(tmp_path):
+    """A benchmark that stores an answer as 42 or a verdict as true loads, the response being that text; prompts
+    and other fields are untouched."""
+    path = tmp_path / "scalars.jsonl"
+    rows = [
+        {"prompt": "What is 6 x 7?", "chosen": 42, "rejected": 41.5, "margin": 1},
+        {"prompt": "Is the sky blue?", "chosen": True, "rejected": False},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = load_records(str(path))
+    assert (a.chosen, a.rejected, a.margin) == ("42", "41.5", 1.0)
+    assert (b.chosen, b.rejected) == ("true", "false")
+    ranked = tmp_path / "ranked.jsonl"
+    ranked.write_text(json.dumps({"prompt": "q", "completions": [1, 2, "three"], "ranking": [2, 0, 1]}) + "\n")
+    (r,) = load_records(str(ranked))
+    assert r.completions == ["1", "2", "three"]

@@ -597,6 +597,7 @@ def prepare_rows(
     for n, row in raw:
         if is_csv:
             row = coerce_csv_row(row)
+        row = _scalar_responses_as_text(row)
         if kind == "pairwise":
             try:
                 row = split_implicit_prompt(row, label, n)
@@ -606,6 +607,32 @@ def prepare_rows(
         prepared.append((n, row))
     errors.sort(key=lambda e: e.row or 0)
     return PreparedRows(file=label, kind=kind, rows=prepared, errors=errors, n_rows=n_rows)
+
+
+RESPONSE_FIELDS = ("chosen", "rejected", "completion")
+
+
+def _scalar_text(value: Any) -> Any:
+    """A boolean or number as the text a JSON file spells it (``true``, ``42``, ``3.5``); anything else as is."""
+    from numbers import Integral, Real
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Integral):
+        return str(int(value))
+    if isinstance(value, Real):
+        return repr(float(value))
+    return value
+
+
+def _scalar_responses_as_text(row: dict) -> dict:
+    """Responses stored as booleans or numbers (a benchmark's answer ``42``, a yes/no ``true``) become their text;
+    prompts, labels and scores are left alone."""
+    changed = {k: _scalar_text(row[k]) for k in RESPONSE_FIELDS if k in row and row[k] is not None}
+    completions = row.get("completions")
+    if isinstance(completions, list):
+        changed["completions"] = [_scalar_text(c) for c in completions]
+    return {**row, **changed} if changed else row
 
 
 def _check_required_columns(kind: str, present: set[str], label: str) -> None:
