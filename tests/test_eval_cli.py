@@ -142,3 +142,25 @@ def test_readme_train_then_eval_flow(tmp_path, monkeypatch):
     assert (report / "report.md").is_file() and list(report.glob("*.png"))
     assert results["scorer"] == "scalar" and results["n_records"] == 48
     assert 0.0 <= results["metrics"]["accuracy"] <= 1.0
+
+
+def test_eval_rm_reads_labelled_pairs_and_scores_ties_by_the_tie_policy(tmp_path, reward_model_dir):
+    """The labelled example file (two responses and a label) evaluates without conversion; its tie rows (one
+    labelled a tie, one with the same answer twice) are kept and scored by the chosen policy."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "data" / "labelled_pairs_tiny.jsonl"
+    flags = ["--responses", "response_a,response_b", "--label", "winner", "--first-better", "model_a"]
+    flags += ["--second-better", "model_b", "--tie", "tie"]
+    results = {}
+    for policy in ("half", "wrong", "threshold"):
+        out = tmp_path / policy
+        argv = ["eval", "rm", "--model", str(reward_model_dir), "--data", str(example), *flags]
+        assert main([*argv, "--tie-policy", policy, "--output", str(out), "--no-progress"]) == 0
+        results[policy] = json.loads((out / "results.json").read_text())["metrics"]
+    half, wrong, thr = results["half"], results["wrong"], results["threshold"]
+    assert half["ties"]["n"] == 2 and half["ties"]["policy"] == "half"
+    decisive = half["ties"]["decisive_accuracy"]  # 3 decisive pairs
+    assert half["accuracy"] == pytest.approx((3 * decisive + 2 * 0.5) / 5)
+    assert wrong["accuracy"] == pytest.approx(3 * decisive / 5)
+    assert thr["ties"]["threshold"] >= 0 and thr["accuracy"] >= max(wrong["accuracy"], 2 / 5)
+    scores = [json.loads(line) for line in (tmp_path / "half" / "scores.jsonl").read_text().splitlines()]
+    assert [s.get("tie", False) for s in scores] == [False, False, True, True, False]

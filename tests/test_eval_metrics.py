@@ -138,3 +138,19 @@ def test_length_bias():
     rewards, lengths = np.array(chosen + rejected), np.array(len_c + len_r)
     assert out["pearson"] == pytest.approx(np.corrcoef(rewards, lengths)[0, 1])
     assert out["spearman"] == pytest.approx(spearman(rewards, lengths))
+
+
+def test_pair_credit_under_each_tie_policy_by_hand():
+    from prefkit.eval.metrics import pair_credit
+
+    logits = [2.0, -1.0, 0.3, 0.1, -0.2]
+    ties = [False, False, False, True, True]
+    half, t = pair_credit(logits, ties, "half")
+    assert half.tolist() == [1, 0, 1, 0.5, 0.5] and t is None
+    assert pair_credit(logits, ties, "wrong")[0].tolist() == [1, 0, 1, 0, 0]
+    # threshold: t = 0.2 predicts both ties and keeps the decisive 2.0 and 0.3 right (4 of 5); t = 0 gets 2 of 5,
+    # t = 0.3 loses the 0.3 pair (3 of 5)
+    credit, t = pair_credit(logits, ties, "threshold")
+    assert t == pytest.approx(0.2) and credit.tolist() == [1, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="tie policy"):
+        pair_credit(logits, ties, "coin")

@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 
-from prefkit.data.commands_validate import add_source_arguments, column_map_from_args
+from prefkit.data.commands_validate import add_source_arguments, column_map_from_args, labels_from_args
 from prefkit.data.convert import convert_records
 from prefkit.data.loaders import load_records, write_records
 from prefkit.data.records import DataError
@@ -79,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
     """Load, convert and write; 0 on success, 1 on bad data, 2 on bad options."""
     try:
         column_map = column_map_from_args(args)
+        labels = labels_from_args(args)
         weights = parse_weights(args.weights) if args.weights is not None else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        records = load_records(args.input, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout)
+        records = load_records(
+            args.input, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout, labels=labels
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from prefkit.data.commands_validate import add_source_arguments, column_map_from_args
+from prefkit.data.commands_validate import add_source_arguments, column_map_from_args, labels_from_args
 from prefkit.data.loaders import load_records
 from prefkit.data.records import DataError, Record, is_messages, record_to_dict, text_key
 
@@ -229,11 +229,14 @@ def run(args: argparse.Namespace) -> int:
     """Load (and validate) the file, print its statistics; 1 on bad data."""
     try:
         column_map = column_map_from_args(args)
+        labels = labels_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        records = load_records(args.file, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout)
+        records = load_records(
+            args.file, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout, labels=labels
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,39 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "prmbench, processbench, math_shepherd, prm800k, joined (steps in one text split at blank lines; "
         "joined:SEP for another separator)",
     )
+    add_label_arguments(parser)
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that orient pairs stored as two responses and a label (`prefkit.data.labels`)."""
+    parser.add_argument(
+        "--responses", default=None, metavar="A,B", help="the two response columns of a labelled pair, first,second"
+    )
+    parser.add_argument(
+        "--label",
+        default=None,
+        metavar="COLUMN[,COLUMN...]",
+        help="the label column (several: one per annotator, the majority outcome wins; a split vote is a tie)",
+    )
+    parser.add_argument("--first-better", default=None, metavar="V[,V...]", help="label values: the first is better")
+    parser.add_argument("--second-better", default=None, metavar="V[,V...]", help="label values: the second is better")
+    parser.add_argument("--tie", default=None, metavar="V[,V...]", help="label values: a tie (kept as a tie row)")
+
+
+def labels_from_args(args: argparse.Namespace):
+    """The label options as a `LabelSpec` (None when not given); ``ValueError`` naming the option on bad ones."""
+    from prefkit.data.labels import parse_label_spec
+
+    given = [getattr(args, k, None) for k in ("responses", "label", "first_better", "second_better", "tie")]
+    if not any(given):
+        return None
+    for flag, value in zip(("--responses", "--label", "--first-better", "--second-better"), given):
+        if not value:
+            raise ValueError(
+                f"{flag} is needed with the other label options (--responses, --label, --first-better, "
+                "--second-better, [--tie])"
+            )
+    return parse_label_spec(args.responses, args.label, args.first_better, args.second_better, args.tie)
 
 
 def column_map_from_args(args: argparse.Namespace) -> dict[str, str] | None:
@@ -56,10 +89,13 @@ def run(args: argparse.Namespace) -> int:
     """Check the file, print every problem and a summary; 1 if anything is wrong, else 0."""
     try:
         column_map = column_map_from_args(args)
+        labels = labels_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = validate_source(args.file, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout)
+    report = validate_source(
+        args.file, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout, labels=labels
+    )
     for error in report.errors:
         print(error)
     if report.kind is None:

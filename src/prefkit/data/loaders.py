@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from prefkit.data.formats import layout_adapter, layout_kind, split_implicit_prompt
+from prefkit.data.labels import LABEL_LIKE_COLUMNS, LabelSpec
 from prefkit.data.records import (
     KINDS,
     DataError,
@@ -47,6 +48,7 @@ from prefkit.data.records import (
     record_fields,
     record_from_dict,
     record_to_dict,
+    scalar_as_text,
 )
 from prefkit.data.validate import validate_rows
 
@@ -521,6 +523,7 @@ def prepare_rows(
     column_map: dict[str, str] | None = None,
     split: str | None = None,
     layout: str | None = None,
+    labels: LabelSpec | None = None,
 ) -> PreparedRows:
     """Run the loading pipeline up to (not including) validation; see `load_records`.
 
@@ -539,17 +542,19 @@ def prepare_rows(
     n_rows = len(raw) + len(errors)
 
     if adapter is not None:
-        adapted = []
-        for n, row in raw:
-            try:
-                adapted.append((n, adapter(row, label, n)))
-            except DataError as err:
-                errors.append(err)
-        raw = adapted
-
+        raw = _adapt(raw, adapter, label, errors)
     columns: set[str] = set()
     for _, row in raw:
         columns.update(row)
+    if labels is not None:
+        missing = [c for c in (*labels.responses, *labels.columns) if raw and c not in columns]
+        if missing:
+            raise DataError(label, None, missing[0], f"a column {missing[0]!r}; the columns are {sorted(columns)}")
+        raw = _adapt(raw, labels.apply, label, errors)
+        kind = kind or "pairwise"
+        columns = {c for _, row in raw for c in row}
+    elif column_map and {"chosen", "rejected"} <= set(column_map):
+        _refuse_unlabelled_orientation(column_map, columns, label)
     if column_map:
         known = all_field_names()
         for target, source_column in column_map.items():
@@ -609,29 +614,44 @@ def prepare_rows(
     return PreparedRows(file=label, kind=kind, rows=prepared, errors=errors, n_rows=n_rows)
 
 
+def _adapt(raw: list, fn, label: str, errors: list[DataError]) -> list:
+    """``(n, fn(row, label, n))`` for each row; a row ``fn`` refuses goes to ``errors``."""
+    out = []
+    for n, row in raw:
+        try:
+            out.append((n, fn(row, label, n)))
+        except DataError as err:
+            errors.append(err)
+    return out
+
+
+def _refuse_unlabelled_orientation(column_map: dict[str, str], columns: set[str], label: str) -> None:
+    """Renaming two response columns onto chosen / rejected says the first is always better; when the file also
+    holds a label column, that is the label's job: refuse and say how to read it."""
+    found = sorted(c for c in columns if c.lower() in LABEL_LIKE_COLUMNS and c not in column_map.values())
+    if found:
+        a, b = column_map["chosen"], column_map["rejected"]
+        raise DataError(
+            label,
+            None,
+            found[0],
+            f"no label column when --map puts {a!r} first and {b!r} second (a rename takes the first as the "
+            f"better one in every row); read the label instead: --responses {a},{b} --label {found[0]} "
+            "--first-better VALUES --second-better VALUES [--tie VALUES]",
+            f"a column {found[0]!r}",
+        )
+
+
 RESPONSE_FIELDS = ("chosen", "rejected", "completion")
-
-
-def _scalar_text(value: Any) -> Any:
-    """A boolean or number as the text a JSON file spells it (``true``, ``42``, ``3.5``); anything else as is."""
-    from numbers import Integral, Real
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Integral):
-        return str(int(value))
-    if isinstance(value, Real):
-        return repr(float(value))
-    return value
 
 
 def _scalar_responses_as_text(row: dict) -> dict:
     """Responses stored as booleans or numbers (a benchmark's answer ``42``, a yes/no ``true``) become their text;
     prompts, labels and scores are left alone."""
-    changed = {k: _scalar_text(row[k]) for k in RESPONSE_FIELDS if k in row and row[k] is not None}
+    changed = {k: scalar_as_text(row[k]) for k in RESPONSE_FIELDS if k in row and row[k] is not None}
     completions = row.get("completions")
     if isinstance(completions, list):
-        changed["completions"] = [_scalar_text(c) for c in completions]
+        changed["completions"] = [scalar_as_text(c) for c in completions]
     return {**row, **changed} if changed else row
 
 
@@ -663,6 +683,7 @@ def validate_command(
     column_map: dict[str, str] | None = None,
     split: str | None = None,
     layout: str | None = None,
+    labels: LabelSpec | None = None,
 ) -> str | None:
     """The ``prefkit data validate`` command line that checks the same source the same way
     (None for in-memory sources)."""
@@ -677,6 +698,16 @@ def validate_command(
         parts += ["--layout", layout]
     for target, source_column in (column_map or {}).items():
         parts += ["--map", shlex.quote(f"{target}={source_column}")]
+    if labels is not None:
+        for flag, values in (
+            ("--responses", labels.responses),
+            ("--label", labels.columns),
+            ("--first-better", labels.first),
+            ("--second-better", labels.second),
+            ("--tie", labels.tie),
+        ):
+            if values:
+                parts += [flag, shlex.quote(",".join(values))]
     return " ".join(parts)
 
 
@@ -699,6 +730,7 @@ def load_records(
     split: str | None = None,
     validate: bool = True,
     layout: str | None = None,
+    labels: LabelSpec | None = None,
 ) -> list[Record]:
     """Load feedback records from a file, a folder, a Hub dataset or in-memory rows.
 
@@ -707,19 +739,20 @@ def load_records(
     e.g. ``{"chosen": "response_a"}``); detect the kind from the fields present unless ``kind`` is
     given; for pairwise rows without a prompt, split an HH-RLHF dialogue or chat conversation
     into prompt and completions; validate every row (``validate=True``); build the records.
-    Columns that are not fields of the kind are ignored.
+    Columns that are not fields of the kind are ignored. ``labels`` (`prefkit.data.labels.LabelSpec`): pairs
+    stored as two responses and a label, oriented by the label before the column map.
 
     Raises `DataError` on the first bad row; its message says how many other rows are bad and
     which ``prefkit data validate`` command lists them all. With ``validate=False`` values are not
     checked, but unreadable rows and missing required fields still raise.
     """
-    prepared = prepare_rows(source, kind=kind, column_map=column_map, split=split, layout=layout)
+    prepared = prepare_rows(source, kind=kind, column_map=column_map, split=split, layout=layout, labels=labels)
     errors = list(prepared.errors)
     if validate:
         errors.extend(validate_rows(prepared.rows, prepared.kind, prepared.file))
         errors.sort(key=lambda e: e.row or 0)
     if errors:
-        raise first_error_with_summary(errors, validate_command(source, kind, column_map, split, layout))
+        raise first_error_with_summary(errors, validate_command(source, kind, column_map, split, layout, labels))
     return [record_from_dict(prepared.kind, row, prepared.file, n) for n, row in prepared.rows]
 
 
@@ -754,6 +787,7 @@ def validate_source(
     column_map: dict[str, str] | None = None,
     split: str | None = None,
     layout: str | None = None,
+    labels: LabelSpec | None = None,
 ) -> ValidationReport:
     """Read a file (or any source `load_records` accepts) and collect every problem in it.
 
@@ -761,7 +795,7 @@ def validate_source(
     undetectable kind) end the check early and are reported as one row-less error.
     """
     try:
-        prepared = prepare_rows(source, kind=kind, column_map=column_map, split=split, layout=layout)
+        prepared = prepare_rows(source, kind=kind, column_map=column_map, split=split, layout=layout, labels=labels)
     except DataError as err:
         return ValidationReport(file=err.file or source_label(source, split), kind=None, n_rows=0, errors=[err])
     errors = list(prepared.errors)

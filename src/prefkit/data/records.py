@@ -80,6 +80,8 @@ class PairwiseRecord:
     id: str | None = None
     # a joint preference (JPO): the rejected completion answers this other prompt ("y_w to x beats y_l to x'")
     rejected_prompt: Text | None = None
+    # a tie: neither response is better (kept for evaluation under a tie policy; training refuses it)
+    tie: bool | None = None
     kind: ClassVar[str] = "pairwise"
 
 
@@ -189,6 +191,20 @@ def render_text(text: Text) -> str:
     if isinstance(text, str):
         return text
     return "\n".join(f"{m['role']}: {m['content']}" for m in text)
+
+
+def scalar_as_text(value: Any) -> Any:
+    """A boolean or number as the text a JSON file spells it (``true``, ``42``, ``3.5``); anything else as is.
+    Loaders apply it to responses: a benchmark's numeric answer or yes/no verdict is a response text."""
+    from numbers import Integral, Real
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Integral):
+        return str(int(value))
+    if isinstance(value, Real):
+        return repr(float(value))
+    return value
 
 
 def text_key(text: Text) -> str:

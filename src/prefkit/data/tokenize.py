@@ -294,6 +294,8 @@ def _label(value: Any) -> bool:
 
 
 def _pairwise(record: PairwiseRecord, ctx: _Context) -> tuple[dict[str, Any], bool, bool]:
+    if record.tie:
+        raise ValueError("a tie (neither response better) carries no preference to train on; leave ties out")
     # The rendered prompt depends only on the prompt, so both renders agree on it.
     p_text, c_text, p_chat, c_chat = _render(record.prompt, record.chosen, ctx.tokenizer)
     joint = record.rejected_prompt is not None

@@ -339,9 +339,11 @@ def validate_record(row: dict, kind: str, file: str | None = None, row_number: i
     if kind == "pairwise":
         c.text_field("chosen", allow_empty=True)
         c.text_field("rejected", allow_empty=True)
+        if row.get("tie") is not None and not isinstance(row.get("tie"), bool):
+            c.error("tie", "true or false (a tie: neither response is better)", row.get("tie"))
         if row.get("rejected_prompt") is not None:  # a joint pair: the two may answer with the same text
             c.text_field("rejected_prompt", allow_empty=False)
-        else:
+        elif not row.get("tie"):  # a tie may hold the same text twice
             _check_distinct(c, "chosen", "rejected")
         c.optional_number("margin")
         c.optional_number("weight", non_negative=True)

@@ -19,9 +19,11 @@ from typing import Any
 
 import yaml
 
+from prefkit.data.commands_validate import add_label_arguments, labels_from_args
 from prefkit.data.loaders import parse_column_map
 from prefkit.data.records import KINDS
 from prefkit.eval.data import RM_LAYOUTS
+from prefkit.eval.metrics import TIE_POLICIES
 
 SECTION_AVERAGES = ("count", "mean")
 
@@ -61,6 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--map", nargs="+", action="extend", default=None, metavar="TARGET=SOURCE", help="rename columns")
     data.add_argument("--split", default=None, help="split of a dataset folder or Hub dataset")
     data.add_argument("--subset-column", default="subset", help="column naming each row's subset (default: subset)")
+    add_label_arguments(data)
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--section-map", default=None, metavar="YAML", help="sections of subsets for a section score")
     metrics.add_argument(
@@ -71,6 +74,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "or 'scores' for sigmoid(chosen_score - rejected_score) of each record",
     )
     metrics.add_argument("--bins", type=int, default=10, help="calibration bins (default 10)")
+    metrics.add_argument(
+        "--tie-policy",
+        choices=TIE_POLICIES,
+        default="half",
+        help="how a tie row (labelled a tie, or the same response twice) counts: half (half credit, default), "
+        "wrong (no credit), threshold (a predicted tie, |reward gap| <= t, is right; t chosen on the data)",
+    )
     run_group = parser.add_argument_group("scoring")
     run_group.add_argument("--max-length", type=int, default=None, help="cut prompt + response to this many tokens")
     run_group.add_argument("--max-prompt-length", type=int, default=None, help="cut prompts to this many tokens")
@@ -218,9 +228,11 @@ def evaluate_from_args(args: argparse.Namespace) -> Path:
         counts=counts,
         pref_prob=_pref_prob(args.pref_prob),
         progress=not args.no_progress,
+        tie_policy=args.tie_policy,
     )
     eval_set = load_eval_set(
         [parse_data_argument(v) for v in args.data],
+        labels=labels_from_args(args),
         kind=args.kind,
         layout=args.layout,
         column_map=parse_column_map(args.map) if args.map else None,

@@ -24,7 +24,7 @@ from typing import Any
 
 from prefkit.data.formats import LAYOUT_KINDS
 from prefkit.data.loaders import first_error_with_summary, prepare_rows, validate_command
-from prefkit.data.records import DataError, PairwiseRecord, RankedRecord, record_from_dict
+from prefkit.data.records import DataError, PairwiseRecord, RankedRecord, record_from_dict, render_text
 from prefkit.data.validate import validate_rows
 
 MODES = ("pairs", "best_of_n", "grid", "lists")
@@ -81,6 +81,11 @@ def load_source(source: Any, name: str | None, options: dict, subset_column: str
     """One source through the loading pipeline (``options``: `prepare_rows`'s kind, column map, split, layout)
     and validation: ``(kind, file, records, subsets, row numbers)``; the first bad row raises `DataError`."""
     prepared = prepare_rows(source, **options)
+    if prepared.kind == "pairwise":  # the same response twice is a tie row here, scored by the tie policy
+        for _, row in prepared.rows:
+            a, b = row.get("chosen"), row.get("rejected")
+            if a is not None and b is not None and not row.get("tie") and _same_text(a, b):
+                row["tie"] = True
     errors = list(prepared.errors) + validate_rows(prepared.rows, prepared.kind, prepared.file)
     if errors:
         errors.sort(key=lambda e: e.row or 0)
@@ -89,6 +94,13 @@ def load_source(source: Any, name: str | None, options: dict, subset_column: str
     subsets = [_subset(row, name, options.get("layout"), subset_column) for _, row in prepared.rows]
     rows = [n for n, _ in prepared.rows]
     return prepared.kind, prepared.file, records, subsets, rows
+
+
+def _same_text(a: Any, b: Any) -> bool:
+    try:
+        return render_text(a).strip() == render_text(b).strip()
+    except (TypeError, AttributeError, KeyError):  # not a text: validation names it
+        return False
 
 
 def _mode(kind: str, layout: str | None, file: str) -> str:
@@ -137,16 +149,20 @@ def load_eval_set(
     column_map: dict[str, str] | None = None,
     split: str | None = None,
     subset_column: str = "subset",
+    labels=None,
 ) -> EvalSet:
     """Load ``(name or None, source)`` pairs into one `EvalSet`.
 
     Each source goes through `prefkit.data.loaders.prepare_rows` (layout, column map, kind detection,
     HH-RLHF prompt splitting) and validation; a bad row raises `DataError` naming file, row and field.
-    All sources must give the same evaluation mode (see the module docstring).
+    All sources must give the same evaluation mode (see the module docstring). ``labels``: a `LabelSpec` for
+    pairs stored as two responses and a label. A pair whose two responses are the same text is a tie row.
     """
     if not sources:
         raise ValueError("no evaluation data given")
     options = {"kind": kind or LAYOUT_KINDS.get(layout), "column_map": column_map, "split": split, "layout": layout}
+    if labels is not None:  # pairs stored as two responses and a label (`prefkit.data.labels.LabelSpec`)
+        options["labels"] = labels
     mode = None
     records: list = []
     subsets: list[str] = []

@@ -62,6 +62,33 @@ def pairwise_accuracy(chosen: Any, rejected: Any) -> float:
     return float(pairwise_correct(chosen, rejected).mean())
 
 
+TIE_POLICIES = ("half", "wrong", "threshold")
+
+
+def pair_credit(logits: Any, ties: Any, policy: str = "half") -> tuple[np.ndarray, float | None]:
+    """Per-pair credit of a pairwise evaluation with tie rows, and the threshold (``threshold`` policy, else None).
+
+    A decisive pair earns 1 when ``logit = r(chosen) - r(rejected) > 0``. A tie row (neither response better)
+    earns, by ``policy``: ``"half"`` 0.5 (what a coin earns; a scalar reward cannot say "tie"), ``"wrong"`` 0, or
+    ``"threshold"``: the model predicts a tie when ``|logit| <= t``, a tie row earns 1 for a predicted tie and a
+    decisive pair earns 1 only for ``logit > t``; ``t >= 0`` is the value among 0 and the ``|logit|`` of the data
+    that maximises the mean credit (the smallest such), as judge benchmarks with tie labels score it."""
+    z = _vector(logits, "logits")
+    tie = np.asarray(ties, dtype=bool)
+    if tie.shape != z.shape:
+        raise ValueError(f"ties has {tie.shape[0]} items but logits has {z.shape[0]}")
+    if policy not in TIE_POLICIES:
+        raise ValueError(f"tie policy must be one of {', '.join(TIE_POLICIES)}, got {policy!r}")
+    if policy != "threshold":
+        return np.where(tie, 0.5 if policy == "half" else 0.0, (z > 0).astype(np.float64)), None
+    best_t, best = 0.0, -1.0
+    for t in np.unique(np.concatenate([[0.0], np.abs(z)])):
+        credit = np.where(tie, np.abs(z) <= t, z > t).mean()
+        if credit > best + 1e-12:
+            best_t, best = float(t), float(credit)
+    return np.where(tie, np.abs(z) <= best_t, z > best_t).astype(np.float64), best_t
+
+
 def per_subset_accuracy(credit: Any, subsets: Sequence[str]) -> dict[str, dict[str, float]]:
     """``{subset: {"accuracy": mean credit, "n": count}}`` in first-seen order.
 

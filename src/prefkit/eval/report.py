@@ -28,6 +28,10 @@ def headline(results: dict[str, Any]) -> list[tuple[str, Any]]:
     m = results["metrics"]
     rows = [
         ("pairwise accuracy (ties wrong)", _get(m, "accuracy")),
+        ("tie rows", _get(m, "ties", "n")),
+        ("tie policy", _get(m, "ties", "policy")),
+        ("tie threshold |reward gap|", _get(m, "ties", "threshold")),
+        ("accuracy on the decisive pairs", _get(m, "ties", "decisive_accuracy")),
         ("section score", _get(m, "sections", "score")),
         ("expected calibration error", _get(m, "calibration", "ece")),
         ("length: Pearson r(reward, tokens)", _get(m, "length_bias", "pearson")),

@@ -46,6 +46,8 @@ class EvalOptions:
     # (prompt ids, the record's user_id) -> prompt ids, applied after tokenization: a user-conditioned
     # policy's user tokens (`prefkit.train.user_conditioning.UserTokens.prefix`); None: no prefix.
     prompt_prefix: Callable[[list[int], str | None], list[int]] | None = None
+    # how a tie row of a pairwise evaluation counts (`prefkit.eval.metrics.pair_credit`)
+    tie_policy: str = "half"
 
 
 @dataclass
@@ -154,13 +156,23 @@ def _pairs(eval_set: EvalSet, scorer: _Scorer, options: EvalOptions, out: dict, 
         both = scorer.rewards(TokenizedItems(chosen_tokens.examples + rejected_tokens.examples, [], 0))
         chosen, rejected = both[:n], both[n:]
         logits = chosen - rejected
-    correct = logits > 0
+    ties = np.array([bool(getattr(r, "tie", None)) for r in records])
+    correct, threshold = M.pair_credit(logits, ties, options.tie_policy)
     out["accuracy"] = float(correct.mean())
     out["subsets"] = M.per_subset_accuracy(correct, eval_set.subsets)
+    if ties.any():
+        out["ties"] = {
+            "n": int(ties.sum()),
+            "policy": options.tie_policy,
+            "decisive_accuracy": float((logits[~ties] > 0).mean()) if (~ties).any() else float("nan"),
+        }
+        if threshold is not None:
+            out["ties"]["threshold"] = threshold
     _sections(out, options, skipped)
-    # Each pair enters the reliability diagram in both orders: (sigmoid(l), 1) and (sigmoid(-l), 0).
-    probs = _sigmoid(np.concatenate([logits, -logits]))
-    outcomes = np.concatenate([np.ones(n), np.zeros(n)])
+    # Each decisive pair enters the reliability diagram in both orders: (sigmoid(l), 1) and (sigmoid(-l), 0).
+    decisive = logits[~ties]
+    probs = _sigmoid(np.concatenate([decisive, -decisive]))
+    outcomes = np.concatenate([np.ones(len(decisive)), np.zeros(len(decisive))])
     out["calibration"] = M.expected_calibration_error(probs, outcomes, options.n_bins)
     len_c, len_r = chosen_tokens.response_lengths, rejected_tokens.response_lengths
     if chosen is not None:
@@ -168,13 +180,22 @@ def _pairs(eval_set: EvalSet, scorer: _Scorer, options: EvalOptions, out: dict, 
         if chosen_tokens.n_truncated or rejected_tokens.n_truncated:  # the baseline on the untruncated texts too
             full_c = tokenize_items([(r.prompt, r.chosen) for r in records], scorer.tokenizer).response_lengths
             full_r = tokenize_items([(r.prompt, r.rejected) for r in records], scorer.tokenizer).response_lengths
-        out["length_bias"] = M.length_bias(chosen, rejected, len_c, len_r, full_c, full_r)
+        keep = np.flatnonzero(~ties)  # the decisive pairs: a tie has no preferred length
+
+        def pick(values):
+            return np.asarray(values)[keep]
+
+        out["length_bias"] = M.length_bias(
+            chosen[keep], rejected[keep], pick(len_c), pick(len_r), pick(full_c), pick(full_r)
+        )
         out["mean_reward"] = {"chosen": float(chosen.mean()), "rejected": float(rejected.mean())}
     if scorer.kind == "implicit":
         _likelihood_ranking(eval_set, scorer, options, out, skipped)
     items = []
     for i in range(n):
-        row = {"subset": eval_set.subsets[i], "logit": float(logits[i]), "correct": bool(correct[i])}
+        row = {"subset": eval_set.subsets[i], "logit": float(logits[i]), "correct": float(correct[i])}
+        if ties[i]:
+            row["tie"] = True
         row.update(chosen_length=len_c[i], rejected_length=len_r[i])
         if chosen is not None:
             row.update(chosen_reward=float(chosen[i]), rejected_reward=float(rejected[i]))

@@ -108,6 +108,8 @@ def load_run_data(config: RunConfig):
             _refuse_tied_lists(data.train_file, data, strict)
     if config.train.curriculum == "margin":
         _refuse_pairs_without_margin(data.train_file, data, train)
+    if kind == "pairwise" and any(r.tie for r in train):
+        _refuse_ties(data.train_file, data)
     description: dict[str, Any] = {"train_file": data.train_file, "kind": kind}
     held_out = None
     if data.eval_file:
@@ -141,6 +143,18 @@ def _refuse_pairs_without_margin(source: str, data, train) -> None:
                 "a margin, or chosen_score and rejected_score (curriculum: margin orders the pairs by it)",
                 "neither",
                 hint="prefkit data convert --to pairwise --mode best makes such pairs from ranked records with scores",
+            )
+
+
+def _refuse_ties(source: str, data) -> None:
+    """A pair labelled a tie carries no preference: name its row (read again for the row number)."""
+    from prefkit.data.loaders import prepare_rows
+
+    prepared = prepare_rows(source, kind=data.data_kind, column_map=data.column_map, split=data.train_split)
+    for n, row in prepared.rows:
+        if row.get("tie"):
+            raise DataError(
+                prepared.file, n, "tie", "a preference (a tie carries none to train on; leave ties out)", True
             )
 
 
