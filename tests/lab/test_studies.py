@@ -145,18 +145,21 @@ def test_list_study_trains_listwise_and_pairwise_methods_on_the_same_lists(tmp_p
 
     out = tmp_path / "lists"
     r = list_study(
-        seeds=(0, 1), steps=2, lists_per_step=2, heldout_pairs=20, samples_per_prompt=2, spec=SPEC, progress=False,
+        seeds=(0,), steps=2, lists_per_step=2, heldout_pairs=20, samples_per_prompt=2, spec=SPEC, progress=False,
         output_dir=out, cache_dir=cache,
     )  # fmt: skip
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "reward_vs_kl.png"}
     rows = {row["method"]: row for row in r["rows"]}
     assert set(rows) == {"pl_dpo", "pro", "lipo", "dpo_all_pairs", "dpo_best_pairs"}
     # 2 steps x 2 lists of 4 per seed: the pair methods get 6 and 3 pairs per list
-    assert [run["examples"] for run in rows["pl_dpo"]["runs"]] == [4, 4]
+    assert [run["examples"] for run in rows["pl_dpo"]["runs"]] == [4]
     assert rows["dpo_all_pairs"]["runs"][0]["examples"] == 24 and rows["dpo_best_pairs"]["runs"][0]["examples"] == 12
     assert rows["pro"]["params"] == {} and rows["lipo"]["params"] == {"beta": 0.1}
     for row in rows.values():
         assert math.isfinite(row["gain"]) and 0 <= row["agreement"] <= 1
     assert "dpo_all_pairs" in (out / "results.md").read_text()
+    run = rows["lipo"]["runs"][0]
+    assert run["path"][0] == {"step": 0, "mean_reward": run["path"][0]["mean_reward"], "kl": 0.0}
+    assert set(run["at_kl"]) == {"0.5", "1", "2"} and "n_at_kl_1" in rows["lipo"]
     with pytest.raises(ValueError, match="unknown method"):
         list_study(methods=["nope"], output_dir=tmp_path)

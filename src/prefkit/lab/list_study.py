@@ -10,16 +10,20 @@ same number of steps; only the loss and how a list becomes training examples dif
 
 Lists come from the world's Plackett-Luce annotator (a ranking, no scores: ``lipo``'s labels are then each
 response's share of the list it beats, ``pro`` runs without its dynamic temperature). Measured against the true
-reward: gain over the reference, KL, agreement of the implicit reward with the true preferences; mean ± standard
-error over seeds (each its own lists and training seed).
+reward: gain over the reference, KL, agreement of the implicit reward with the true preferences, and the true reward
+at matched KL (each run's (KL, reward) path read at ``kl_budgets``, as the noise study does); mean ± standard error
+over seeds (each its own lists and training seed).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from prefkit.lab.studies import (
     OWN_BETA,
@@ -30,6 +34,8 @@ from prefkit.lab.studies import (
     _over_seeds,
     _pm,
     _reference_eval,
+    _reward_at_kl,
+    _se,
     _setup,
     _train_and_evaluate,
     _write,
@@ -60,6 +66,8 @@ def list_study(
     seed: int = 0,
     heldout_pairs: int = 500,
     samples_per_prompt: int = 16,
+    kl_budgets: Sequence[float] = (0.5, 1.0, 2.0),
+    eval_every: int = 10,
     output_dir: str | Path = "runs/lab/lists",
     spec=None,
     cache_dir=None,
@@ -73,6 +81,7 @@ def list_study(
     from prefkit.lab import draw_dataset
     from prefkit.lab.evaluate import truth_pairs
     from prefkit.lab.plots import labelled_scatter
+    from prefkit.lab.runs import TruthCallback
 
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
@@ -94,6 +103,7 @@ def list_study(
     lists = {s: draw_dataset(setup.world, "ranked", n_lists, seed=seed + 1 + 100 * s, k=k) for s in seeds}
     pairs = truth_pairs(setup.world, heldout_pairs, seed=seed + 2)
     before = _reference_eval(setup, samples_per_prompt, seed + 3)
+    path_start = _reference_eval(setup, 8, seed + 4)  # step 0 of every run's (KL, true reward) path
     say(f"  {n_lists} lists of {k} per seed, seeds {seeds}; reference true reward {before.mean_reward:.3f}")
     per_list = {None: 1, "all": k * (k - 1) // 2, "best": k - 1}
     rows = []
@@ -103,6 +113,11 @@ def list_study(
         runs = []
         for s in seeds:
             records = lists[s] if mode is None else ranked_to_pairwise(lists[s], mode=mode)
+            truth = TruthCallback(
+                setup.world, setup.reference.tokenizer, setup.reference.model, eval_every, n_per_prompt=8, seed=seed + 4
+            )
+            truth.history = [{"step": 0, "mean_reward": path_start.mean_reward, "kl": 0.0}]  # the reference
+            truth._reference_samples = path_start.samples
             ev, agreement, seconds = _train_and_evaluate(
                 setup,
                 records,
@@ -115,7 +130,9 @@ def list_study(
                 learning_rate=learning_rate,
                 n_per_prompt=samples_per_prompt,
                 eval_seed=seed + 3,
+                callbacks=[truth],
             )
+            path = [{k: p[k] for k in ("step", "mean_reward", "kl")} for p in truth.history]
             runs.append(
                 {
                     "seed": s,
@@ -128,9 +145,16 @@ def list_study(
                     "mean_length": ev.mean_length,
                     "agreement": agreement,
                     "train_seconds": seconds,
+                    "at_kl": {f"{b:g}": _reward_at_kl(path, b) for b in kl_budgets},
+                    "path": path,
                 }
             )
         row = {"method": method, "loss": loss, "params": params, **_over_seeds(runs, before), "runs": runs}
+        for b in kl_budgets:
+            values = [r["at_kl"][f"{b:g}"] for r in runs if not math.isnan(r["at_kl"][f"{b:g}"])]
+            row[f"reward_at_kl_{b:g}"] = float(np.mean(values)) if values else float("nan")
+            row[f"reward_at_kl_{b:g}_se"] = _se(values) if values else float("nan")
+            row[f"n_at_kl_{b:g}"] = len(values)
         rows.append(row)
         say(
             f"  [{i}/{len(methods)}] {method}: gain {row['gain']:+.3f} ± {row['gain_se']:.3f}, KL {row['kl']:.2f}, "
@@ -148,6 +172,8 @@ def list_study(
         "beta": beta,
         "heldout_pairs": heldout_pairs,
         "samples_per_prompt": samples_per_prompt,
+        "kl_budgets": list(kl_budgets),
+        "eval_every": eval_every,
         "reference": {"mean_reward": before.mean_reward, "reward_se": before.reward_se},
         "rows": rows,
     }
@@ -185,6 +211,25 @@ def _markdown(r: dict[str, Any]) -> list[str]:
             f"{_pm(row['gain'], row['gain_se'])} | {_pm(row['kl'], row['kl_se'], 2)} | {_fmt(row['win_rate'])} | "
             f"{_pm(row['agreement'], row['agreement_se'])} | {_fmt(row['train_seconds'], 1)} |"
         )
+    budgets = [f"{b:g}" for b in r.get("kl_budgets", [])]
+    if budgets:
+        lines += [
+            "",
+            f"**At matched KL** (every run evaluated every {r['eval_every']} steps with 8 samples per prompt; the true "
+            "reward where its (KL, reward) path first reaches each budget, linear between evaluations; runs that "
+            "never get there are left out and counted):",
+            "",
+            "| method | " + " | ".join(f"true reward at KL {b}" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for row in r["rows"]:
+            cells = []
+            for b in budgets:
+                cell = _pm(row[f"reward_at_kl_{b}"], row[f"reward_at_kl_{b}_se"])
+                if row[f"n_at_kl_{b}"] < len(row["runs"]):
+                    cell += f" ({row[f'n_at_kl_{b}']}/{len(row['runs'])} runs)"
+                cells.append(cell)
+            lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Agreement: share of fresh response pairs the implicit reward log π − log π_ref orders as the true reward "
@@ -213,6 +258,17 @@ def _summary(r: dict[str, Any]) -> list[str]:
                 f"{name} is {verdict} DPO on all pairs of the same lists ({diff:+.3f} ± {se:.3f} true reward; "
                 f"KL {_fmt(row['kl'], 2)} against {_fmt(base['kl'], 2)})."
             )
+    if base is not None and r.get("kl_budgets"):
+        b = f"{r['kl_budgets'][len(r['kl_budgets']) // 2]:g}"
+        parts = []
+        for name in ("pl_dpo", "pro", "lipo"):
+            row = rows.get(name)
+            if row is not None and row[f"n_at_kl_{b}"] and base[f"n_at_kl_{b}"]:
+                diff = row[f"reward_at_kl_{b}"] - base[f"reward_at_kl_{b}"]
+                se = (row[f"reward_at_kl_{b}_se"] ** 2 + base[f"reward_at_kl_{b}_se"] ** 2) ** 0.5
+                parts.append(f"{name} {diff:+.3f} ± {_fmt(se)}")
+        if parts:
+            text.append(f"At matched KL ({b} nats), true reward minus dpo_all_pairs': " + ", ".join(parts) + ".")
     lipo, dpo = rows.get("lipo"), rows.get("dpo_all_pairs")
     if lipo is not None and dpo is not None and not lipo["gain"] > dpo["gain"] + 2 * dpo["gain_se"]:
         text.append(
