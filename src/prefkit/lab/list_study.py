@@ -113,11 +113,10 @@ def list_study(
         runs = []
         for s in seeds:
             records = lists[s] if mode is None else ranked_to_pairwise(lists[s], mode=mode)
+            ref = setup.reference
             truth = TruthCallback(
-                setup.world, setup.reference.tokenizer, setup.reference.model, eval_every, n_per_prompt=8, seed=seed + 4
-            )
-            truth.history = [{"step": 0, "mean_reward": path_start.mean_reward, "kl": 0.0}]  # the reference
-            truth._reference_samples = path_start.samples
+                setup.world, ref.tokenizer, ref.model, eval_every, n_per_prompt=8, seed=seed + 4
+            ).start_from(path_start)
             ev, agreement, seconds = _train_and_evaluate(
                 setup,
                 records,
@@ -132,7 +131,7 @@ def list_study(
                 eval_seed=seed + 3,
                 callbacks=[truth],
             )
-            path = [{k: p[k] for k in ("step", "mean_reward", "kl")} for p in truth.history]
+            path = truth.path()
             runs.append(
                 {
                     "seed": s,

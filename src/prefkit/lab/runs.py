@@ -216,6 +216,18 @@ class TruthCallback(TrainerCallback):
         keys = ("mean_reward", "reward_se", "kl", "kl_se", "win_rate", "worst_group_reward", "mean_length")
         self.history.append({"step": step, **{k: getattr(result, k) for k in keys}})
 
+    def start_from(self, reference) -> TruthCallback:
+        """Take ``reference`` (an `evaluate_policy` result of the reference, made with this callback's
+        ``n_per_prompt`` and ``seed``) as step 0 and as the reference's samples, so a study with many runs
+        evaluates the reference once. Returns the callback."""
+        self.history = [{"step": 0, "mean_reward": reference.mean_reward, "kl": 0.0}]
+        self._reference_samples = reference.samples
+        return self
+
+    def path(self) -> list[dict[str, Any]]:
+        """The run's ``{"step", "mean_reward", "kl"}`` points so far."""
+        return [{k: point[k] for k in ("step", "mean_reward", "kl")} for point in self.history]
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not self.history:
             self._record(0, model)

@@ -560,7 +560,6 @@ def noise_study(
     say = setup.say
     pairs = truth_pairs(setup.world, heldout_pairs, seed=seed + 2)
     before = _reference_eval(setup, samples_per_prompt, seed + 3)
-    start_point = {"step": 0, "mean_reward": before.mean_reward, "kl": 0.0}
     total, done = len(names) * len(rates) * len(seeds), 0
     say(
         f"  {total} runs: losses {', '.join(names)} x flip rates {rates} x data seeds {seeds}; "
@@ -574,15 +573,10 @@ def noise_study(
             )
             for name in names:
                 params = _beta_params(name, beta) | ({"label_smoothing": rate} if name in NOISE_AWARE_LOSSES else {})
+                ref = setup.reference
                 truth = TruthCallback(
-                    setup.world,
-                    setup.reference.tokenizer,
-                    setup.reference.model,
-                    eval_every,
-                    n_per_prompt=samples_per_prompt,
-                    seed=seed + 3,
-                )
-                truth.history, truth._reference_samples = [dict(start_point)], before.samples  # step 0 is the reference
+                    setup.world, ref.tokenizer, ref.model, eval_every, n_per_prompt=samples_per_prompt, seed=seed + 3
+                ).start_from(before)
                 trainer, seconds = _train(
                     setup.reference,
                     train,
@@ -594,7 +588,7 @@ def noise_study(
                     seed=s,
                     callbacks=[truth],
                 )
-                path = [{k: p[k] for k in ("step", "mean_reward", "kl")} for p in truth.history]
+                path = truth.path()
                 final = path[-1]
                 agreement = _agreement(
                     setup.world, trainer.model, setup.reference.model, setup.reference.tokenizer, pairs
