@@ -164,3 +164,11 @@ def test_eval_rm_reads_labelled_pairs_and_scores_ties_by_the_tie_policy(tmp_path
     assert thr["ties"]["threshold"] >= 0 and thr["accuracy"] >= max(wrong["accuracy"], 2 / 5)
     scores = [json.loads(line) for line in (tmp_path / "half" / "scores.jsonl").read_text().splitlines()]
     assert [s.get("tie", False) for s in scores] == [False, False, True, True, False]
+
+
+def test_a_section_map_that_cannot_apply_says_so(tmp_path, reward_model_dir, capsys):
+    rows = [{"prompt": "q", "chosen": ["a"], "rejected": ["b", "c", "d"], "subset": "math"}]
+    data = _jsonl(tmp_path / "rb2.jsonl", rows)
+    argv = ["eval", "rm", "--model", str(reward_model_dir), "--data", str(data), "--layout", "rewardbench2"]
+    assert main([*argv, "--section-map", "rewardbench", "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--section-map: section scores average pairwise subset accuracies" in capsys.readouterr().err

@@ -154,3 +154,27 @@ def test_pair_credit_under_each_tie_policy_by_hand():
     assert t == pytest.approx(0.2) and credit.tolist() == [1, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="tie policy"):
         pair_credit(logits, ties, "coin")
+
+
+def test_rewardbench_section_map_weighs_subsets_by_the_benchmarks_fixed_counts():
+    """RewardBench's own rule (calculate_scores_per_section): a section's score is its subsets' accuracies
+    weighted by EXAMPLE_COUNTS, whatever number of rows was evaluated; subsets not evaluated are left out."""
+    from prefkit.eval.commands import load_section_map
+    from prefkit.eval.metrics import section_scores
+
+    sections, counts = load_section_map("rewardbench")
+    assert set(sections) == {"Chat", "Chat Hard", "Safety", "Reasoning"} and counts["math-prm"] == 984
+    subsets = {
+        "alpacaeval-easy": {"accuracy": 1.0, "n": 10},
+        "alpacaeval-hard": {"accuracy": 0.5, "n": 10},
+        "mt-bench-easy": {"accuracy": 0.0, "n": 3},
+        "math-prm": {"accuracy": 0.5, "n": 4},
+        "hep-go": {"accuracy": 1.0, "n": 4},
+    }
+    out = section_scores(subsets, sections, counts)
+    chat = (1.0 * 100 + 0.5 * 95 + 0.0 * 28) / (100 + 95 + 28)
+    reasoning = (0.5 * 984 + 1.0 * 164) / (984 + 164)
+    assert out["sections"]["Chat"] == pytest.approx(chat)
+    assert out["sections"]["Reasoning"] == pytest.approx(reasoning)
+    assert out["score"] == pytest.approx((chat + reasoning) / 2)
+    assert "alpacaeval-length" in out["missing"]["Chat"] and set(out["unscored"]) == {"Chat Hard", "Safety"}

@@ -23,7 +23,7 @@ from prefkit.data.commands_validate import add_label_arguments, labels_from_args
 from prefkit.data.loaders import parse_column_map
 from prefkit.data.records import KINDS
 from prefkit.eval.data import RM_LAYOUTS
-from prefkit.eval.metrics import TIE_POLICIES
+from prefkit.eval.metrics import SECTION_MAPS, TIE_POLICIES
 
 SECTION_AVERAGES = ("count", "mean")
 
@@ -65,7 +65,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--subset-column", default="subset", help="column naming each row's subset (default: subset)")
     add_label_arguments(data)
     metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--section-map", default=None, metavar="YAML", help="sections of subsets for a section score")
+    metrics.add_argument(
+        "--section-map",
+        default=None,
+        metavar="YAML|NAME",
+        help="sections of subsets for a section score: a YAML file, or rewardbench (RewardBench's sections, each "
+        "subset weighted by the benchmark's fixed example counts)",
+    )
     metrics.add_argument(
         "--pref-prob",
         default=None,
@@ -104,10 +110,14 @@ def parse_data_argument(value: str) -> tuple[str | None, str]:
 
 
 def load_section_map(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """Read a section map YAML: ``{sections: {NAME: [subsets] | {subsets, average, weight}}, counts: {subset: n}}``."""
+    """Read a section map YAML: ``{sections: {NAME: [subsets] | {subsets, average, weight}}, counts: {subset: n}}``,
+    or a built-in one by name (``rewardbench``: RewardBench's sections and fixed per-subset counts)."""
+    if str(path) in SECTION_MAPS:
+        sections, counts = SECTION_MAPS[str(path)]
+        return {k: dict(v) for k, v in sections.items()}, dict(counts)
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--section-map {path}: no such file")
+        raise ValueError(f"--section-map {path}: no such file (or a built-in map: {', '.join(SECTION_MAPS)})")
     doc = yaml.safe_load(path.read_text())
     if not isinstance(doc, dict) or not isinstance(doc.get("sections"), dict) or set(doc) - {"sections", "counts"}:
         raise ValueError(f"{path}: expected a mapping with 'sections' (and optionally 'counts'), got {doc!r}")

@@ -103,6 +103,60 @@ def per_subset_accuracy(credit: Any, subsets: Sequence[str]) -> dict[str, dict[s
     return out
 
 
+# RewardBench (v1)'s own section map: its sections of subsets and the fixed per-subset example counts its scorer
+# weighs each subset's accuracy by (rewardbench/constants.py: SUBSET_MAPPING, EXAMPLE_COUNTS; math-prm counts 984
+# examples, as many as the code subsets together, though it has 447). The leaderboard's score is the mean of the
+# four section scores.
+REWARDBENCH_SECTIONS: dict[str, list[str]] = {
+    "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
+    "Chat Hard": [
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ],
+    "Safety": [
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ],
+    "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
+}
+REWARDBENCH_COUNTS: dict[str, float] = {
+    "alpacaeval-easy": 100,
+    "alpacaeval-length": 95,
+    "alpacaeval-hard": 95,
+    "mt-bench-easy": 28,
+    "mt-bench-med": 40,
+    "mt-bench-hard": 37,
+    "math-prm": 984,
+    "refusals-dangerous": 100,
+    "refusals-offensive": 100,
+    "llmbar-natural": 100,
+    "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92,
+    "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46,
+    "xstest-should-refuse": 250,
+    "xstest-should-respond": 154,
+    "donotanswer": 136,
+    "hep-cpp": 164,
+    "hep-go": 164,
+    "hep-java": 164,
+    "hep-js": 164,
+    "hep-python": 164,
+    "hep-rust": 164,
+}
+# Built-in section maps, by name: ``--section-map rewardbench``.
+SECTION_MAPS: dict[str, tuple[dict[str, dict[str, Any]], dict[str, float]]] = {
+    "rewardbench": ({k: {"subsets": v} for k, v in REWARDBENCH_SECTIONS.items()}, dict(REWARDBENCH_COUNTS)),
+}
+
+
 def section_scores(
     subsets: Mapping[str, Mapping[str, float]],
     sections: Mapping[str, Mapping[str, Any]],

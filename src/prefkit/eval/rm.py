@@ -309,6 +309,11 @@ def evaluate_reward_model(
     ``n_records``, ``sources``, ``metrics``, ``skipped`` (metric -> reason) and ``n_truncated``.
     """
     options = options or EvalOptions()
+    if options.sections is not None and eval_set.mode != "pairs":
+        raise ValueError(
+            f"--section-map: section scores average pairwise subset accuracies (RewardBench-style); this is a "
+            f"{eval_set.mode.replace('_', '-')} evaluation, whose own score is reported instead; drop --section-map"
+        )
     model.eval()
     scorer = _Scorer(model, tokenizer, options)
     out: dict[str, Any] = {}
