@@ -36,6 +36,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("eval", "rm"), "prefkit.eval.commands", "evaluate a reward model: accuracy, best-of-N, calibration, length bias"),
     (("eval", "prm"), "prefkit.eval.process", "evaluate a process reward model: ProcessBench, PRMBench, step AUROC"),
     (
+        ("eval", "judge"),
+        "prefkit.eval.judge_commands",
+        "a causal LM as a pairwise judge: accuracy, position bias, consistency (verdicts from next-token log-probs)",
+    ),
+    (
         ("lab", "study"),
         "prefkit.lab.commands",
         "lab studies against a known true reward: losses, noise, overopt, pluralism",
