@@ -109,6 +109,22 @@ def parse_data_argument(value: str) -> tuple[str | None, str]:
     return name, path
 
 
+def eval_set_from_args(args: argparse.Namespace):
+    """The `EvalSet` the data options of ``prefkit eval rm`` / ``judge`` name (--data, --layout, --kind, --map,
+    --split, --subset-column and the label options)."""
+    from prefkit.eval.data import load_eval_set
+
+    return load_eval_set(
+        [parse_data_argument(v) for v in args.data],
+        labels=labels_from_args(args),
+        kind=args.kind,
+        layout=args.layout,
+        column_map=parse_column_map(args.map) if args.map else None,
+        split=args.split,
+        subset_column=args.subset_column,
+    )
+
+
 def load_section_map(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Read a section map YAML: ``{sections: {NAME: [subsets] | {subsets, average, weight}}, counts: {subset: n}}``,
     or a built-in one by name (``rewardbench``: RewardBench's sections and fixed per-subset counts)."""
@@ -224,7 +240,6 @@ def evaluate_from_args(args: argparse.Namespace) -> Path:
     """Load the data and the model named by ``args``, evaluate, write the report; returns report.md's path."""
     import torch
 
-    from prefkit.eval.data import load_eval_set
     from prefkit.eval.report import write_report
     from prefkit.eval.rm import EvalOptions, evaluate_reward_model
 
@@ -240,15 +255,7 @@ def evaluate_from_args(args: argparse.Namespace) -> Path:
         progress=not args.no_progress,
         tie_policy=args.tie_policy,
     )
-    eval_set = load_eval_set(
-        [parse_data_argument(v) for v in args.data],
-        labels=labels_from_args(args),
-        kind=args.kind,
-        layout=args.layout,
-        column_map=parse_column_map(args.map) if args.map else None,
-        split=args.split,
-        subset_column=args.subset_column,
-    )
+    eval_set = eval_set_from_args(args)
     for warning in training_data_warnings(args.model, [parse_data_argument(v)[1] for v in args.data]):
         print(f"warning: {warning}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from prefkit.data.commands_validate import add_label_arguments, labels_from_args
-from prefkit.data.loaders import parse_column_map
+from prefkit.data.commands_validate import add_label_arguments
 from prefkit.data.records import KINDS
-from prefkit.eval.commands import parse_data_argument
+from prefkit.eval.commands import eval_set_from_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,21 +54,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prefkit.eval.data import load_eval_set
     from prefkit.eval.judge import judge_metrics, judge_pairs, load_template
 
     template = load_template(args.template)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    eval_set = load_eval_set(
-        [parse_data_argument(v) for v in args.data],
-        labels=labels_from_args(args),
-        kind=args.kind,
-        layout=args.layout,
-        column_map=parse_column_map(args.map) if args.map else None,
-        split=args.split,
-        subset_column=args.subset_column,
-    )
+    eval_set = eval_set_from_args(args)
     if eval_set.mode != "pairs":
         raise ValueError(f"prefkit eval judge judges pairs; these records are a {eval_set.mode} evaluation")
     import torch
