@@ -43,7 +43,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (
         ("lab", "study"),
         "prefkit.lab.commands",
-        "lab studies against a known true reward: losses, noise, overopt, pluralism",
+        "lab studies against a known true reward: losses, lists, noise, overopt, pluralism, online, rlhf, budget, "
+        "process",
     ),
     (("lab", "draw"), "prefkit.lab.commands_draw", "save a dataset drawn from a lab world by simulated annotators"),
 ]

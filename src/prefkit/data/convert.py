@@ -26,13 +26,9 @@ from prefkit.data.records import (
     Record,
     StepwiseRecord,
     UnpairedRecord,
-    render_text,
+    same_text,
     text_key,
 )
-
-
-def _same_text(a: Any, b: Any) -> bool:
-    return render_text(a).strip() == render_text(b).strip()
 
 
 def _expect(records: Iterable[Record], cls: type, function: str) -> list:
@@ -100,7 +96,7 @@ def ranked_to_pairwise(records: Iterable[RankedRecord], mode: str = "all") -> li
             for better in levels[a]:
                 for worse in levels[b]:
                     chosen, rejected = record.completions[better], record.completions[worse]
-                    if _same_text(chosen, rejected):
+                    if same_text(chosen, rejected):
                         continue
                     pair = PairwiseRecord(
                         prompt=record.prompt,
@@ -183,7 +179,7 @@ def rated_to_pairwise(
             (win, s_win), (lose, s_lose) = (
                 ((a, score_a), (b, score_b)) if score_a > score_b else ((b, score_b), (a, score_a))
             )
-            if _same_text(win.completion, lose.completion):
+            if same_text(win.completion, lose.completion):
                 continue
             out.append(
                 PairwiseRecord(

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from prefkit.data.records import DataError, render_text, scalar_as_text
+from prefkit.data.records import DataError, same_text, scalar_as_text
 
 __all__ = ["LABEL_LIKE_COLUMNS", "LabelSpec", "parse_label_spec"]
 
@@ -93,7 +93,7 @@ class LabelSpec:
                 raise DataError(file, row_number, name, "a response (one of the two --responses columns)", None)
         a, b = scalar_as_text(row[a_name]), scalar_as_text(row[b_name])
         outcome = self.outcome(row, file, row_number)
-        if _same(a, b):
+        if same_text(a, b):
             outcome = "tie"  # the same answer twice: no preference, whatever the label says
         out = {k: v for k, v in row.items() if k not in (a_name, b_name)}
         chosen, rejected = (b, a) if outcome == "second" else (a, b)
@@ -101,13 +101,6 @@ class LabelSpec:
         if outcome == "tie":
             out["tie"] = True
         return out
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return render_text(a).strip() == render_text(b).strip()
-    except (TypeError, AttributeError, KeyError):  # not a text: validation names it
-        return False
 
 
 def parse_label_spec(responses: str, label: str, first: str, second: str, tie: str | None = None) -> LabelSpec:

@@ -193,6 +193,15 @@ def render_text(text: Text) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in text)
 
 
+def same_text(a: Any, b: Any) -> bool:
+    """Whether two texts render alike (`render_text`, surrounding whitespace ignored): one answer given twice.
+    Values that are not texts compare unequal (validation names them)."""
+    try:
+        return render_text(a).strip() == render_text(b).strip()
+    except (TypeError, AttributeError, KeyError):
+        return False
+
+
 def scalar_as_text(value: Any) -> Any:
     """A boolean or number as the text a JSON file spells it (``true``, ``42``, ``3.5``); anything else as is.
     Loaders apply it to responses: a benchmark's numeric answer or yes/no verdict is a response text."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from prefkit.data.formats import LAYOUT_KINDS
 from prefkit.data.loaders import first_error_with_summary, prepare_rows, validate_command
-from prefkit.data.records import DataError, PairwiseRecord, RankedRecord, record_from_dict, render_text
+from prefkit.data.records import DataError, PairwiseRecord, RankedRecord, record_from_dict, same_text
 from prefkit.data.validate import validate_rows
 
 MODES = ("pairs", "best_of_n", "grid", "lists")
@@ -84,7 +84,7 @@ def load_source(source: Any, name: str | None, options: dict, subset_column: str
     if prepared.kind == "pairwise":  # the same response twice is a tie row here, scored by the tie policy
         for _, row in prepared.rows:
             a, b = row.get("chosen"), row.get("rejected")
-            if a is not None and b is not None and not row.get("tie") and _same_text(a, b):
+            if a is not None and b is not None and not row.get("tie") and same_text(a, b):
                 row["tie"] = True
     errors = list(prepared.errors) + validate_rows(prepared.rows, prepared.kind, prepared.file)
     if errors:
@@ -94,13 +94,6 @@ def load_source(source: Any, name: str | None, options: dict, subset_column: str
     subsets = [_subset(row, name, options.get("layout"), subset_column) for _, row in prepared.rows]
     rows = [n for n, _ in prepared.rows]
     return prepared.kind, prepared.file, records, subsets, rows
-
-
-def _same_text(a: Any, b: Any) -> bool:
-    try:
-        return render_text(a).strip() == render_text(b).strip()
-    except (TypeError, AttributeError, KeyError):  # not a text: validation names it
-        return False
 
 
 def _mode(kind: str, layout: str | None, file: str) -> str:

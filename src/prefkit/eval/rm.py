@@ -156,7 +156,7 @@ def _pairs(eval_set: EvalSet, scorer: _Scorer, options: EvalOptions, out: dict, 
         both = scorer.rewards(TokenizedItems(chosen_tokens.examples + rejected_tokens.examples, [], 0))
         chosen, rejected = both[:n], both[n:]
         logits = chosen - rejected
-    ties = np.array([bool(getattr(r, "tie", None)) for r in records])
+    ties = np.array([bool(r.tie) for r in records])
     correct, threshold = M.pair_credit(logits, ties, options.tie_policy)
     out["accuracy"] = float(correct.mean())
     out["subsets"] = M.per_subset_accuracy(correct, eval_set.subsets)

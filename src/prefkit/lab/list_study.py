@@ -17,13 +17,10 @@ over seeds (each its own lists and training seed).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from prefkit.lab.studies import (
     OWN_BETA,
@@ -31,11 +28,11 @@ from prefkit.lab.studies import (
     _check_seeds,
     _ending,
     _fmt,
+    _mean_se,
     _over_seeds,
     _pm,
     _reference_eval,
     _reward_at_kl,
-    _se,
     _setup,
     _train_and_evaluate,
     _write,
@@ -150,10 +147,10 @@ def list_study(
             )
         row = {"method": method, "loss": loss, "params": params, **_over_seeds(runs, before), "runs": runs}
         for b in kl_budgets:
-            values = [r["at_kl"][f"{b:g}"] for r in runs if not math.isnan(r["at_kl"][f"{b:g}"])]
-            row[f"reward_at_kl_{b:g}"] = float(np.mean(values)) if values else float("nan")
-            row[f"reward_at_kl_{b:g}_se"] = _se(values) if values else float("nan")
-            row[f"n_at_kl_{b:g}"] = len(values)
+            key = f"{b:g}"
+            row[f"reward_at_kl_{key}"], row[f"reward_at_kl_{key}_se"], row[f"n_at_kl_{key}"] = _mean_se(
+                [r["at_kl"][key] for r in runs]
+            )
         rows.append(row)
         say(
             f"  [{i}/{len(methods)}] {method}: gain {row['gain']:+.3f} ± {row['gain_se']:.3f}, KL {row['kl']:.2f}, "

@@ -663,6 +663,12 @@ def noise_study(
     return results
 
 
+def _mean_se(values: Sequence[float]) -> tuple[float, float, int]:
+    """``(mean, standard error, count)`` of the values that are not NaN (runs that reached a KL budget)."""
+    values = [v for v in values if not math.isnan(v)]
+    return (float(np.mean(values)), _se(values), len(values)) if values else (float("nan"), float("nan"), 0)
+
+
 def _reward_at_kl(path: list[dict], budget: float) -> float:
     """The true reward where a run's (KL, reward) path first reaches ``budget`` nats, linear between the two
     evaluations around it; NaN when the run never gets there."""
@@ -683,10 +689,6 @@ def _noise_table(
     def cell(name, rate):
         return sorted((r for r in runs if r["loss"] == name and r["rate"] == rate), key=lambda r: r["seed"])
 
-    def mean_se(values):
-        values = [v for v in values if not math.isnan(v)]
-        return (float(np.mean(values)), _se(values), len(values)) if values else (float("nan"), float("nan"), 0)
-
     table = {}
     for name in names:
         rows = []
@@ -694,20 +696,20 @@ def _noise_table(
             these = cell(name, rate)
             row = {"rate": rate, "n": len(these)}
             for key in ("mean_reward", "kl", "agreement"):
-                row[key], row[key + "_se"], _ = mean_se([r[key] for r in these])
+                row[key], row[key + "_se"], _ = _mean_se([r[key] for r in these])
             for b in budgets:
                 k = f"{b:g}"
-                row[f"reward_at_kl_{k}"], row[f"reward_at_kl_{k}_se"], row[f"n_at_kl_{k}"] = mean_se(
+                row[f"reward_at_kl_{k}"], row[f"reward_at_kl_{k}_se"], row[f"n_at_kl_{k}"] = _mean_se(
                     [r["at_kl"][k] for r in these]
                 )
             if "dpo" in names and name != "dpo":
                 dpo = cell("dpo", rate)
                 diff = [a["mean_reward"] - b["mean_reward"] for a, b in zip(these, dpo)]
-                row["reward_minus_dpo"], row["reward_minus_dpo_se"], _ = mean_se(diff)
+                row["reward_minus_dpo"], row["reward_minus_dpo_se"], _ = _mean_se(diff)
                 for b in budgets:
                     k = f"{b:g}"
                     d = [a["at_kl"][k] - c["at_kl"][k] for a, c in zip(these, dpo)]
-                    row[f"at_kl_{k}_minus_dpo"], row[f"at_kl_{k}_minus_dpo_se"], _ = mean_se(d)
+                    row[f"at_kl_{k}_minus_dpo"], row[f"at_kl_{k}_minus_dpo_se"], _ = _mean_se(d)
             rows.append(row)
         table[name] = rows
     return table

@@ -317,6 +317,13 @@ def ranking_levels(ranking: Tensor, levels: Tensor | None = None) -> Tensor:
     return out.scatter(1, index, position)[:, :k]
 
 
+def has_ties(levels: Tensor) -> bool:
+    """Whether any list of ``levels`` ``[B, K]`` (``-1`` absent) holds two present completions at one level."""
+    same = levels[:, :, None] == levels[:, None, :]
+    distinct = ~torch.eye(levels.shape[1], dtype=torch.bool, device=levels.device)
+    return bool((same & distinct & (levels >= 0)[:, :, None]).any())
+
+
 def plackett_luce_nll(ordered: Tensor, present: Tensor) -> Tensor:
     """``[B]`` negative Plackett-Luce log-likelihood of a ranking: ``ordered`` ``[B, K]`` holds each list's scores
     best first (anything where ``present`` is False, i.e. absent entries at the end), and the result is

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefkit.losses.base import ListLogps, LossOutput, plackett_luce_nll, ranking_levels, register_loss
+from prefkit.losses.base import (
+    ListLogps,
+    LossOutput,
+    has_ties,
+    plackett_luce_nll,
+    ranking_levels,
+    register_loss,
+)
 
 __all__ = ["lipo", "pl_dpo", "pro", "sppo"]
 
@@ -91,21 +98,18 @@ def sppo(b: ListLogps, *, beta: float = 0.1) -> LossOutput:
 
 def _refuse_ties(b: ListLogps, loss: str) -> None:
     """A Plackett-Luce style loss models one strict order: a list with tied completions is an error."""
-    if b.levels is None:
-        return
-    levels = torch.where(b.levels >= 0, b.levels, -1 - torch.arange(b.levels.shape[1], device=b.levels.device))
-    if bool((levels[:, :, None] == levels[:, None, :]).sum(-1).gt(1).any()):
+    if b.levels is not None and has_ties(b.levels):
         raise ValueError(
             f"loss {loss!r} needs a strict ranking, but a list has tied completions (lipo takes ties; or convert the "
             "lists to pairs with `prefkit data convert --to pairwise`)"
         )
 
 
-def _list_scores(b: ListLogps, present: Tensor, loss: str) -> Tensor:
-    """``[B]`` bool: which lists carry graded scores; a list with some but not all of them is an error."""
+def _list_scores(b: ListLogps, members: Tensor, loss: str) -> Tensor:
+    """``[B]`` bool: which lists carry graded scores (``members`` ``[B, K]``: the completions each list has); a
+    list with some but not all of them is an error."""
     if b.scores is None:
-        return torch.zeros(present.shape[0], dtype=torch.bool, device=present.device)
-    members = ranking_levels(b.ranking) >= 0
+        return torch.zeros(members.shape[0], dtype=torch.bool, device=members.device)
     finite = torch.isfinite(b.scores) & members
     has = finite.any(1)
     if bool((has & (finite != members).any(1)).any()):
@@ -147,7 +151,8 @@ def pro(b: ListLogps, *, sft_weight: float = 0.05, dynamic_temperature: bool = T
     idx = b.ranking.clamp(min=0)
     ordered = s.gather(1, idx)  # best first
     n = present.sum(1)
-    has_scores = _list_scores(b, present, "pro") if dynamic_temperature else torch.zeros_like(n, dtype=torch.bool)
+    members = ranking_levels(b.ranking) >= 0
+    has_scores = _list_scores(b, members, "pro") if dynamic_temperature else torch.zeros_like(n, dtype=torch.bool)
     if bool(has_scores.any()):
         r = torch.nan_to_num(b.scores.to(s.dtype).gather(1, idx), nan=0.0)
         k = torch.arange(s.shape[1], device=s.device)
@@ -168,7 +173,6 @@ def pro(b: ListLogps, *, sft_weight: float = 0.05, dynamic_temperature: bool = T
     sft = -ordered[:, 0]
     loss = rank + sft_weight * (n - 1).to(s.dtype) ** 2 * sft
     with torch.no_grad():
-        members = ranking_levels(b.ranking) >= 0
         picked = torch.where(members, s, torch.finfo(s.dtype).min).argmax(1)
         metrics = {
             "rank_loss": rank.detach(),
@@ -210,12 +214,12 @@ def lipo(b: ListLogps, *, beta: float = 0.1) -> LossOutput:
     if not beta > 0:
         raise ValueError(f"loss 'lipo': beta must be > 0, got {beta}")
     present = b.ranking >= 0
-    members = ranking_levels(b.ranking) >= 0
+    levels = ranking_levels(b.ranking, b.levels)
+    members = levels >= 0
     s = beta * (b.policy - b.ref)
     dtype = s.dtype
     # labels: graded scores, else the share of the others each completion beats (ties a half)
-    has_scores = _list_scores(b, present, "lipo")
-    levels = ranking_levels(b.ranking, b.levels)
+    has_scores = _list_scores(b, members, "lipo")
     both = members[:, :, None] & members[:, None, :]
     beats = ((levels[:, :, None] < levels[:, None, :]) & both).to(dtype)
     ties = ((levels[:, :, None] == levels[:, None, :]) & both).to(dtype)

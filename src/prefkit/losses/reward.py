@@ -21,6 +21,7 @@ from prefkit.losses.base import (
     LossOutput,
     RewardList,
     RewardPair,
+    has_ties,
     pair_metrics,
     plackett_luce_nll,
     ranking_levels,
@@ -132,9 +133,7 @@ def listmle(b: RewardList) -> LossOutput:
     """
     levels = _levels(b)
     present = b.ranking >= 0
-    same = levels[:, :, None] == levels[:, None, :]
-    distinct = ~torch.eye(levels.shape[1], dtype=torch.bool, device=levels.device)
-    if bool((same & distinct & (levels >= 0)[:, :, None]).any()):
+    if has_ties(levels):
         raise ValueError("loss 'listmle' needs a strict ranking, but a list has tied completions; use 'ranknet'")
     ordered = b.scores.gather(1, b.ranking.clamp(min=0))  # scores best first, garbage where absent
     return LossOutput(loss=plackett_luce_nll(ordered, present), metrics=_list_metrics(b.scores, _ordered_pairs(levels)))

@@ -126,67 +126,60 @@ def load_run_data(config: RunConfig):
     return train, held_out, description
 
 
-def _refuse_pairs_without_margin(source: str, data, train) -> None:
-    """``curriculum: margin`` orders the pairs by their margins: name the first row that has none (read again
-    for its row number, only when a loaded record lacks one)."""
-    if all(r.margin is not None or (r.chosen_score is not None and r.rejected_score is not None) for r in train):
-        return
+def _first_row(source: str, data, bad) -> tuple[str, int, dict]:
+    """``(file, row number, row)`` of the first row of ``source`` for which ``bad(row)`` holds: the file is read
+    again for its row numbers, which records do not keep (only once the loaded records show such a row)."""
     from prefkit.data.loaders import prepare_rows
 
     prepared = prepare_rows(source, kind=data.data_kind, column_map=data.column_map, split=data.train_split)
-    for n, row in prepared.rows:
-        if row.get("margin") is None and (row.get("chosen_score") is None or row.get("rejected_score") is None):
-            raise DataError(
-                prepared.file,
-                n,
-                "margin",
-                "a margin, or chosen_score and rejected_score (curriculum: margin orders the pairs by it)",
-                "neither",
-                hint="prefkit data convert --to pairwise --mode best makes such pairs from ranked records with scores",
-            )
+    return next((prepared.file, n, row) for n, row in prepared.rows if bad(row))
+
+
+def _no_margin(pair) -> bool:
+    get = pair.get if isinstance(pair, dict) else lambda key: getattr(pair, key)
+    return get("margin") is None and (get("chosen_score") is None or get("rejected_score") is None)
+
+
+def _refuse_pairs_without_margin(source: str, data, train) -> None:
+    """``curriculum: margin`` orders the pairs by their margins: name the first row that has none."""
+    if not any(_no_margin(r) for r in train):
+        return
+    file, n, _ = _first_row(source, data, _no_margin)
+    raise DataError(
+        file,
+        n,
+        "margin",
+        "a margin, or chosen_score and rejected_score (curriculum: margin orders the pairs by it)",
+        "neither",
+        hint="prefkit data convert --to pairwise --mode best makes such pairs from ranked records with scores",
+    )
 
 
 def _refuse_ties(source: str, data) -> None:
-    """A pair labelled a tie carries no preference: name its row (read again for the row number)."""
-    from prefkit.data.loaders import prepare_rows
-
-    prepared = prepare_rows(source, kind=data.data_kind, column_map=data.column_map, split=data.train_split)
-    for n, row in prepared.rows:
-        if row.get("tie"):
-            raise DataError(
-                prepared.file, n, "tie", "a preference (a tie carries none to train on; leave ties out)", True
-            )
+    """A pair labelled a tie carries no preference: name its row."""
+    file, n, _ = _first_row(source, data, lambda row: bool(row.get("tie")))
+    raise DataError(file, n, "tie", "a preference (a tie carries none to train on; leave ties out)", True)
 
 
 def _tied(record) -> bool:
-    """A ranked record ordered by scores with two equal scores."""
-    scores = getattr(record, "scores", None)
-    return record.ranking is None and scores is not None and len(set(scores)) < len(scores)
+    """A ranked record (or row) ordered by scores with two equal scores."""
+    get = record.get if isinstance(record, dict) else lambda key: getattr(record, key, None)
+    scores = get("scores")
+    return get("ranking") is None and isinstance(scores, list) and len(set(scores)) < len(scores)
 
 
 def _refuse_tied_lists(source: str, data, loss: str) -> None:
     """``loss`` is the Plackett-Luce likelihood of one strict order: a ranked row whose scores tie has
-    none, and would stop training at its first batch. Name the first such row (the file is read again for
-    its row numbers, which records do not keep: only when the loaded records hold a tie)."""
-    from prefkit.data.loaders import prepare_rows
-
-    prepared = prepare_rows(source, kind=data.data_kind, column_map=data.column_map, split=data.train_split)
-    for n, row in prepared.rows:
-        scores = row.get("scores")
-        if row.get("ranking") is None and isinstance(scores, list) and len(set(scores)) < len(scores):
-            raise DataError(
-                prepared.file,
-                n,
-                "scores",
-                f"distinct scores: loss {loss} needs one strict order of each list ("
-                + (
-                    "ranknet accepts ties"
-                    if loss == "listmle"
-                    else "pairs from `prefkit data convert --to pairwise` do"
-                )
-                + ")",
-                scores,
-            )
+    none, and would stop training at its first batch. Name the first such row."""
+    file, n, row = _first_row(source, data, _tied)
+    instead = "ranknet accepts ties" if loss == "listmle" else "pairs from `prefkit data convert --to pairwise` do"
+    raise DataError(
+        file,
+        n,
+        "scores",
+        f"distinct scores: loss {loss} needs one strict order of each list ({instead})",
+        row["scores"],
+    )
 
 
 def build_trainer(config: RunConfig, train_records, eval_records=None, *, data_description=None, callbacks=None):

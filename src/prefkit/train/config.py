@@ -54,6 +54,12 @@ RECORD_KINDS = {
 }
 
 
+def _loss_needs_kl(name: str) -> bool:
+    from prefkit.losses import get_loss
+
+    return get_loss(name).needs_kl
+
+
 # ------------------------------------------------------------------------------------------
 # Dataclasses
 # ------------------------------------------------------------------------------------------
@@ -491,8 +497,10 @@ class PreferenceConfig(TrainingArguments):
         super().__post_init__()
 
     def _check_curriculum(self) -> None:
-        if self.curriculum not in ("none", "margin"):
-            raise ConfigError(f"curriculum: expected one of none, margin, got {self.curriculum!r}")
+        from prefkit.train.curriculum import CURRICULA
+
+        if self.curriculum not in CURRICULA:
+            raise ConfigError(f"curriculum: expected one of {', '.join(CURRICULA)}, got {self.curriculum!r}")
         if self.curriculum == "none":
             return
         if self.loss_kind != "pairwise":
@@ -885,9 +893,3 @@ if __name__ == "__main__":  # pragma: no cover - a maintenance helper
     for doc in sys.argv[1:]:
         p = Path(doc)
         p.write_text(update_reference_tables(p.read_text(encoding="utf-8")), encoding="utf-8")
-
-
-def _loss_needs_kl(name: str) -> bool:
-    from prefkit.losses import get_loss
-
-    return get_loss(name).needs_kl
