@@ -135,3 +135,19 @@ def test_momentum_extrapolates_each_rounds_weights(tmp_path, lab):
     assert moved > 0
     with pytest.raises(ValueError, match="momentum: expected a finite number >= 0"):
         IterativeSettings(rounds=1, sampling=SamplingSettings(n=4), momentum=-0.1)
+
+
+def test_momentum_moves_tied_weights_once():
+    """A weight shared by two modules (tied embeddings) appears twice in the state dict; the extrapolation must
+    move it once, not twice."""
+    from prefkit.online.iterative import _weights, extrapolate
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3, bias=False))
+    model[1].weight = model[0].weight  # tied
+    start = _weights(model)
+    assert len(start) == 1
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    hat = model[0].weight.detach().clone()
+    extrapolate(model, start, 0.5)
+    assert torch.allclose(model[1].weight, hat + 0.5 * (hat - start["0.weight"]))

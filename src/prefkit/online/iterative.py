@@ -226,8 +226,14 @@ def iterative_dpo(
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
-    """A copy of ``model``'s floating-point weights (what momentum extrapolates from)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    """A copy of ``model``'s floating-point weights (what momentum extrapolates from), one entry per tensor: tied
+    weights (an input embedding shared with the LM head) appear under two names but must move once."""
+    out, seen = {}, set()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            out[name] = value.detach().clone()
+    return out
 
 
 @torch.no_grad()
