@@ -172,3 +172,24 @@ def test_a_section_map_that_cannot_apply_says_so(tmp_path, reward_model_dir, cap
     argv = ["eval", "rm", "--model", str(reward_model_dir), "--data", str(data), "--layout", "rewardbench2"]
     assert main([*argv, "--section-map", "rewardbench", "--output", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "--section-map: section scores average pairwise subset accuracies" in capsys.readouterr().err
+
+
+def test_eval_rm_on_the_benchmark_example_files(tmp_path, reward_model_dir):
+    """examples/data/rmbench/*_filtered.json (RM-Bench's files, domain in the file name only) and
+    rewardbench2_tiny.jsonl (with a Ties prompt) give the benchmarks' own overall scores with no extra flags."""
+    examples = REPO / "examples" / "data"
+    base = ["eval", "rm", "--model", str(reward_model_dir), "--no-progress", "--output"]
+    files = ["--data", str(examples / "rmbench" / "chat_filtered.json")]
+    files += ["--data", str(examples / "rmbench" / "safety-refuse_filtered.json")]
+    assert main(base + [str(tmp_path / "rmb"), "--layout", "rmbench"] + files) == 0
+    results = json.loads((tmp_path / "rmb" / "results.json").read_text())
+    rmb = results["metrics"]["rmbench"]
+    assert list(rmb["domains"]) == ["chat", "safety"] and rmb["missing"] == ["math", "code"]
+    assert rmb["score"] == pytest.approx((rmb["domains"]["chat"]["score"] + rmb["domains"]["safety"]["score"]) / 2)
+    assert "RM-Bench score" in (tmp_path / "rmb" / "report.md").read_text()
+    rb2 = ["--layout", "rewardbench2", "--data", str(examples / "rewardbench2_tiny.jsonl")]
+    assert main(base + [str(tmp_path / "rb2")] + rb2) == 0
+    m = json.loads((tmp_path / "rb2" / "results.json").read_text())["metrics"]
+    assert m["subsets"]["Ties"]["n"] == 2 and "ties_rule" in m["subsets"]["Ties"]
+    assert m["rewardbench2_missing"] == ["Precise IF"]
+    assert m["subset_mean"] == pytest.approx(sum(s["accuracy"] for s in m["subsets"].values()) / 5)

@@ -56,6 +56,15 @@ def test_best_of_n_needs_one_best_and_modes_must_agree():
     tied = [{"prompt": "p", "chosen": ["a", "b"], "rejected": ["c"]}]
     with pytest.raises(DataError, match="exactly one chosen"):
         load_eval_set([(None, tied)], layout="rewardbench2")
+    # the Ties subset takes several correct answers, under ids ref:<k> / tied:<k>
+    ties = [dict(tied[0], subset="Ties", id="tied:3")]
+    assert load_eval_set([(None, ties)], layout="rewardbench2").n_correct == [2]
+    with pytest.raises(DataError, match=r":1: field 'id'.*'ref:<number>' or 'tied:<number>'"):
+        load_eval_set([(None, [dict(ties[0], id="t3")])], layout="rewardbench2")
+    with pytest.raises(DataError, match=r"field 'chosen'.*at least 2.*1 chosen of 2"):
+        load_eval_set([(None, [dict(ties[0], chosen=["a"], rejected=["c"])])], layout="rewardbench2")
+    with pytest.raises(DataError, match=r"field 'num_correct'.*number of chosen responses \(2"):
+        load_eval_set([(None, [dict(ties[0], num_correct=3)])], layout="rewardbench2")
     pairs = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
     lists = [{"prompt": "p", "completions": ["a", "b"], "ranking": [1, 0]}]
     with pytest.raises(ValueError, match="gives lists records but the sources before it give pairs"):

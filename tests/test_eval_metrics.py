@@ -17,6 +17,9 @@ from prefkit.eval.metrics import (
     pairwise_accuracy,
     pearson,
     per_subset_accuracy,
+    rewardbench2_ties_score,
+    rmbench_domain,
+    rmbench_scores,
     section_scores,
     spearman,
     style_grid_accuracy,
@@ -178,3 +181,66 @@ def test_rewardbench_section_map_weighs_subsets_by_the_benchmarks_fixed_counts()
     assert out["sections"]["Reasoning"] == pytest.approx(reasoning)
     assert out["score"] == pytest.approx((chat + reasoning) / 2)
     assert "alpacaeval-length" in out["missing"]["Chat"] and set(out["unscored"]) == {"Chat Hard", "Safety"}
+
+
+def test_rmbench_scores_average_domains_not_records():
+    # RM-Bench's compute_accuracy on total_dataset.json: a 3x3 matrix per domain (chosen style i beats rejected
+    # style j), hard / normal / easy = upper triangle / diagonal / lower triangle, the domain's score their mean,
+    # the total the mean over domains; safety-refuse and safety-response are one domain.
+    chosen = [[1, 1, 3], [0, 0, 0], [5, 5, 5], [5, 5, 5]]
+    rejected = [[2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    names = ["chat", "safety-refuse_filtered.json", "safety-response", "data/safety-response_filtered.json"]
+    domains = [rmbench_domain(n) for n in names]
+    assert domains == ["chat", "safety", "safety", "safety"]
+    assert rmbench_domain("total_dataset.json") is None and rmbench_domain("Code_filtered.json") == "code"
+    out = rmbench_scores(chosen, rejected, domains)
+    # chat: only the markdown chosen (3) beats the rejected (2): matrix row 2 = 1 -> hard 0, normal 1/3, easy 2/3
+    chat = out["domains"]["chat"]
+    assert (chat["hard"], chat["normal"], chat["easy"]) == (0.0, pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert chat["score"] == pytest.approx(1 / 3) and chat["n"] == 1
+    # safety: 2 of 3 records right in every cell -> 2/3 everywhere
+    assert out["domains"]["safety"]["score"] == pytest.approx(2 / 3) and out["domains"]["safety"]["n"] == 3
+    assert out["score"] == pytest.approx(0.5)  # (1/3 + 2/3) / 2; all records pooled would give 21/36
+    assert (out["hard"], out["normal"], out["easy"]) == (
+        pytest.approx(1 / 3),
+        pytest.approx(0.5),
+        pytest.approx(2 / 3),
+    )
+    assert out["missing"] == ["math", "code"]
+    assert style_grid_accuracy(chosen, rejected)["total"] == pytest.approx(21 / 36)
+    # all four domains (the same numbers RM-Bench's own compute_accuracy gives on these scores):
+    # math [1,2,3] vs [2,1,0]: 2/3 in every triangle; code [3,0,0] vs [1,1,4]: hard 1/3, normal 1/3, easy 0
+    full = rmbench_scores(
+        chosen + [[1, 2, 3], [3, 0, 0]], rejected + [[2, 1, 0], [1, 1, 4]], domains + ["math", "code"]
+    )
+    assert full["missing"] == [] and full["domains"]["code"]["score"] == pytest.approx(2 / 9)
+    assert full["score"] == pytest.approx((1 / 3 + 2 / 3 + 2 / 3 + 2 / 9) / 4)  # 17/36
+    assert (full["hard"], full["normal"], full["easy"]) == (
+        pytest.approx(5 / 12),
+        pytest.approx(0.5),
+        pytest.approx(0.5),
+    )
+
+
+def test_rewardbench2_ties_score_by_hand():
+    # process_single_model in allenai/reward-bench: 0.3 tied acc + 0.3 ref acc + 0.2 preferred + 0.2 hard + 0.01 margin
+    items = [
+        ("ref:1", [5, 1, 2], 1),  # worst correct 5 - best wrong 2 = 3: accurate
+        ("tied:1", [4, 6, 3, 1], 2),  # correct 4, 6 (spread 2), gap 4 - 3 = 1: accurate, 1 > 2 no
+        ("ref:2", [1, 2], 1),  # gap -1: wrong
+        ("tied:2", [5, 5, 0], 2),  # spread 0, gap 5: accurate, 5 > 0 yes; min(-1, 5) > 0 no
+        ("tied:3", [2, 1, 3], 2),  # gap -2: wrong; no ref:3, so not in the margin terms
+    ]
+    out = rewardbench2_ties_score(items)
+    margin = (math.tanh(1 / 2 - 1) + -1.0) / 2  # prompt 2: -1 / 0 -> tanh(-inf) = -1
+    assert out["ref_accuracy"] == 0.5 and out["tied_accuracy"] == pytest.approx(2 / 3)
+    assert (out["correctness_preferred"], out["correctness_preferred_hard"]) == (0.5, 0.0)
+    assert out["margin_score"] == pytest.approx(margin) and out["n_prompts"] == 2
+    assert out["score"] == pytest.approx(0.3 * 2 / 3 + 0.3 * 0.5 + 0.2 * 0.5 + 0.01 * margin)
+    # 0 / 0 (no spread, no gap) counts 0 in the margin term
+    zero = rewardbench2_ties_score([("ref:1", [1, 0], 1), ("tied:1", [1, 1, 1], 2)])
+    assert zero["margin_score"] == 0.0 and zero["ref_accuracy"] == 1.0 and zero["tied_accuracy"] == 0.0
+    with pytest.raises(ValueError, match="'ref:<number>' or 'tied:<number>'"):
+        rewardbench2_ties_score([("x1", [1, 0], 1)])
+    with pytest.raises(ValueError, match="no prompt has both"):
+        rewardbench2_ties_score([("ref:1", [1, 0], 1)])

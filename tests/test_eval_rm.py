@@ -95,6 +95,51 @@ def test_best_of_4_with_ties(tokenizer):
     assert ev.items[0]["rewards"] == [4.0, 2.0, 4.0, 3.0]
 
 
+def test_rewardbench2_ties_subset_by_its_own_rule(tokenizer):
+    # reward = characters + 1; Ties rows: ids ref:<k> / tied:<k>, the chosen responses are the correct answers
+    rows = [
+        {"id": "ref:1", "subset": "Ties", "prompt": "q", "chosen": ["aaaaa"], "rejected": ["a", "aa"]},  # 6 vs 2,3
+        {"id": "tied:1", "subset": "Ties", "prompt": "q", "chosen": ["aaa", "aaaaa"], "rejected": ["a", "aa"]},
+        {"id": "m", "subset": "Math", "prompt": "q", "chosen": ["aaaa"], "rejected": ["a", "a", "a"]},
+    ]
+    eval_set = load_eval_set([(None, rows)], layout="rewardbench2")
+    assert eval_set.best == [None, None, 0] and eval_set.n_correct == [1, 2, 1]
+    m = evaluate_reward_model(LengthReward(), tokenizer, eval_set, OPTIONS).results["metrics"]
+    # ref: gap 6 - 3 = 3 (accurate); tied: correct 4, 6 (spread 2), gap 4 - 3 = 1 (accurate, 1 > 2 no);
+    # min(3, 1) > 2 no; margin tanh(1 / 2 - 1). Score = 0.3 + 0.3 + 0 + 0 + 0.01 tanh(-0.5)
+    ties = m["subsets"]["Ties"]
+    assert ties["accuracy"] == pytest.approx(0.6 + 0.01 * math.tanh(-0.5)) and ties["n"] == 2
+    assert m["best_of_n_accuracy"] == 1.0  # the Math row only: Ties rows have no per-row credit
+    assert m["subset_mean"] == pytest.approx((ties["accuracy"] + 1.0) / 2)
+    assert m["rewardbench2_missing"] == ["Factuality", "Precise IF", "Safety", "Focus"]
+
+
+def test_rmbench_overall_is_the_mean_of_domains_from_file_names(tokenizer, tmp_path):
+    import json
+
+    # reward = characters + 1. chat: the chosen always longer -> every cell right (score 1); safety (refuse and
+    # response files are one domain): chosen always shorter -> 0. Overall 0.5, though 1 of 3 records is right.
+    chat = [{"prompt": "q", "chosen": ["aa", "aaa", "aaaa"], "rejected": ["a", "a", "a"], "subset": "alpacaeval"}]
+    safe = [{"prompt": "q", "chosen": ["a", "a", "a"], "rejected": ["aa", "aaa", "aaaa"]}]
+    files = []
+    for name, rows in (
+        ("chat_filtered.json", chat),
+        ("safety-refuse_filtered.json", safe),
+        ("safety-response_x.json", safe),
+    ):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps(rows))
+    eval_set = load_eval_set([(None, f) for f in files], layout="rmbench")
+    assert eval_set.domains == ["chat", "safety", "safety"] and eval_set.subsets[0] == "alpacaeval"
+    m = evaluate_reward_model(LengthReward(), tokenizer, eval_set, OPTIONS).results["metrics"]
+    assert m["rmbench"]["score"] == 0.5 and m["rmbench"]["domains"]["safety"]["n"] == 2
+    assert m["style_grid"]["total"] == pytest.approx(1 / 3) and m["rmbench"]["missing"] == ["math", "code"]
+    # the name given with a source is a domain too; without any, the RM-Bench score is skipped with the reason
+    assert load_eval_set([("code", safe)], layout="rmbench").domains == ["code"]
+    ev = evaluate_reward_model(LengthReward(), tokenizer, load_eval_set([(None, safe)], layout="rmbench"), OPTIONS)
+    assert "rmbench" not in ev.results["metrics"] and "record 1 has none" in ev.results["skipped"]["rmbench"]
+
+
 def test_style_grid(tokenizer):
     rows = [{"prompt": "q", "chosen": ["a", "aa", "aaa"], "rejected": ["bb", "bb", "bb"], "domain": "chat"}]
     ev = evaluate_reward_model(LengthReward(), tokenizer, load_eval_set([(None, rows)], layout="rmbench"), OPTIONS)

@@ -312,11 +312,17 @@ def rewardbench2_row(row: dict, file: str | None = None, row_number: int | None 
 
     ``completions`` = chosen + rejected and ``scores`` = 1 for each chosen, 0 for each rejected,
     so the record says "the chosen responses beat every rejected one" and no more. Other keys
-    (``subset``, ``id``, ...) are kept. Best-of-N evaluation (`prefkit eval rm --layout
-    rewardbench2`) takes the completion scored 1 as the one correct answer among N.
+    (``subset``, ``id``, ...) are kept; ``num_correct``, when present, must count the chosen responses. Best-of-N
+    evaluation (`prefkit eval rm --layout rewardbench2`) takes the completion scored 1 as the one correct answer
+    among N; the Ties subset (ids ``ref:<k>`` / ``tied:<k>``, several correct answers) is scored by its own rule.
     """
     chosen = _text_list(row, "chosen", "rewardbench2", file, row_number)
     rejected = _text_list(row, "rejected", "rewardbench2", file, row_number)
+    n_correct = row.get("num_correct")
+    if n_correct is not None and n_correct != len(chosen):
+        raise DataError(
+            file, row_number, "num_correct", f"the number of chosen responses ({len(chosen)}; rewardbench2)", n_correct
+        )
     out = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
     out.update(completions=chosen + rejected, scores=[1.0] * len(chosen) + [0.0] * len(rejected))
     return out

@@ -10,8 +10,11 @@ The evaluation mode follows from the records and the layout:
 
 ======================  ===========================================================================
 ``pairs``               pairwise records (HH-RLHF, LLMBar, HHH, RewardBench-1, any prefkit pairs file)
-``best_of_n``           ranked records from the ``rewardbench2`` layout: one best completion among N
-``grid``                ranked records from the ``rmbench`` layout: chosen and rejected in S styles
+``best_of_n``           ranked records from the ``rewardbench2`` layout: one best completion among N (its Ties
+                        subset: several correct completions, scored by RewardBench 2's Ties rule)
+``grid``                ranked records from the ``rmbench`` layout: chosen and rejected in S styles; each
+                        record's RM-Bench domain is its row's ``domain``, else the name given with its
+                        source, else its file's name (``chat_filtered.json`` -> chat)
 ``lists``               any other ranked records: ranking accuracy of the scores against the truth
 ======================  ===========================================================================
 """
@@ -26,6 +29,7 @@ from prefkit.data.formats import LAYOUT_KINDS
 from prefkit.data.loaders import first_error_with_summary, prepare_rows, validate_command
 from prefkit.data.records import DataError, PairwiseRecord, RankedRecord, record_from_dict, same_text
 from prefkit.data.validate import validate_rows
+from prefkit.eval.metrics import rmbench_domain
 
 MODES = ("pairs", "best_of_n", "grid", "lists")
 _LAYOUT_MODES = {"rewardbench2": "best_of_n", "rmbench": "grid"}
@@ -37,7 +41,9 @@ RM_LAYOUTS = tuple(name for name, kind in LAYOUT_KINDS.items() if kind in ("pair
 class EvalSet:
     """Records of one evaluation mode with one subset name each (``subsets[i]`` for ``records[i]``).
 
-    ``best`` (best_of_n): index of the one best completion of each record. ``sources``: one
+    ``best`` (best_of_n): index of the one best completion of each record, or for a record of RewardBench 2's
+    Ties subset (`is_ties_subset`) None (its first ``n_correct[i]`` completions are all correct). ``domains``
+    (grid): each record's RM-Bench domain (chat, math, code, safety) or None. ``sources``: one
     ``{"name", "source", "n"}`` per loaded source.
     """
 
@@ -45,7 +51,9 @@ class EvalSet:
     records: list[PairwiseRecord] | list[RankedRecord]
     subsets: list[str]
     sources: list[dict[str, Any]] = field(default_factory=list)
-    best: list[int] | None = None
+    best: list[int | None] | None = None
+    n_correct: list[int] | None = None
+    domains: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -77,9 +85,15 @@ def _subset(row: dict, name: str | None, layout: str | None, subset_column: str)
     return name or "all"
 
 
+def is_ties_subset(subset: str) -> bool:
+    """RewardBench 2's Ties subset (any case), scored by its own rule."""
+    return subset.lower() == "ties"
+
+
 def load_source(source: Any, name: str | None, options: dict, subset_column: str = "subset"):
     """One source through the loading pipeline (``options``: `prepare_rows`'s kind, column map, split, layout)
-    and validation: ``(kind, file, records, subsets, row numbers)``; the first bad row raises `DataError`."""
+    and validation: ``(kind, file, records, subsets, rows)`` with ``rows`` the ``(row number, row)`` pairs; the
+    first bad row raises `DataError`."""
     prepared = prepare_rows(source, **options)
     if prepared.kind == "pairwise":  # the same response twice is a tie row here, scored by the tie policy
         for _, row in prepared.rows:
@@ -92,8 +106,7 @@ def load_source(source: Any, name: str | None, options: dict, subset_column: str
         raise first_error_with_summary(errors, validate_command(source, **options))
     records = [record_from_dict(prepared.kind, row, prepared.file, n) for n, row in prepared.rows]
     subsets = [_subset(row, name, options.get("layout"), subset_column) for _, row in prepared.rows]
-    rows = [n for n, _ in prepared.rows]
-    return prepared.kind, prepared.file, records, subsets, rows
+    return prepared.kind, prepared.file, records, subsets, list(prepared.rows)
 
 
 def _mode(kind: str, layout: str | None, file: str) -> str:
@@ -110,19 +123,36 @@ def _mode(kind: str, layout: str | None, file: str) -> str:
     )
 
 
-def _best_index(record: RankedRecord, file: str, row: int) -> int:
+def _best_index(record: RankedRecord, file: str, row: int, subset: str) -> tuple[int | None, int]:
+    """``(index of the one best completion or None for a Ties row, number of correct completions)``."""
     scores = true_scores(record)
     top = [i for i, s in enumerate(scores) if s == max(scores)]
+    if is_ties_subset(subset):
+        kind, _, number = str(record.id or "").partition(":")
+        if kind not in ("ref", "tied") or not number.isdigit():
+            raise DataError(
+                file, row, "id", "'ref:<number>' or 'tied:<number>' (RewardBench 2's Ties subset)", record.id
+            )
+        if top != list(range(len(top))) or len(top) == len(scores) or (kind == "tied" and len(top) < 2):
+            raise DataError(
+                file,
+                row,
+                "chosen",
+                f"the correct answers of a {kind}: row of the Ties subset ({'at least 2' if kind == 'tied' else '1'}), "
+                "and at least one rejected answer",
+                f"{len(top)} chosen of {len(scores)}",
+            )
+        return None, len(top)
     if len(top) != 1:
         raise DataError(
             file,
             row,
             "chosen",
-            "exactly one chosen (best) response for best-of-N accuracy; RewardBench 2's Ties subset, "
-            "with several correct answers, has its own score that prefkit does not compute: leave it out",
+            "exactly one chosen (best) response for best-of-N accuracy (only RewardBench 2's Ties subset, scored "
+            "by its own rule, has several correct answers: its rows need subset Ties and ids ref:<k> / tied:<k>)",
             f"{len(top)} responses tied at the top",
         )
-    return top[0]
+    return top[0], 1
 
 
 def _check_grid(record: RankedRecord, file: str, row: int, n_styles: int | None) -> int:
@@ -160,7 +190,9 @@ def load_eval_set(
     records: list = []
     subsets: list[str] = []
     described: list[dict[str, Any]] = []
-    best: list[int] = []
+    best: list[int | None] = []
+    n_correct: list[int] = []
+    domains: list[str | None] = []
     n_styles = None
     for name, source in sources:
         source_kind, file, recs, subs, rows = load_source(source, name, options, subset_column)
@@ -168,14 +200,28 @@ def load_eval_set(
         if mode is not None and source_mode != mode:
             raise ValueError(f"{file} gives {source_mode} records but the sources before it give {mode}")
         mode = source_mode
-        for record, row in zip(recs, rows):
+        for record, (row, values), subset in zip(recs, rows, subs):
             if mode == "best_of_n":
-                best.append(_best_index(record, file, row))
+                index, correct = _best_index(record, file, row, subset)
+                best.append(index)
+                n_correct.append(correct)
             elif mode == "grid":
                 n_styles = _check_grid(record, file, row, n_styles)
+                candidates = (values.get("domain"), name, file)
+                domains.append(next((d for d in map(rmbench_domain, candidates) if d), None))
         records.extend(recs)
         subsets.extend(subs)
         described.append({"name": name, "source": file, "n": len(recs)})
     if not records:
         raise ValueError(f"no records in {', '.join(d['source'] for d in described)}")
-    return EvalSet(mode, records, subsets, described, best if mode == "best_of_n" else None)
+    bon = mode == "best_of_n"
+    grid = mode == "grid"
+    return EvalSet(
+        mode,
+        records,
+        subsets,
+        described,
+        best if bon else None,
+        n_correct if bon else None,
+        domains if grid else None,
+    )

@@ -26,6 +26,9 @@ __all__ = [
     "pairwise_correct",
     "pearson",
     "per_subset_accuracy",
+    "rewardbench2_ties_score",
+    "rmbench_domain",
+    "rmbench_scores",
     "section_scores",
     "spearman",
     "style_grid_accuracy",
@@ -223,6 +226,62 @@ def best_of_n_accuracy(scores: Sequence[Any], chosen_index: Sequence[int] | int 
     return float(np.mean([best_of_n_credit(s, i) for s, i in zip(scores, index, strict=True)]))
 
 
+# RewardBench 2's six subsets; its leaderboard score is their unweighted mean (Malik et al. 2025, section 3).
+REWARDBENCH2_SUBSETS = ("Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties")
+
+
+def rewardbench2_ties_score(items: Sequence[tuple[str, Any, int]]) -> dict[str, Any]:
+    """RewardBench 2's score of its Ties subset (``process_single_model`` in allenai/reward-bench's utils.py).
+
+    ``items``: one ``(id, scores, n_correct)`` per row, ``id`` = ``"ref:<k>"`` (prompt ``k`` with one correct
+    answer) or ``"tied:<k>"`` (prompt ``k`` with several equally correct answers); the first ``n_correct`` of
+    ``scores`` are the correct answers' rewards. Per prompt: *accurate* = the worst correct answer scores strictly
+    above the best incorrect one; ``m_cc`` = best - worst correct score (tied rows), ``m_ci`` = worst correct -
+    best incorrect. Over the prompts ``k`` that have both rows, ``preferred`` = mean of ``m_ci(tied) > m_cc``,
+    ``preferred_hard`` = mean of ``min(m_ci(ref), m_ci(tied)) > m_cc``, ``margin`` = mean of
+    ``tanh(min(m_ci(ref), m_ci(tied)) / m_cc - 1)`` (0/0 counts 0). The score is
+    ``0.3 tied_accuracy + 0.3 ref_accuracy + 0.2 preferred + 0.2 preferred_hard + 0.01 margin``.
+    """
+    stats: dict[str, dict[int, tuple[bool, float | None, float]]] = {"ref": {}, "tied": {}}
+    for i, (item_id, raw, n_correct) in enumerate(items):
+        kind, _, number = str(item_id).partition(":")
+        if kind not in stats or not number.strip().lstrip("-").isdigit():
+            raise ValueError(f"Ties item {i + 1}: id must be 'ref:<number>' or 'tied:<number>', got {item_id!r}")
+        s = _vector(raw, f"Ties item {i + 1} scores")
+        if not 1 <= n_correct < len(s) or (kind == "tied" and n_correct < 2):
+            need = "at least 2" if kind == "tied" else "at least 1"
+            raise ValueError(
+                f"Ties item {i + 1} ({item_id}): needs {need} correct and 1 incorrect answer, "
+                f"got {n_correct} of {len(s)}"
+            )
+        correct, incorrect = s[:n_correct], s[n_correct:]
+        spread = float(correct.max() - correct.min()) if n_correct > 1 else None
+        gap = float(correct.min() - incorrect.max())
+        stats[kind][int(number)] = (gap > 0, spread, gap)
+    both = sorted(set(stats["ref"]) & set(stats["tied"]))
+    if not both:
+        raise ValueError("Ties: no prompt has both its 'ref:<k>' and its 'tied:<k>' row; the margin terms need both")
+    ref_acc = float(np.mean([v[0] for v in stats["ref"].values()])) if stats["ref"] else 0.0
+    tied_acc = float(np.mean([v[0] for v in stats["tied"].values()]))
+    m_cc = np.array([stats["tied"][k][1] for k in both], dtype=np.float64)
+    m_ci_tied = np.array([stats["tied"][k][2] for k in both])
+    m_ci_hard = np.minimum(np.array([stats["ref"][k][2] for k in both]), m_ci_tied)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        margin = float(np.mean(np.nan_to_num(np.tanh(m_ci_hard / m_cc - 1), nan=0.0)))
+    preferred = float(np.mean(m_ci_tied > m_cc))
+    preferred_hard = float(np.mean(m_ci_hard > m_cc))
+    score = 0.3 * tied_acc + 0.3 * ref_acc + 0.2 * preferred + 0.2 * preferred_hard + 0.01 * margin
+    return {
+        "score": float(score),
+        "tied_accuracy": tied_acc,
+        "ref_accuracy": ref_acc,
+        "correctness_preferred": preferred,
+        "correctness_preferred_hard": preferred_hard,
+        "margin_score": margin,
+        "n_prompts": len(both),
+    }
+
+
 # ---- style grid (RM-Bench) ------------------------------------------------------------------------
 def style_grid_accuracy(chosen: Any, rejected: Any) -> dict[str, Any]:
     """RM-Bench's style-controlled accuracy.
@@ -248,6 +307,46 @@ def style_grid_accuracy(chosen: Any, rejected: Any) -> dict[str, Any]:
         "easy": float(matrix[lower].mean()),
         "total": float(matrix.mean()),
     }
+
+
+# RM-Bench's four domains; a record belongs to the first its domain name starts with (safety-refuse and
+# safety-response are one domain, safety), as RM-Bench's split_dataset_by_domain reads them.
+RMBENCH_DOMAINS = ("chat", "math", "code", "safety")
+
+
+def rmbench_domain(name: str | None) -> str | None:
+    """The RM-Bench domain of a domain or file name (``chat_filtered.json`` -> ``chat``, ``safety-refuse`` ->
+    ``safety``), None when it starts with none of them."""
+    if not name:
+        return None
+    stem = str(name).replace("\\", "/").rsplit("/", 1)[-1].lower()
+    return next((d for d in RMBENCH_DOMAINS if stem.startswith(d)), None)
+
+
+def rmbench_scores(chosen: Any, rejected: Any, domains: Sequence[str]) -> dict[str, Any]:
+    """RM-Bench's overall scores (``compute_accuracy`` in THU-KEG/RM-Bench's scripts/utils.py).
+
+    Each domain's hard / normal / easy accuracy is `style_grid_accuracy` on its records and the domain's score is
+    their mean; the overall ``score`` (RM-Bench's total average) is the mean of the domain scores, and the overall
+    hard / normal / easy are means over the domains, so every domain weighs the same whatever its size.
+    ``domains[i]`` is record ``i``'s domain. ``missing``: RM-Bench domains with no record (the score is then over
+    the domains present, not the benchmark's)."""
+    c = np.asarray(chosen.detach().cpu() if hasattr(chosen, "detach") else chosen, dtype=np.float64)
+    r = np.asarray(rejected.detach().cpu() if hasattr(rejected, "detach") else rejected, dtype=np.float64)
+    if len(domains) != len(c):
+        raise ValueError(f"domains has {len(domains)} items but there are {len(c)} records")
+    names = np.array(list(domains), dtype=object)
+    per: dict[str, dict[str, float]] = {}
+    for domain in dict.fromkeys(domains):
+        mask = names == domain
+        grid = style_grid_accuracy(c[mask], r[mask])
+        per[domain] = {k: grid[k] for k in ("hard", "normal", "easy")}
+        per[domain].update(score=float(np.mean(list(per[domain].values()))), n=int(mask.sum()))
+    out: dict[str, Any] = {"score": float(np.mean([d["score"] for d in per.values()]))}
+    out.update({k: float(np.mean([d[k] for d in per.values()])) for k in ("hard", "normal", "easy")})
+    out["domains"] = per
+    out["missing"] = [d for d in RMBENCH_DOMAINS if d not in per]
+    return out
 
 
 # ---- rankings of lists ------------------------------------------------------------------------------

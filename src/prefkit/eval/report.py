@@ -45,11 +45,17 @@ def headline(results: dict[str, Any]) -> list[tuple[str, Any]]:
         ("idealized ranking accuracy", _get(m, "ranking_accuracy", "idealized")),
         ("alignment gap (idealized - policy)", _get(m, "ranking_accuracy", "alignment_gap")),
         ("best-of-N accuracy (tie credit 1/k)", _get(m, "best_of_n_accuracy")),
-        ("best-of-N: mean over subsets", _get(m, "subset_mean")),
+        ("best-of-N: mean over subsets (RewardBench 2's score with its six subsets)", _get(m, "subset_mean")),
+        ("RewardBench 2 subsets missing", ", ".join(_get(m, "rewardbench2_missing") or []) or None),
+        ("RM-Bench score (mean of its domains)", _get(m, "rmbench", "score")),
+        ("RM-Bench: hard", _get(m, "rmbench", "hard")),
+        ("RM-Bench: normal", _get(m, "rmbench", "normal")),
+        ("RM-Bench: easy", _get(m, "rmbench", "easy")),
+        ("RM-Bench domains missing", ", ".join(_get(m, "rmbench", "missing") or []) or None),
         ("style grid: hard", _get(m, "style_grid", "hard")),
         ("style grid: normal", _get(m, "style_grid", "normal")),
         ("style grid: easy", _get(m, "style_grid", "easy")),
-        ("style grid: total", _get(m, "style_grid", "total")),
+        ("style grid: total (all records pooled)", _get(m, "style_grid", "total")),
         ("list pair accuracy", _get(m, "list_ranking", "pair_accuracy")),
         ("list top-1 accuracy", _get(m, "list_ranking", "top1_accuracy")),
     ]
@@ -97,6 +103,18 @@ def _markdown(results: dict[str, Any]) -> str:
     if m.get("subsets"):
         lines += ["", "## Per subset", "", "| subset | n | accuracy |", "|---|---|---|"]
         lines += [f"| {name} | {s['n']} | {_fmt(s['accuracy'])} |" for name, s in m["subsets"].items()]
+    if "rmbench" in m:
+        lines += [
+            "",
+            "## RM-Bench domains",
+            "",
+            "| domain | n | hard | normal | easy | score |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {d['n']} | {_fmt(d['hard'])} | {_fmt(d['normal'])} | {_fmt(d['easy'])} | {_fmt(d['score'])} |"
+            for name, d in m["rmbench"]["domains"].items()
+        ]
     if "sections" in m:
         sec = m["sections"]
         lines += ["", "## Sections", "", "| section | accuracy |", "|---|---|"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from prefkit.data.scoring import TokenizedItems, judge_pairs, score_items, tokenize_items
 from prefkit.eval import metrics as M
-from prefkit.eval.data import EvalSet, split_grid, true_scores
+from prefkit.eval.data import EvalSet, is_ties_subset, split_grid, true_scores
 from prefkit.eval.implicit import ImplicitReward
 
 __all__ = ["EvalOptions", "Evaluation", "evaluate_reward_model", "scorer_kind"]
@@ -251,26 +251,49 @@ def _flat_rewards(eval_set: EvalSet, scorer: _Scorer, groups: list[list]) -> lis
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _best_of_n(eval_set: EvalSet, scorer: _Scorer, out: dict) -> list[dict]:
+def _best_of_n(eval_set: EvalSet, scorer: _Scorer, out: dict, skipped: dict) -> list[dict]:
+    """Best-of-N credit per record (RewardBench 2); the Ties subset by its own rule (one score for the subset)."""
     rewards = _flat_rewards(eval_set, scorer, [r.completions for r in eval_set.records])
-    credit = np.array([M.best_of_n_credit(s, b) for s, b in zip(rewards, eval_set.best)])
-    out["best_of_n_accuracy"] = float(credit.mean())
-    out["subsets"] = M.per_subset_accuracy(credit, eval_set.subsets)
+    ties = np.array([is_ties_subset(s) for s in eval_set.subsets])
+    credit = np.array(
+        [math.nan if t else M.best_of_n_credit(s, b) for s, b, t in zip(rewards, eval_set.best, ties)], dtype=float
+    )
+    if (~ties).any():
+        out["best_of_n_accuracy"] = float(credit[~ties].mean())
+    out["subsets"] = {}
+    for name in dict.fromkeys(eval_set.subsets):
+        rows = [i for i, s in enumerate(eval_set.subsets) if s == name]
+        if is_ties_subset(name):
+            items = [(eval_set.records[i].id, rewards[i], eval_set.n_correct[i]) for i in rows]
+            ties_score = M.rewardbench2_ties_score(items)
+            out["subsets"][name] = {"accuracy": ties_score["score"], "n": len(rows), "ties_rule": ties_score}
+        else:
+            out["subsets"][name] = {"accuracy": float(credit[rows].mean()), "n": len(rows)}
     out["subset_mean"] = float(np.mean([s["accuracy"] for s in out["subsets"].values()]))
+    present = {name.lower() for name in out["subsets"]}
+    out["rewardbench2_missing"] = [name for name in M.REWARDBENCH2_SUBSETS if name.lower() not in present]
     out["n_per_record"] = sorted({len(s) for s in rewards})
     return [
-        {"subset": sub, "rewards": s.tolist(), "best": b, "credit": float(c)}
-        for sub, s, b, c in zip(eval_set.subsets, rewards, eval_set.best, credit)
+        {"subset": sub, "rewards": s.tolist(), "best": b, "credit": None if t else float(c)}
+        for sub, s, b, c, t in zip(eval_set.subsets, rewards, eval_set.best, credit, ties)
     ]
 
 
-def _grid(eval_set: EvalSet, scorer: _Scorer, out: dict) -> list[dict]:
+def _grid(eval_set: EvalSet, scorer: _Scorer, out: dict, skipped: dict) -> list[dict]:
     halves = [split_grid(r) for r in eval_set.records]
     rewards = _flat_rewards(eval_set, scorer, [c + r for c, r in halves])
     s = len(halves[0][0])
     chosen = np.stack([x[:s] for x in rewards])
     rejected = np.stack([x[s:] for x in rewards])
     out["style_grid"] = M.style_grid_accuracy(chosen, rejected)
+    if all(eval_set.domains):
+        out["rmbench"] = M.rmbench_scores(chosen, rejected, eval_set.domains)
+    else:
+        first = eval_set.domains.index(None)
+        skipped["rmbench"] = (
+            f"RM-Bench's score averages its domains (chat, math, code, safety); record {first + 1} has none: give it "
+            "a 'domain' column, a file named after its domain (chat_filtered.json) or NAME=FILE with the domain"
+        )
     subsets = np.array(eval_set.subsets)
     out["subsets"] = {}
     for name in dict.fromkeys(eval_set.subsets):
@@ -283,7 +306,7 @@ def _grid(eval_set: EvalSet, scorer: _Scorer, out: dict) -> list[dict]:
     ]
 
 
-def _lists(eval_set: EvalSet, scorer: _Scorer, out: dict) -> list[dict]:
+def _lists(eval_set: EvalSet, scorer: _Scorer, out: dict, skipped: dict) -> list[dict]:
     rewards = _flat_rewards(eval_set, scorer, [r.completions for r in eval_set.records])
     truth = [true_scores(r) for r in eval_set.records]
     out["list_ranking"] = M.list_ranking_accuracy(rewards, truth)
@@ -324,7 +347,7 @@ def evaluate_reward_model(
         skipped[eval_set.mode] = "needs scalar rewards; the model is a pairwise judge (compare only)"
         items = []
     else:
-        items = _LIST_MODES[eval_set.mode](eval_set, scorer, out)
+        items = _LIST_MODES[eval_set.mode](eval_set, scorer, out, skipped)
     if scorer.kind != "implicit" and eval_set.mode == "pairs":
         skipped["ranking_accuracy"] = "likelihood ranking accuracy needs a policy and its reference (--implicit)"
     results = {
