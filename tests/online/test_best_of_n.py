@@ -8,6 +8,7 @@ import pytest
 
 from prefkit.models.tiny import build_byte_tokenizer, build_tiny_llama
 from prefkit.online import best_of_n, best_of_n_expectation, best_of_n_kl, best_of_n_weights
+from prefkit.online.best_of_n import round_robin_scores
 
 
 def test_kl_formula():
@@ -104,3 +105,34 @@ def test_majority_vote_accuracy_by_hand():
     assert majority_vote_accuracy(answers, correct, 4) == 0.5
     # n = 1: one random sample, so the mean accuracy of the pool (a Monte-Carlo estimate)
     assert majority_vote_accuracy(answers, correct, 1, draws=4000) == pytest.approx(0.5, abs=0.03)
+
+
+def test_round_robin_scores_from_a_pairwise_judge():
+    """Each completion scores its mean P(win) against the others of its prompt; each pair is asked once."""
+    asked = []
+
+    def longer_wins(prompts, first, second):
+        asked.extend(zip(first, second))
+        return [0.9 if len(a) > len(b) else 0.1 if len(a) < len(b) else 0.5 for a, b in zip(first, second)]
+
+    scores = round_robin_scores(longer_wins, ["p", "q"], [["aa", "a", "aaa"], ["x", "x"]])
+    # "aa": beats "a" (0.9), loses to "aaa" (0.1) -> 0.5; "a": 0.1, 0.1 -> 0.1; "aaa": 0.9, 0.9 -> 0.9
+    assert scores[0] == pytest.approx([0.5, 0.1, 0.9]) and scores[1] == pytest.approx([0.5, 0.5])
+    assert len(asked) == 3 + 1
+    with pytest.raises(ValueError, match="2 probabilities for 4 pairs"):
+        round_robin_scores(lambda p, a, b: [0.5, 0.5], ["p", "q"], [["aa", "a", "aaa"], ["x", "x"]])
+
+
+def test_best_of_n_with_a_judge_keeps_the_round_robin_winner():
+    tokenizer = build_byte_tokenizer()
+    tiny_policy = build_tiny_llama(
+        vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, seed=0
+    )
+
+    def longer_wins(prompts, first, second):
+        return [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5 for a, b in zip(first, second)]
+
+    (picked,) = best_of_n(tiny_policy, tokenizer, ["Once"], 4, judge=longer_wins, max_new_tokens=8, progress=False)
+    assert len(picked.best.text) == max(len(c.text) for c in picked.candidates)
+    with pytest.raises(ValueError, match="exactly one of score_fn"):
+        best_of_n(tiny_policy, tokenizer, ["Once"], 2, lambda items: [0.0] * len(items), judge=longer_wins)

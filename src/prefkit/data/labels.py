@@ -86,7 +86,8 @@ class LabelSpec:
         return "tie" if rest and rest[0][1] == n else top
 
     def apply(self, row: dict, file: str | None, row_number: int | None) -> dict:
-        """The row as a pairwise row: ``chosen`` / ``rejected`` set by the label, ``tie`` for a tie."""
+        """The row as a pairwise row: ``chosen`` / ``rejected`` set by the label, ``tie`` for a tie, and
+        ``label_outcome`` (first, second or tie) so that columns about each response can be oriented alike."""
         a_name, b_name = self.responses
         for name in (a_name, b_name):
             if row.get(name) is None:
@@ -97,7 +98,7 @@ class LabelSpec:
             outcome = "tie"  # the same answer twice: no preference, whatever the label says
         out = {k: v for k, v in row.items() if k not in (a_name, b_name)}
         chosen, rejected = (b, a) if outcome == "second" else (a, b)
-        out.update(chosen=chosen, rejected=rejected)
+        out.update(chosen=chosen, rejected=rejected, label_outcome=outcome)
         if outcome == "tie":
             out["tie"] = True
         return out

@@ -122,7 +122,17 @@ def eval_set_from_args(args: argparse.Namespace):
         column_map=parse_column_map(args.map) if args.map else None,
         split=args.split,
         subset_column=args.subset_column,
+        source_columns=_source_columns(getattr(args, "sources", None)),
     )
+
+
+def _source_columns(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    columns = tuple(c.strip() for c in value.split(","))
+    if len(columns) != 2 or not all(columns) or columns[0] == columns[1]:
+        raise ValueError(f"--sources {value}: expected two different column names, FIRST,SECOND")
+    return columns
 
 
 def load_section_map(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:

@@ -43,8 +43,9 @@ class EvalSet:
 
     ``best`` (best_of_n): index of the one best completion of each record, or for a record of RewardBench 2's
     Ties subset (`is_ties_subset`) None (its first ``n_correct[i]`` completions are all correct). ``domains``
-    (grid): each record's RM-Bench domain (chat, math, code, safety) or None. ``sources``: one
-    ``{"name", "source", "n"}`` per loaded source.
+    (grid): each record's RM-Bench domain (chat, math, code, safety) or None. ``response_sources`` (pairs): the
+    model that wrote each response, ``(chosen's, rejected's)``, when the rows say (`response_sources`).
+    ``sources``: one ``{"name", "source", "n"}`` per loaded source.
     """
 
     mode: str
@@ -54,6 +55,7 @@ class EvalSet:
     best: list[int | None] | None = None
     n_correct: list[int] | None = None
     domains: list[str | None] | None = None
+    response_sources: list[tuple[Any, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -83,6 +85,17 @@ def _subset(row: dict, name: str | None, layout: str | None, subset_column: str)
     if layout == "hhh" and isinstance(row.get("id"), str) and "/" in row["id"]:
         return row["id"].split("/", 1)[0]
     return name or "all"
+
+
+SOURCE_COLUMNS = ("chosen_model", "rejected_model")  # RewardBench's names for who wrote each response
+
+
+def response_sources(row: dict, columns: tuple[str, str] | None) -> tuple[Any, Any]:
+    """``(source of chosen, source of rejected)`` of a pairwise row: ``columns`` (first, second; for a labelled
+    pair the first and second response's, oriented by its label) or RewardBench's chosen_model / rejected_model."""
+    first, second = columns or SOURCE_COLUMNS
+    pair = (row.get(first), row.get(second))
+    return pair[::-1] if row.get("label_outcome") == "second" else pair
 
 
 def is_ties_subset(subset: str) -> bool:
@@ -173,6 +186,7 @@ def load_eval_set(
     split: str | None = None,
     subset_column: str = "subset",
     labels=None,
+    source_columns: tuple[str, str] | None = None,
 ) -> EvalSet:
     """Load ``(name or None, source)`` pairs into one `EvalSet`.
 
@@ -180,6 +194,8 @@ def load_eval_set(
     HH-RLHF prompt splitting) and validation; a bad row raises `DataError` naming file, row and field.
     All sources must give the same evaluation mode (see the module docstring). ``labels``: a `LabelSpec` for
     pairs stored as two responses and a label. A pair whose two responses are the same text is a tie row.
+    ``source_columns``: the two columns naming the model of each response (default: chosen_model, rejected_model
+    when the rows have them); a named column missing from a row is an error naming it.
     """
     if not sources:
         raise ValueError("no evaluation data given")
@@ -193,6 +209,7 @@ def load_eval_set(
     best: list[int | None] = []
     n_correct: list[int] = []
     domains: list[str | None] = []
+    pair_sources: list[tuple[Any, Any]] = []
     n_styles = None
     for name, source in sources:
         source_kind, file, recs, subs, rows = load_source(source, name, options, subset_column)
@@ -205,6 +222,12 @@ def load_eval_set(
                 index, correct = _best_index(record, file, row, subset)
                 best.append(index)
                 n_correct.append(correct)
+            elif mode == "pairs":
+                if source_columns is not None:
+                    for column in source_columns:
+                        if values.get(column) is None:
+                            raise DataError(file, row, column, "the model that wrote a response (--sources)", None)
+                pair_sources.append(response_sources(values, source_columns))
             elif mode == "grid":
                 n_styles = _check_grid(record, file, row, n_styles)
                 candidates = (values.get("domain"), name, file)
@@ -224,4 +247,5 @@ def load_eval_set(
         best if bon else None,
         n_correct if bon else None,
         domains if grid else None,
+        pair_sources if mode == "pairs" and any(a is not None or b is not None for a, b in pair_sources) else None,
     )

@@ -35,6 +35,7 @@ __all__ = [
     "best_of_n_weights",
     "majority_vote_accuracy",
     "pass_at_n",
+    "round_robin_scores",
 ]
 
 
@@ -146,13 +147,36 @@ class BestOfN:
     scores: list[float]
 
 
+def round_robin_scores(judge: Callable, prompts: Sequence[Any], groups: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Scores from a pairwise judge ``judge(prompts, first, second) -> [P(first preferred)]``: completion ``i`` of a
+    group scores the mean over the other completions ``j`` of ``P(i preferred to j)`` (its expected win rate in a
+    round robin; each unordered pair judged once, ``P(j over i) = 1 - P(i over j)``). One judge call for all pairs."""
+    firsts, seconds, who, asked = [], [], [], []
+    for g, (prompt, group) in enumerate(zip(prompts, groups)):
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                asked.append(prompt)
+                firsts.append(group[i])
+                seconds.append(group[j])
+                who.append((g, i, j))
+    probs = list(judge(asked, firsts, seconds)) if who else []
+    if len(probs) != len(who):
+        raise ValueError(f"the judge returned {len(probs)} probabilities for {len(who)} pairs")
+    wins = [[0.0] * len(group) for group in groups]
+    for (g, i, j), prob in zip(who, probs):
+        wins[g][i] += float(prob)
+        wins[g][j] += 1.0 - float(prob)
+    return [[w / max(len(group) - 1, 1) for w in row] for row, group in zip(wins, groups)]
+
+
 def best_of_n(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[Any],
     n: int,
-    score_fn: Callable[[list[tuple[Any, str]]], Sequence[float]],
+    score_fn: Callable[[list[tuple[Any, str]]], Sequence[float]] | None = None,
     *,
+    judge: Callable | None = None,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     seed: int = 0,
@@ -162,9 +186,13 @@ def best_of_n(
     """Sample ``n`` completions of each prompt (`sample_completions`) and keep the best by ``score_fn``.
 
     ``score_fn`` maps a list of ``(prompt, completion text)`` items to one score each (e.g.
-    ``lambda items: prefkit.lab.evaluate.score_responses(rm, tokenizer, items)``). On a tie the first
-    sampled of the tied completions wins. Returns one `BestOfN` per prompt, in order.
+    ``lambda items: prefkit.lab.evaluate.score_responses(rm, tokenizer, items)``); or, instead, ``judge`` is a
+    pairwise judge (``(prompts, first, second) -> [P(first preferred)]``: a generative judge,
+    `prefkit.eval.judge.LMJudge`, or the lab's annotators) and each completion scores its `round_robin_scores`.
+    On a tie the first sampled of the tied completions wins. Returns one `BestOfN` per prompt, in order.
     """
+    if (score_fn is None) == (judge is None):
+        raise ValueError("best_of_n needs exactly one of score_fn (a score per completion) and judge (pairwise)")
     samples = sample_completions(
         model,
         tokenizer,
@@ -177,7 +205,11 @@ def best_of_n(
         progress=progress,
         desc=f"sampling best-of-{n}",
     )
-    scores = np.asarray(score_fn([(c.prompt, c.text) for c in samples]), dtype=np.float64)
+    if judge is not None:
+        groups = [[c.text for c in samples[i * n : (i + 1) * n]] for i in range(len(prompts))]
+        scores = np.asarray(sum(round_robin_scores(judge, prompts, groups), []), dtype=np.float64)
+    else:
+        scores = np.asarray(score_fn([(c.prompt, c.text) for c in samples]), dtype=np.float64)
     if scores.shape != (len(samples),):
         raise ValueError(
             f"score_fn returned shape {scores.shape} for {len(samples)} completions; expected one score each"
