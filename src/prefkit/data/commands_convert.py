@@ -2,7 +2,9 @@
 
 ``--to pairwise|unpaired`` picks the conversion (ranked -> pairwise, rated -> pairwise,
 pairwise -> unpaired; see `prefkit.data.convert`); without ``--to`` the kind is kept and only the
-file format changes. OUT's extension decides the format. The input is validated first; nothing is
+file format changes. ``--to judge`` turns preference pairs into pairs that train a generative judge on its
+verdicts (`judge_training_pairs`: the judge prompt of ``--template`` in both orders, the right label chosen,
+``--rationale COLUMN`` after it). OUT's extension decides the format. The input is validated first; nothing is
 written when it has a bad row or when the conversion yields no records.
 """
 
@@ -13,7 +15,7 @@ import math
 import sys
 
 from prefkit.data.commands_validate import add_source_arguments, column_map_from_args, labels_from_args
-from prefkit.data.convert import convert_records
+from prefkit.data.convert import convert_records, judge_training_pairs
 from prefkit.data.loaders import load_records, write_records
 from prefkit.data.records import DataError
 
@@ -45,8 +47,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "output", metavar="OUT", help="file to write: .jsonl, .jsonl.gz, .json, .json.gz, .csv or .parquet"
     )
     parser.add_argument(
-        "--to", choices=("pairwise", "unpaired"), default=None, help="target kind (default: keep the kind)"
+        "--to",
+        choices=("pairwise", "unpaired", "judge"),
+        default=None,
+        help="target kind (default: keep the kind); judge: pairs that train a generative judge on verdicts",
     )
+    parser.add_argument(
+        "--template", default=None, help="--to judge: judge prompt, plain (default), chat, or a YAML file"
+    )
+    parser.add_argument("--rationale", default=None, metavar="COLUMN", help="--to judge: a column of rationales")
     parser.add_argument(
         "--mode",
         choices=("all", "adjacent", "best"),
@@ -81,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         column_map = column_map_from_args(args)
         labels = labels_from_args(args)
         weights = parse_weights(args.weights) if args.weights is not None else None
+        template = _judge_template(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -91,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    judge = args.to == "judge"
     try:
         converted = convert_records(
             records,
-            args.to,
+            "pairwise" if judge else args.to,
             mode=args.mode,
             attribute=args.attribute,
             weights=weights,
@@ -104,6 +115,15 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if "do not apply" in str(exc) or "no conversion" in str(exc) else 1
+    note = ""
+    if judge:
+        try:
+            rationales = _rationales(args, column_map, labels, len(converted)) if args.rationale else None
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        converted, ties = judge_training_pairs(converted, template, rationales)
+        note = f"; {ties} tie rows left out (a two-label judge has no tie verdict)" if ties else ""
     if not converted:
         print(
             f"error: the conversion produced no records from {len(records)} input records "
@@ -120,6 +140,34 @@ def run(args: argparse.Namespace) -> int:
     target_kind = type(converted[0]).kind
     print(
         f"wrote {len(converted)} {target_kind} records to {args.output} "
-        f"(from {len(records)} {source_kind} records in {args.input})"
+        f"(from {len(records)} {source_kind} records in {args.input}{note})"
     )
     return 0
+
+
+def _judge_template(args: argparse.Namespace):
+    """The judge template of ``--to judge`` (checked before anything loads); its options are refused elsewhere."""
+    if args.to != "judge":
+        given = [name for name in ("template", "rationale") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--{' and --'.join(given)} apply to --to judge only")
+        return None
+    from prefkit.data.judge_prompts import load_template
+
+    return load_template(args.template or "plain")
+
+
+def _rationales(args, column_map, labels, n: int) -> list:
+    """The ``--rationale`` column of the input, row by row (a pair converted from another kind has none)."""
+    from prefkit.data.loaders import prepare_rows
+
+    prepared = prepare_rows(
+        args.input, kind=args.kind, column_map=column_map, split=args.split, layout=args.layout, labels=labels
+    )
+    rows = [row for _, row in prepared.rows]
+    if len(rows) != n:
+        raise ValueError(f"--rationale needs pairwise input (one pair per row); {len(rows)} rows gave {n} pairs")
+    missing = [k for k, row in prepared.rows if args.rationale not in row]
+    if len(missing) == len(rows):
+        raise DataError(prepared.file, missing[0], args.rationale, "a rationale column (--rationale)", None)
+    return [row.get(args.rationale) for row in rows]

@@ -6,6 +6,7 @@
 * `pairwise_to_unpaired`: each pair -> a desirable and an undesirable example (KTO-style).
 * `joint_pairs`: thumbs-up/down feedback -> joint pairs across prompts (JPO).
 * `reward_augmented_pairs`: scored pairs -> pairs whose prompt names a target score (reward-augmented DPO).
+* `judge_training_pairs`: preference pairs -> pairs that teach a generative judge its verdicts.
 * `convert_records`: the dispatcher behind ``prefkit data convert --to``.
 
 Pairs whose two completions render to the same text (after stripping surrounding whitespace)
@@ -350,6 +351,48 @@ def step_preference_pairs(
             for rejected in steps[False]:
                 pairs.append(PairwiseRecord(prompt=text, chosen=chosen, rejected=rejected, id=f"step-{len(pairs)}"))
     return pairs
+
+
+def judge_training_pairs(
+    records: Iterable[PairwiseRecord], template: Any, rationales: Sequence[str | None] | None = None
+) -> tuple[list[PairwiseRecord], int]:
+    """Preference pairs as training pairs for a generative judge: ``(pairs, number of tie rows left out)``.
+
+    Each pair ``(x, y_w, y_l)`` gives two rows, one per order, whose prompt is the judge prompt of ``template``
+    (a `prefkit.data.judge_prompts.JudgeTemplate`) showing ``y_w`` as A then as B; ``chosen`` is the right label
+    (the first label when ``y_w`` is A), ``rejected`` the other, each followed by the pair's rationale on a new line
+    when ``rationales[i]`` is given (the verdict first, so the label's log-probability still reads the verdict).
+    Train on ``chosen`` with ``loss: sft`` (supervised on verdicts) or any pairwise loss; the right label is also
+    what the online ``verdict`` reward checks (RL on verdicts). Both orders teach the verdict, not the position.
+    A tie row (neither response better) has no right label among two and is left out."""
+    from prefkit.data.judge_prompts import judge_prompt
+
+    records = _expect(records, PairwiseRecord, "judge_training_pairs")
+    if rationales is not None and len(rationales) != len(records):
+        raise ValueError(f"{len(rationales)} rationales for {len(records)} pairs")
+    first, second = template.labels
+    out: list[PairwiseRecord] = []
+    ties = 0
+    for i, record in enumerate(records):
+        if record.tie:
+            ties += 1
+            continue
+        why = rationales[i] if rationales is not None else None
+        tail = f"\n{str(why).strip()}" if why is not None and str(why).strip() else ""
+        base = record.id if record.id is not None else f"pair-{i}"
+        for order, (a, b, right, wrong) in enumerate(
+            ((record.chosen, record.rejected, first, second), (record.rejected, record.chosen, second, first))
+        ):
+            out.append(
+                PairwiseRecord(
+                    prompt=judge_prompt(template, record.prompt, a, b),
+                    chosen=right + tail,
+                    rejected=wrong + tail,
+                    user_id=record.user_id,
+                    id=f"{base}-{'chosen-first' if order == 0 else 'chosen-second'}",
+                )
+            )
+    return out, ties
 
 
 def convert_records(

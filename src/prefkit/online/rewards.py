@@ -12,6 +12,9 @@ Built-ins (`REWARDS`, each built by name with its parameters by `build_reward`):
                     ``#### 42`` and LaTeX ``\\boxed{42}`` answers, numbers, fractions, expressions), else 0
 ``exact_match``     1 when the completion (stripped) equals the reference field, else 0
 ``regex``           1 when ``pattern`` matches the completion (``fullmatch`` or search), else 0
+``verdict``         1 when a judge's written verdict (`prefkit.data.judge_prompts.parse_verdict`) names the
+                    label the reference field starts with (``chosen`` of `prefkit data convert --to judge`),
+                    else 0: RL on verdicts (RM-R1 / J1 style)
 ``length``          DAPO's soft overlong penalty on the completion's word count: 0 up to
                     ``max_words - buffer_words``, falling linearly to -1 at ``max_words``, -1 beyond
 ``bleu``            sentence BLEU against the reference field / 100 (BLEUBERI, with ``sacrebleu``)
@@ -284,10 +287,52 @@ def _callable(function: str = "") -> RewardFunction:
     return fn
 
 
+@dataclass
+class VerdictReward:
+    """1.0 when the completion's verdict (`parse_verdict` with ``labels`` and ``pattern``) is the right one, 0.0
+    when it names the other label or none; None when the reference (the right label, with anything after it, as
+    `prefkit data convert --to judge` writes ``chosen``) starts with neither label."""
+
+    reference_field: str = "chosen"
+    labels: tuple[str, str] = (" A", " B")
+    pattern: str | None = None
+
+    def __post_init__(self):
+        self.labels = tuple(str(x) for x in self.labels)
+        if (
+            len(self.labels) != 2
+            or self.labels[0].strip() == self.labels[1].strip()
+            or not all(x.strip() for x in self.labels)
+        ):
+            raise RewardError(f"reward 'verdict': labels must be two different labels, got {list(self.labels)}")
+        if self.pattern is not None:
+            try:
+                if re.compile(self.pattern).groups < 1:
+                    raise RewardError(f"reward 'verdict': pattern {self.pattern!r} needs a group around the label")
+            except re.error as err:
+                raise RewardError(f"reward 'verdict': pattern {self.pattern!r} is not a regular expression ({err})")
+
+    def __call__(self, prompts, completions, **fields) -> list[float | None]:
+        from prefkit.data.judge_prompts import parse_verdict
+
+        references = _reference(fields, self.reference_field, "verdict", len(completions))
+        stripped = [label.strip() for label in self.labels]
+        out: list[float | None] = []
+        for completion, reference in zip(completions, references):
+            head = str(reference).strip()
+            right = next((i for i, label in enumerate(stripped) if re.match(rf"{re.escape(label)}(?!\w)", head)), None)
+            if right is None:
+                out.append(None)
+                continue
+            out.append(1.0 if parse_verdict(completion, self.labels, self.pattern) == right else 0.0)
+        return out
+
+
 REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "math": MathReward,
     "exact_match": ExactMatchReward,
     "regex": RegexReward,
+    "verdict": VerdictReward,
     "length": LengthReward,
     "bleu": BleuReward,
     "reward_model": RewardModelReward,

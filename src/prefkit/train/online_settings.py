@@ -53,7 +53,7 @@ __all__ = ["ADVANTAGES", "ONLINE_KEYS", "REWARDS", "is_online_config", "read_onl
 
 # The rewards of prefkit.online.rewards and the advantage estimators of prefkit.losses.advantages, by name
 # (this module imports neither: it runs before torch; a test keeps the lists equal).
-REWARDS = ("math", "exact_match", "regex", "length", "bleu", "reward_model", "callable", "lab")
+REWARDS = ("math", "exact_match", "regex", "verdict", "length", "bleu", "reward_model", "callable", "lab")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_baseline")
 GROUPLESS_ADVANTAGES = ("reinforce_pp", "reinforce_baseline")
 
