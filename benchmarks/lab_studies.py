@@ -2,7 +2,7 @@
 
     python benchmarks/lab_studies.py                    # all of them
     python benchmarks/lab_studies.py --only noise       # or losses, lists, overopt, pluralism, online, rlhf, budget,
-                                                        # process
+                                                        # process, judge
 
 Each study writes results.md, results.json and PNG plots into benchmarks/results/lab_<study>/ (the same
 as `prefkit lab study <study> --output-dir benchmarks/results/lab_<study>`). The reference policy is
@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 import transformers
 
-from prefkit.lab import budget_study, list_study, online_study, pluralism, process_study, rlhf_study, studies
+from prefkit.lab import (
+    budget_study,
+    judge_study,
+    list_study,
+    online_study,
+    pluralism,
+    process_study,
+    rlhf_study,
+    studies,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STUDIES = {
@@ -32,6 +41,7 @@ STUDIES = {
     "rlhf": rlhf_study.rlhf_study,
     "budget": budget_study.budget_study,
     "process": process_study.process_study,
+    "judge": judge_study.judge_study,
 }
 
 

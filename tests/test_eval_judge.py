@@ -19,6 +19,7 @@ from prefkit.eval.judge import (
     judge_pairs,
     load_template,
     self_preference,
+    win_rates,
 )
 from prefkit.models.loading import load_policy, load_tokenizer
 from prefkit.train.logps import completion_logps
@@ -221,3 +222,27 @@ def test_online_dpo_with_a_language_model_as_judge(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["pairs"] for r in rows if r.get("split") == "train"] == [4.0]  # one judged pair per prompt
     assert main(args[:2] + [f"output_dir={tmp_path / 'bad'}", "online.judge={judge: lm, model: tiny, nope: 1}"]) == 2
+
+
+def test_win_rates_score_a_list_by_round_robin():
+    class Longer:  # P(first preferred) = 0.9 when it is longer, 0.1 when shorter, 0.5 when equal
+        def __call__(self, prompts, first, second):
+            return [0.9 if len(a) > len(b) else 0.1 if len(a) < len(b) else 0.5 for a, b in zip(first, second)]
+
+    rates = win_rates(Longer(), ["p", "q"], [["aa", "a", "aaa"], ["x", "y"]])
+    assert rates[0] == pytest.approx([0.5, 0.1, 0.9]) and rates[1] == pytest.approx([0.5, 0.5])
+
+
+def test_prefkit_eval_judge_on_rewardbench2_lists(tmp_path, capsys):
+    example = REPO / "examples" / "data" / "rewardbench2_tiny.jsonl"
+    out = tmp_path / "rb2"
+    argv = ["eval", "judge", "--model", "tiny", "--layout", "rewardbench2", "--data", str(example), "--no-progress"]
+    assert main(argv + ["--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    m = results["metrics"]
+    assert results["mode"] == "best_of_n" and m["subsets"]["Ties"]["n"] == 2 and "ties_rule" in m["subsets"]["Ties"]
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scores[0]["rewards"]) == 4 and all(0 <= x <= 1 for s in scores for x in s["rewards"])
+    capsys.readouterr()
+    assert main(argv + ["--output", str(out), "--self", "me"]) == 2
+    assert "--self: for pairs" in capsys.readouterr().err

@@ -38,13 +38,14 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (
         ("eval", "judge"),
         "prefkit.eval.judge_commands",
-        "a causal LM as a pairwise judge: accuracy, position bias, consistency (verdicts from next-token log-probs)",
+        "a causal LM as a pairwise judge: accuracy, position bias, consistency, self-preference (verdicts from "
+        "label log-probs or parsed from its text)",
     ),
     (
         ("lab", "study"),
         "prefkit.lab.commands",
         "lab studies against a known true reward: losses, lists, noise, overopt, pluralism, online, rlhf, budget, "
-        "process",
+        "process, judge",
     ),
     (("lab", "draw"), "prefkit.lab.commands_draw", "save a dataset drawn from a lab world by simulated annotators"),
 ]

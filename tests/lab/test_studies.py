@@ -163,3 +163,23 @@ def test_list_study_trains_listwise_and_pairwise_methods_on_the_same_lists(tmp_p
     assert set(run["at_kl"]) == {"0.5", "1", "2"} and "n_at_kl_1" in rows["lipo"]
     with pytest.raises(ValueError, match="unknown method"):
         list_study(methods=["nope"], output_dir=tmp_path)
+
+
+def test_judge_study_trains_a_judge_and_a_reward_model_on_the_same_pairs(tmp_path, cache):
+    from prefkit.lab.judge_study import judge_study
+
+    out = tmp_path / "judge"
+    r = judge_study(
+        sizes=(8, 16), seeds=(0, 1), epochs=1, batch_size=8, heldout_pairs=20, spec=SPEC, progress=False,
+        output_dir=out, cache_dir=cache,
+    )  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "agreement.png"}
+    assert [row["pairs"] for row in r["rows"]] == [8, 16] and len(r["runs"]) == 4
+    # the judge sees each pair in both orders: twice the reward model's steps for the same passes
+    assert [(run["rm_steps"], run["judge_steps"]) for run in r["runs"][:2]] == [(1, 2), (2, 4)]
+    for row in r["rows"]:
+        for key in ("rm_agreement", "judge_order_averaged", "judge_one_order", "judge_position_bias", "labels_right"):
+            assert 0 <= row[key] <= 1
+    assert "reward model" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="size 0 must be a positive int"):
+        judge_study(sizes=(0,), output_dir=tmp_path)

@@ -52,6 +52,7 @@ __all__ = [
     "lm_judge",
     "load_template",
     "self_preference",
+    "win_rates",
 ]
 
 VERDICT_MODES = ("logprob", "generate")
@@ -243,6 +244,18 @@ class LMJudge:
         records = [PairwiseRecord(p, a, b) for p, a, b in zip(prompts, first, second)]
         v = judge_pairs(self.model, self.tokenizer, records, self.template, **self.options)
         return (1.0 / (1.0 + np.exp(-(v[:, 0] - v[:, 1]) / 2.0))).tolist()
+
+
+def win_rates(judge: LMJudge, prompts: Sequence[Any], groups: Sequence[Sequence[Any]]) -> list[np.ndarray]:
+    """Each completion's mean probability of beating the other completions of its prompt, by ``judge`` (every
+    unordered pair judged once, in both orders): how a pairwise judge scores a best-of-N list (RewardBench 2)."""
+    who = [(g, i, j) for g, group in enumerate(groups) for i in range(len(group)) for j in range(i + 1, len(group))]
+    probs = judge([prompts[g] for g, _, _ in who], [groups[g][i] for g, i, _ in who], [groups[g][j] for g, _, j in who])
+    wins = [np.zeros(len(group)) for group in groups]
+    for (g, i, j), prob in zip(who, probs):
+        wins[g][i] += prob
+        wins[g][j] += 1.0 - prob
+    return [w / max(len(w) - 1, 1) for w in wins]
 
 
 def lm_judge(

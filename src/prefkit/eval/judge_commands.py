@@ -3,6 +3,7 @@
     prefkit eval judge --model tiny --data examples/data/pairs_tiny.jsonl --output runs/judge
     prefkit eval judge --model ../shared/data/tinyllamas/stories260K.bin --data pairs.jsonl [--template chat|FILE]
     prefkit eval judge --model M --data pairs.jsonl --verdict generate [--parser 'Winner: (A|B)'] --self M_NAME
+    prefkit eval judge --model M --layout rewardbench2 --data rb2.jsonl     # best-of-N by round-robin win rates
 
 Each pair is judged in both orders; the verdict is the log-probability of " A" minus " B" after the judge prompt
 (no sampling), or with --verdict generate the label read from the judge's greedy text. Writes results.json
@@ -107,21 +108,19 @@ def _run(args: argparse.Namespace) -> int:
         _check_parser(args.parser)
     sections = load_section_map(args.section_map) if args.section_map else None
     eval_set = eval_set_from_args(args)
+    if eval_set.mode == "best_of_n":
+        return _best_of_n(args, eval_set, template)
     if eval_set.mode != "pairs":
-        raise ValueError(f"prefkit eval judge judges pairs; these records are a {eval_set.mode} evaluation")
+        raise ValueError(
+            f"prefkit eval judge judges pairs and best-of-N lists (--layout rewardbench2); these records are a "
+            f"{eval_set.mode.replace('_', '-')} evaluation"
+        )
     if args.self_name is not None and eval_set.response_sources is None:
         raise ValueError(
             "--self: the rows do not say which model wrote each response (chosen_model / rejected_model columns, "
             "or name them with --sources FIRST,SECOND)"
         )
-    import torch
-
-    from prefkit.models.loading import load_policy, load_tokenizer
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_policy(args.model, dtype=args.dtype, vocab_size=len(tokenizer) if args.model == "tiny" else None)
-    model.to(device)
+    model, tokenizer = _load(args)
     verdicts, texts = _verdicts(args, model, tokenizer, eval_set.records, template)
     results = judge_results(verdicts, eval_set, args.tie_policy, sections, args.self_name)
     results = {
@@ -152,6 +151,69 @@ def _run(args: argparse.Namespace) -> int:
         print(f"verdict rate: {metrics.get('verdict_rate', float('nan')):.4f}")
     if "self_preference" in results:
         print(f"self-preference: {results['self_preference']['self_preference']:+.4f}")
+    print(f"wrote {out / 'report.md'} (and results.json, scores.jsonl) in {out}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from prefkit.models.loading import load_policy, load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_policy(args.model, dtype=args.dtype, vocab_size=len(tokenizer) if args.model == "tiny" else None)
+    return model.to(device), tokenizer
+
+
+def _best_of_n(args: argparse.Namespace, eval_set, template) -> int:
+    """RewardBench 2 with a judge: every two completions of a prompt compared (log-prob verdicts, both orders), each
+    completion scored by its mean win probability, then RewardBench 2's best-of-N credit and Ties rule."""
+    pair_only = {"--verdict generate": args.verdict != "logprob", "--self": args.self_name is not None}
+    pair_only.update({"--tie-policy": args.tie_policy is not None, "--section-map": args.section_map is not None})
+    given = [name for name, on in pair_only.items() if on]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for pairs; a best-of-N list is scored by log-prob win rates")
+    from prefkit.eval.judge import LMJudge, win_rates
+    from prefkit.eval.rm import best_of_n_results
+
+    model, tokenizer = _load(args)
+    judge = LMJudge(model, tokenizer, template, batch_size=args.batch_size, max_prompt_length=args.max_prompt_length)
+    judge.options["progress"] = not args.no_progress
+    scores = win_rates(judge, [r.prompt for r in eval_set.records], [r.completions for r in eval_set.records])
+    metrics: dict = {}
+    items = best_of_n_results(eval_set, scores, metrics)
+    results = {
+        "model": args.model,
+        "template": args.template,
+        "labels": list(template.labels),
+        "mode": "best_of_n",
+        "scores": "each completion's mean win probability against the others, sigmoid((v_1 - v_2) / 2)",
+        "sources": eval_set.sources,
+        "n_records": len(eval_set),
+        "metrics": metrics,
+    }
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(strict_json(results, {}), indent=2) + "\n")
+    with open(out / "scores.jsonl", "w", encoding="utf-8") as fh:
+        for item in items:
+            fh.write(json.dumps(item) + "\n")
+    lines = [
+        f"# Judge evaluation (best-of-N): `{args.model}`",
+        "",
+        f"{len(eval_set)} lists; every two completions of a prompt judged in both orders, each completion scored by "
+        "its mean win probability; RewardBench 2's best-of-N credit and Ties rule.",
+        "",
+        "| subset | n | score |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {v['n']} | {v['accuracy']:.4f} |" for name, v in metrics["subsets"].items()]
+    lines += ["", f"Mean over subsets: {metrics['subset_mean']:.4f}"]
+    if metrics["rewardbench2_missing"]:
+        lines[-1] += f" (RewardBench 2 subsets missing: {', '.join(metrics['rewardbench2_missing'])})"
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"best-of-N: mean over subsets {metrics['subset_mean']:.4f}")
     print(f"wrote {out / 'report.md'} (and results.json, scores.jsonl) in {out}")
     return 0
 

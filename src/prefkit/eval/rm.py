@@ -252,8 +252,13 @@ def _flat_rewards(eval_set: EvalSet, scorer: _Scorer, groups: list[list]) -> lis
 
 
 def _best_of_n(eval_set: EvalSet, scorer: _Scorer, out: dict, skipped: dict) -> list[dict]:
-    """Best-of-N credit per record (RewardBench 2); the Ties subset by its own rule (one score for the subset)."""
     rewards = _flat_rewards(eval_set, scorer, [r.completions for r in eval_set.records])
+    return best_of_n_results(eval_set, rewards, out)
+
+
+def best_of_n_results(eval_set: EvalSet, rewards: list[np.ndarray], out: dict) -> list[dict]:
+    """Best-of-N credit per record from each record's completion ``rewards`` (RewardBench 2), the Ties subset by
+    its own rule (one score for the subset), into ``out``; returns the per-record items."""
     ties = np.array([is_ties_subset(s) for s in eval_set.subsets])
     credit = np.array(
         [math.nan if t else M.best_of_n_credit(s, b) for s, b, t in zip(rewards, eval_set.best, ties)], dtype=float

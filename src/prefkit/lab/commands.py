@@ -35,6 +35,8 @@ STUDIES = {
     "implicit PRM and majority vote in best-of-N, step-level quality, beam search and MCTS, mean ± SE over seeds",
     "lists": "listwise losses (pl_dpo, pro, lipo) against DPO on pairs cut from the same ranked lists: true-reward "
     "gain, KL, agreement, mean ± SE over seeds",
+    "judge": "a generative judge (the reference policy supervised on verdicts) against a reward model trained on "
+    "the same annotated pairs: agreement with the true preferences by training-set size, position bias, mean ± SE",
     "pluralism": "user groups of unequal shares: pooled BT against MixtureBT, PAL, VPL, MiCRo per group, for seen "
     "and unseen users; PAL on planted ideal points, a pets task, GPM against BT on cyclic preferences",
 }
@@ -167,6 +169,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _budget(studies.add_parser("budget", help=STUDIES["budget"], description=STUDIES["budget"]))
     _process(studies.add_parser("process", help=STUDIES["process"], description=STUDIES["process"]))
     _lists(studies.add_parser("lists", help=STUDIES["lists"], description=STUDIES["lists"]))
+    _judge(studies.add_parser("judge", help=STUDIES["judge"], description=STUDIES["judge"]))
+
+
+def _judge(parser: argparse.ArgumentParser) -> None:
+    _common(parser, "judge")
+    parser.add_argument(
+        "--sizes", type=_ints, default=[250, 1000, 4000], help="training pairs per run (default: 250,1000,4000)"
+    )
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="one run per seed and size (default: 0,1,2)")
+    parser.add_argument("--epochs", type=int, default=4, help="passes over the training data (default: 4)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="learning rate of both (default: 1e-3)")
 
 
 def _lists(parser: argparse.ArgumentParser) -> None:
@@ -348,6 +362,26 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"prefkit lab study {args.study}: error: {problem}", file=sys.stderr)
         return 2
+    if args.study == "judge":
+        from prefkit.lab.judge_study import judge_study
+
+        try:
+            judge_study(
+                args.world,
+                args.sizes,
+                args.seeds,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
+                output_dir=args.output_dir,
+                cache_dir=args.cache_dir,
+                progress=not args.quiet,
+            )
+        except ValueError as err:
+            print(f"prefkit lab study judge: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.study == "lists":
         from prefkit.lab.list_study import list_study
 
