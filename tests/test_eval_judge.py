@@ -46,16 +46,20 @@ def test_judge_metrics_by_hand():
         judge_metrics([1.0, 2.0])
 
 
-def test_a_verdict_is_the_log_prob_of_one_label_minus_the_other():
+@pytest.mark.parametrize("labels", [(" A", " B"), (" yes", " no")])
+def test_a_verdict_is_the_log_prob_of_one_label_minus_the_other(labels):
+    """Labels one token apart after a shared space (" A" / " B" in bytes) take the one-forward next-token path;
+    longer ones (" yes" / " no") sum each label's tokens: both equal the two log-likelihoods' difference."""
     torch.manual_seed(0)
     tok = load_tokenizer("tiny")
     model = load_policy("tiny", vocab_size=len(tok))
+    template = JudgeTemplate(labels=labels)
     record = PairwiseRecord("Say hi.", "Hi there!", "No.")
-    (v,) = judge_pairs(model, tok, [record], progress=False)
-    prompt = TEMPLATES["plain"].text.format(prompt="Say hi.", a="No.", b="Hi there!")  # the second order
+    (v,) = judge_pairs(model, tok, [record, PairwiseRecord("2+2?", "4", "five")], template, progress=False)[:1]
+    prompt = template.text.format(prompt="Say hi.", a="No.", b="Hi there!")  # the second order
     ids = tok(prompt)["input_ids"]
     logps = []
-    for label in (" A", " B"):
+    for label in labels:
         lab = tok(label, add_special_tokens=False)["input_ids"]
         x = torch.tensor([ids + lab])
         comp = torch.tensor([[0] * len(ids) + [1] * len(lab)])

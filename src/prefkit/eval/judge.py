@@ -91,36 +91,82 @@ def judge_pairs(
 ) -> np.ndarray:
     """``[N, 2]`` verdicts: column 0 with the chosen response as A, column 1 with it as B; each is
     ``log p(first label | prompt) - log p(second label | prompt)`` (> 0: the judge picks A)."""
-    from tqdm.auto import tqdm
-
-    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in template.labels]
+    label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in template.labels]
     if not all(label_ids) or label_ids[0] == label_ids[1]:
         raise ValueError(f"the labels {template.labels!r} tokenize to no tokens or to the same tokens")
-    # (prompt ids, label index) for pair i, order o, label l at 4 i + 2 o + l
-    rows = [(ids, label) for ids in _both_orders(tokenizer, template, records, max_prompt_length) for label in (0, 1)]
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = np.zeros(len(rows))
+    prompts = _both_orders(tokenizer, template, records, max_prompt_length)
+    # The labels' common first tokens (a space, say) add the same log-prob to both and cancel in v: they join the
+    # prompt. When one token is left of each, one forward per prompt reads both (the next-token distribution).
+    shared = 0
+    while shared < min(map(len, label_ids)) and label_ids[0][shared] == label_ids[1][shared]:
+        shared += 1
+    prompts = [ids + label_ids[0][:shared] for ids in prompts]
+    rest = [ids[shared:] for ids in label_ids]
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(rows), batch_size), desc="judging", disable=not progress, unit="batch"):
-            chunk = rows[start : start + batch_size]
-            seqs = [(ids + label_ids[lab], len(ids)) for ids, lab in chunk]
-            width = max(len(s) for s, _ in seqs)
-            input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            completion = torch.zeros_like(input_ids)
-            for i, (s, n_prompt) in enumerate(seqs):
-                input_ids[i, : len(s)] = torch.tensor(s)
-                attention[i, : len(s)] = 1
-                completion[i, n_prompt : len(s)] = 1
-            out = completion_logps(model, input_ids.to(device), attention.to(device), completion.to(device))
-            scores[start : start + len(chunk)] = out.sum.float().cpu().numpy()
+        if len(rest[0]) == 1 and len(rest[1]) == 1:
+            verdicts = _next_token_verdicts(model, tokenizer, prompts, (rest[0][0], rest[1][0]), batch_size, progress)
+        else:
+            verdicts = _two_label_verdicts(model, tokenizer, prompts, rest, batch_size, progress)
     finally:
         model.train(was_training)
-    per_label = scores.reshape(len(records), 2, 2)
-    return per_label[:, :, 0] - per_label[:, :, 1]
+    return verdicts.reshape(len(records), 2)
+
+
+def _batches(n: int, batch_size: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(0, n, batch_size), desc="judging", disable=not progress, unit="batch")
+
+
+def _next_token_verdicts(model, tokenizer, prompts, labels: tuple[int, int], batch_size, progress) -> np.ndarray:
+    """``log p(labels[0]) - log p(labels[1])`` as the next token after each prompt, one forward each (left padding,
+    only the last position's logits computed where the model allows it)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = np.zeros(len(prompts))
+    for start in _batches(len(prompts), batch_size, progress):
+        chunk = prompts[start : start + batch_size]
+        width = max(map(len, chunk))
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, ids in enumerate(chunk):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        try:
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        except TypeError:  # a model without logits_to_keep
+            logits = model(**inputs).logits[:, -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out[start : start + len(chunk)] = (logp[:, labels[0]] - logp[:, labels[1]]).cpu().numpy()
+    return out
+
+
+def _two_label_verdicts(model, tokenizer, prompts, labels: list[list[int]], batch_size, progress) -> np.ndarray:
+    """``log p(labels[0] | prompt) - log p(labels[1] | prompt)``, each label's tokens summed by the log-prob engine."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = [(ids, label) for ids in prompts for label in (0, 1)]  # prompt p, label l at 2 p + l
+    scores = np.zeros(len(rows))
+    for start in _batches(len(rows), batch_size, progress):
+        chunk = rows[start : start + batch_size]
+        seqs = [(ids + labels[lab], len(ids)) for ids, lab in chunk]
+        width = max(len(s) for s, _ in seqs)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        completion = torch.zeros_like(input_ids)
+        for i, (s, n_prompt) in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attention[i, : len(s)] = 1
+            completion[i, n_prompt : len(s)] = 1
+        out = completion_logps(model, input_ids.to(device), attention.to(device), completion.to(device))
+        scores[start : start + len(chunk)] = out.sum.float().cpu().numpy()
+    per_label = scores.reshape(len(prompts), 2)
+    return per_label[:, 0] - per_label[:, 1]
 
 
 @torch.no_grad()
