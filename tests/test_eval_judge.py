@@ -11,7 +11,6 @@ from prefkit.cli import main
 from prefkit.data.judge_prompts import parse_verdict
 from prefkit.data.records import PairwiseRecord
 from prefkit.eval.judge import (
-    TEMPLATES,
     JudgeTemplate,
     LMJudge,
     generate_verdicts,

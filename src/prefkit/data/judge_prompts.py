@@ -1,4 +1,5 @@
-"""Judge prompts: how a pair is shown to a generative judge, and how its written verdict is read.
+"""Judge prompts: how a pair is shown to a generative judge, how its written verdict is read, and how a pairwise
+judge scores a list (`round_robin_scores`).
 
 A `JudgeTemplate` holds the prompt text with ``{prompt}``, ``{a}`` and ``{b}``, the two verdict labels that
 continue it (``" A"``, ``" B"``) and whether it goes through the tokenizer's chat template. It lives here, at the
@@ -14,13 +15,14 @@ by default, first found: ``[[A]]`` (MT-Bench's form), "Answer A is better", the 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefkit.data.records import render_text
 
-__all__ = ["TEMPLATES", "JudgeTemplate", "judge_prompt", "load_template", "parse_verdict"]
+__all__ = ["TEMPLATES", "JudgeTemplate", "judge_prompt", "load_template", "parse_verdict", "round_robin_scores"]
 
 _PLAIN = (
     "Here is a question and two answers.\n\nQuestion: {prompt}\n\nAnswer A: {a}\n\nAnswer B: {b}\n\n"
@@ -106,3 +108,25 @@ def parse_verdict(text: str, labels: tuple[str, str] = (" A", " B"), pattern: st
         if match:
             return stripped.index(match.group(1))
     return None
+
+
+def round_robin_scores(judge: Callable, prompts: Sequence[Any], groups: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Scores from a pairwise judge ``judge(prompts, first, second) -> [P(first preferred)]``: completion ``i`` of a
+    group scores the mean over the other completions ``j`` of ``P(i preferred to j)`` (its expected win rate in a
+    round robin; each unordered pair judged once, ``P(j over i) = 1 - P(i over j)``). One judge call for all pairs."""
+    firsts, seconds, who, asked = [], [], [], []
+    for g, (prompt, group) in enumerate(zip(prompts, groups)):
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                asked.append(prompt)
+                firsts.append(group[i])
+                seconds.append(group[j])
+                who.append((g, i, j))
+    probs = list(judge(asked, firsts, seconds)) if who else []
+    if len(probs) != len(who):
+        raise ValueError(f"the judge returned {len(probs)} probabilities for {len(who)} pairs")
+    wins = [[0.0] * len(group) for group in groups]
+    for (g, i, j), prob in zip(who, probs):
+        wins[g][i] += float(prob)
+        wins[g][j] += 1.0 - float(prob)
+    return [[w / max(len(group) - 1, 1) for w in row] for row, group in zip(wins, groups)]

@@ -36,7 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from prefkit.data.judge_prompts import TEMPLATES, JudgeTemplate, judge_prompt, load_template, parse_verdict
+from prefkit.data.judge_prompts import (
+    TEMPLATES,
+    JudgeTemplate,
+    judge_prompt,
+    load_template,
+    parse_verdict,
+    round_robin_scores,
+)
 from prefkit.data.records import PairwiseRecord
 from prefkit.data.tokenize import tokenize_prompt
 from prefkit.train.logps import completion_logps
@@ -293,15 +300,9 @@ class LMJudge:
 
 
 def win_rates(judge: LMJudge, prompts: Sequence[Any], groups: Sequence[Sequence[Any]]) -> list[np.ndarray]:
-    """Each completion's mean probability of beating the other completions of its prompt, by ``judge`` (every
-    unordered pair judged once, in both orders): how a pairwise judge scores a best-of-N list (RewardBench 2)."""
-    who = [(g, i, j) for g, group in enumerate(groups) for i in range(len(group)) for j in range(i + 1, len(group))]
-    probs = judge([prompts[g] for g, _, _ in who], [groups[g][i] for g, i, _ in who], [groups[g][j] for g, _, j in who])
-    wins = [np.zeros(len(group)) for group in groups]
-    for (g, i, j), prob in zip(who, probs):
-        wins[g][i] += prob
-        wins[g][j] += 1.0 - prob
-    return [w / max(len(w) - 1, 1) for w in wins]
+    """Each completion's mean probability of beating the other completions of its prompt by ``judge``
+    (`round_robin_scores`): how a pairwise judge scores a best-of-N list (RewardBench 2)."""
+    return [np.asarray(row, dtype=np.float64) for row in round_robin_scores(judge, prompts, groups)]
 
 
 def lm_judge(

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from prefkit.data.judge_prompts import round_robin_scores
 from prefkit.online.sampling import Completion, sample_completions
 
 __all__ = [
@@ -145,28 +146,6 @@ class BestOfN:
     best_score: float
     candidates: list[Completion]
     scores: list[float]
-
-
-def round_robin_scores(judge: Callable, prompts: Sequence[Any], groups: Sequence[Sequence[str]]) -> list[list[float]]:
-    """Scores from a pairwise judge ``judge(prompts, first, second) -> [P(first preferred)]``: completion ``i`` of a
-    group scores the mean over the other completions ``j`` of ``P(i preferred to j)`` (its expected win rate in a
-    round robin; each unordered pair judged once, ``P(j over i) = 1 - P(i over j)``). One judge call for all pairs."""
-    firsts, seconds, who, asked = [], [], [], []
-    for g, (prompt, group) in enumerate(zip(prompts, groups)):
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                asked.append(prompt)
-                firsts.append(group[i])
-                seconds.append(group[j])
-                who.append((g, i, j))
-    probs = list(judge(asked, firsts, seconds)) if who else []
-    if len(probs) != len(who):
-        raise ValueError(f"the judge returned {len(probs)} probabilities for {len(who)} pairs")
-    wins = [[0.0] * len(group) for group in groups]
-    for (g, i, j), prob in zip(who, probs):
-        wins[g][i] += float(prob)
-        wins[g][j] += 1.0 - float(prob)
-    return [[w / max(len(group) - 1, 1) for w in row] for row, group in zip(wins, groups)]
 
 
 def best_of_n(

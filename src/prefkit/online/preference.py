@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import TrainerCallback
 
+from prefkit.data.judge_prompts import round_robin_scores
 from prefkit.losses import ListLogps, PairLogps, get_loss
 from prefkit.online.trainer import OnlineArguments, OnlineTrainer
 from prefkit.train.checkpointing import TrainingStoppedError
@@ -239,15 +240,9 @@ class OnlinePreferenceTrainer(OnlineTrainer):
             prob = torch.sigmoid(s[:, :, None] - s[:, None, :])
             prob = torch.where(torch.isnan(prob), torch.full_like(prob, 0.5), prob)
         else:
-            pairs = [(u, i, j) for u in range(units) for i in range(k) for j in range(i + 1, k)]
-            judged = self.judge(
-                [records[u]["prompt"] for u, _, _ in pairs],
-                [rollouts[u * k + i].text for u, i, _ in pairs],
-                [rollouts[u * k + j].text for u, _, j in pairs],
-            )
-            prob = torch.full((units, k, k), 0.5)
-            for (u, i, j), p in zip(pairs, judged):
-                prob[u, i, j], prob[u, j, i] = float(p), 1.0 - float(p)
+            groups = [[rollouts[u * k + i].text for i in range(k)] for u in range(units)]
+            prompts = [record["prompt"] for record in records]
+            return torch.tensor(round_robin_scores(self.judge, prompts, groups), dtype=torch.float32)
         off_diagonal = 1.0 - torch.eye(k)
         return (prob * off_diagonal).sum(-1) / (k - 1)
 
