@@ -55,8 +55,10 @@ def test_section_scores_count_weighted_mean_and_weights():
     assert out["sections"] == {"S1": 0.625, "S2": 0.5}
     assert out["score"] == pytest.approx((0.625 * 1 + 0.5 * 0.5) / 1.5)  # 0.58333
     assert out["missing"] == {"S1": ["z"], "S3": ["y"]} and out["unscored"] == ["S3"]
+    assert out["weighting"] == {"S1": "rows evaluated", "S2": "plain mean"}  # the report says which
     # a counted as 30 examples (RewardBench's math-prm style override): (30*1 + 30*0.5) / 60 = 0.75
-    assert section_scores(subsets, sections, counts={"a": 30})["sections"]["S1"] == 0.75
+    counted = section_scores(subsets, sections, counts={"a": 30})
+    assert counted["sections"]["S1"] == 0.75 and counted["weighting"]["S1"] == "fixed counts, else rows evaluated"
 
 
 def test_best_of_4_with_ties_shares_credit():
@@ -181,6 +183,7 @@ def test_rewardbench_section_map_weighs_subsets_by_the_benchmarks_fixed_counts()
     assert out["sections"]["Reasoning"] == pytest.approx(reasoning)
     assert out["score"] == pytest.approx((chat + reasoning) / 2)
     assert "alpacaeval-length" in out["missing"]["Chat"] and set(out["unscored"]) == {"Chat Hard", "Safety"}
+    assert out["weighting"] == {"Chat": "fixed counts", "Reasoning": "fixed counts"}
 
 
 def test_rmbench_scores_average_domains_not_records():

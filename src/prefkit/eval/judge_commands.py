@@ -312,8 +312,9 @@ def _report(r: dict) -> str:
             f"Order-averaged verdicts with tie rows scored by the `{c['policy']}` policy: {c['accuracy']:.4f}",
         ]
     if "sections" in r:
-        lines += ["", "| section | accuracy |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in r["sections"]["sections"].items()]
+        weighting = r["sections"]["weighting"]
+        lines += ["", "| section | accuracy | subsets weighted by |", "|---|---|---|"]
+        lines += [f"| {n} | {v:.4f} | {weighting[n]} |" for n, v in r["sections"]["sections"].items()]
         if r["sections"]["score"] is not None:
             lines.append(f"| **score** | {r['sections']['score']:.4f} |")
     if "self_preference" in r:

@@ -178,7 +178,10 @@ def section_scores(
             math-prm as 984 examples, to weigh as much as the code subsets).
 
     Returns ``{"sections": {section: accuracy}, "score": weighted mean over scored sections,
-    "missing": {section: [subsets not evaluated]}, "unscored": [sections with no evaluated subset]}``.
+    "missing": {section: [subsets not evaluated]}, "unscored": [sections with no evaluated subset],
+    "weighting": {section: how its subsets were weighed}}``, the last one of ``"fixed counts"`` (every subset's
+    weight from ``counts``), ``"rows evaluated"`` (none), ``"fixed counts, else rows evaluated"`` or ``"plain
+    mean"``, so a report says which.
     A missing subset is left out of its section (as RewardBench does); a section with none left is
     reported, not scored.
     """
@@ -186,6 +189,7 @@ def section_scores(
     scored: dict[str, float] = {}
     weights: dict[str, float] = {}
     missing: dict[str, list[str]] = {}
+    weighting: dict[str, str] = {}
     for name, spec in sections.items():
         present = [s for s in spec["subsets"] if s in subsets]
         absent = [s for s in spec["subsets"] if s not in subsets]
@@ -197,13 +201,19 @@ def section_scores(
         if spec.get("average", "count") == "count":
             w = np.array([float(counts.get(s, subsets[s]["n"])) for s in present])
             scored[name] = float((accs * w).sum() / w.sum())
+            fixed = sum(s in counts for s in present)
+            weighting[name] = (
+                "fixed counts" if fixed == len(present) else "rows evaluated" if not fixed else
+                "fixed counts, else rows evaluated"
+            )  # fmt: skip
         else:
             scored[name] = float(accs.mean())
+            weighting[name] = "plain mean"
         weights[name] = float(spec.get("weight", 1.0))
     total = sum(weights.values())
     score = sum(scored[s] * weights[s] for s in scored) / total if total > 0 else None
     unscored = [name for name in sections if name not in scored]
-    return {"sections": scored, "score": score, "missing": missing, "unscored": unscored}
+    return {"sections": scored, "score": score, "missing": missing, "unscored": unscored, "weighting": weighting}
 
 
 # ---- best-of-N ----------------------------------------------------------------------------------

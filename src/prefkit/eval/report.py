@@ -117,8 +117,9 @@ def _markdown(results: dict[str, Any]) -> str:
         ]
     if "sections" in m:
         sec = m["sections"]
-        lines += ["", "## Sections", "", "| section | accuracy |", "|---|---|"]
-        lines += [f"| {name} | {_fmt(value)} |" for name, value in sec["sections"].items()]
+        lines += ["", "## Sections", "", "| section | accuracy | subsets weighted by |", "|---|---|---|"]
+        weighting = sec.get("weighting", {})
+        lines += [f"| {name} | {_fmt(value)} | {weighting.get(name, '')} |" for name, value in sec["sections"].items()]
         for name, absent in sec["missing"].items():
             lines.append(f"- {name}: subsets not in the data: {', '.join(absent)}")
     if results.get("plots"):
