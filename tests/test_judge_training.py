@@ -57,6 +57,12 @@ def test_prefkit_data_convert_to_judge(tmp_path, capsys):
     assert main(["data", "convert", str(data), str(out), "--to", "judge", "--template", "nope"]) == 2
 
 
+def test_the_committed_judge_pairs_are_the_conversion_of_the_tiny_pairs(tmp_path):
+    out = tmp_path / "judge.jsonl"
+    assert main(["data", "convert", str(PAIRS), str(out), "--to", "judge"]) == 0
+    assert out.read_text() == (REPO / "examples" / "data" / "judge_pairs_tiny.jsonl").read_text()
+
+
 def test_the_verdict_reward():
     reward = build_reward("verdict")
     completions = ["[[B]]", " A. Because", "I cannot say", " B", "A"]
