@@ -105,3 +105,45 @@ def test_tdpo_names_what_the_batch_lacks():
         get_loss("tdpo1")(b)
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         get_loss("tdpo2")(batch(), alpha=-1.0)
+
+
+# token masks (SparsePO's reward mask U, KL mask D) on the same two pairs
+UC = [[0.0, 1.5, 0.5], [2.0, 0.0, 9.0]]  # the 9.0 sits on a padding position: ignored
+UR = [[1.0, 0.0, 7.0], [0.5, 0.5, 1.0]]
+DC = [[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]]
+DR = [[0.0, 1.0, 0.0], [1.0, 0.0, 3.0]]
+
+
+def masked_batch():
+    b = batch()
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    b.chosen_weights, b.rejected_weights = t(UC), t(UR)
+    b.chosen_kl_weights, b.rejected_kl_weights = t(DC), t(DR)
+    return b
+
+
+def test_sparsepo_and_mapo_by_hand():
+    beta, lu, ld = 0.4, 0.01, 0.02
+    out = get_loss("sparsepo")(masked_batch(), beta=beta, l1_reward=lu, l1_kl=ld)
+    for i in range(2):
+
+        def dot(x, w, m):
+            return sum(a * b * c for a, b, c in zip(x, w, m))
+
+        u = dot([p - r for p, r in zip(PC[i], RC[i])], UC[i], CM[i]) - dot(
+            [p - r for p, r in zip(PR[i], RR[i])], UR[i], RM[i]
+        )
+        kl = dot(KC[i], DC[i], CM[i]) - dot(KR[i], DR[i], RM[i])  # KL_w - KL_l, masked
+        l1 = lu * (dot([1] * 3, UC[i], CM[i]) + dot([1] * 3, UR[i], RM[i]))
+        l1 += ld * (dot([1] * 3, DC[i], CM[i]) + dot([1] * 3, DR[i], RM[i]))
+        assert out.loss[i].item() == pytest.approx(nls(beta * (u + kl)) + l1)
+    # masks of ones and no L1: TDPO1; mapo is the same formula with the batch's masks
+    ones = batch()
+    ones.chosen_weights = ones.rejected_weights = ones.chosen_kl_weights = ones.rejected_kl_weights = torch.ones(2, 3)
+    tdpo1 = get_loss("tdpo1")(batch(), beta=beta).loss
+    assert torch.allclose(get_loss("sparsepo")(ones, beta=beta).loss, tdpo1)
+    assert torch.allclose(get_loss("mapo")(ones, beta=beta).loss, tdpo1)
+    # sparsity: chosen pair 0 has one zero among 3 tokens, rejected pair 0 one zero among 2 -> 2 of 5
+    assert out.metrics["mask/reward_sparsity"][0].item() == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="needs \\['chosen_weights'"):
+        get_loss("sparsepo")(batch(), beta=beta)

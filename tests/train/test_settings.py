@@ -137,8 +137,13 @@ def test_the_key_table_read_from_source_is_the_dataclasses():
 def test_the_loss_catalog_read_from_source_is_the_registry():
     from prefkit.losses import list_losses
 
-    live = {s.name: (s.kind, s.hyperparameters, s.ranges, s.batch_coupled, s.needs_kl) for s in list_losses()}
-    read = {e.name: (e.kind, e.hyperparameters, e.ranges, e.batch_coupled, e.needs_kl) for e in loss_catalog().values()}
+    live = {
+        s.name: (s.kind, s.hyperparameters, s.ranges, s.batch_coupled, s.needs_kl, s.token_masks) for s in list_losses()
+    }
+    read = {
+        e.name: (e.kind, e.hyperparameters, e.ranges, e.batch_coupled, e.needs_kl, e.token_masks)
+        for e in loss_catalog().values()
+    }
     assert read == live
 
 

@@ -67,6 +67,12 @@ class PairLogps:
     # layout; filled only for losses registered with needs_kl=True (TDPO's sequential KL)
     chosen_kl: Tensor | None = None
     rejected_kl: Tensor | None = None
+    # per-token weights >= 0 on the log-ratios and on the KL terms, same layout; filled only for losses registered
+    # with token_masks (SparsePO's learned masks, MaPO's activation masks), computed by the trainer
+    chosen_weights: Tensor | None = None
+    rejected_weights: Tensor | None = None
+    chosen_kl_weights: Tensor | None = None
+    rejected_kl_weights: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -203,6 +209,9 @@ class LossSpec:
     ranges: dict[str, str] = field(default_factory=dict)
     # True when the loss reads the per-token full-vocabulary KL to the reference (chosen_kl / rejected_kl)
     needs_kl: bool = False
+    # "learned" / "activations": the loss reads per-token masks (chosen_weights, ..., chosen_kl_weights, ...) that the
+    # trainer computes from the reference's hidden states (`prefkit.models.token_masks`); None: no masks
+    token_masks: str | None = None
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -231,6 +240,10 @@ def _docstring_field(doc: str, key: str) -> str:
     return ""
 
 
+# What a token-mask loss's masks are made from (`prefkit.models.token_masks`).
+TOKEN_MASKS = ("learned", "activations")
+
+
 def register_loss(
     name: str,
     *,
@@ -240,6 +253,7 @@ def register_loss(
     batch_coupled: bool = False,
     ranges: dict[str, str] | None = None,
     needs_kl: bool = False,
+    token_masks: str | None = None,
 ) -> Callable[[Callable[..., LossOutput]], Callable[..., LossOutput]]:
     """Register ``fn`` under ``name``.
 
@@ -267,9 +281,12 @@ def register_loss(
             check_range(text)
         if needs_kl and not (needs_tokens and needs_reference and kind == "pairwise"):
             raise ValueError(f"loss {name!r}: needs_kl is for pairwise losses with needs_tokens and a reference")
+        if token_masks not in (None, *TOKEN_MASKS) or (token_masks and not needs_kl):
+            raise ValueError(f"loss {name!r}: token_masks is one of {TOKEN_MASKS} on a needs_kl loss")
         _REGISTRY[name] = LossSpec(
-            name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled, declared, needs_kl
-        )
+            name, kind, fn, needs_reference, needs_tokens, formula, citation, batch_coupled, declared, needs_kl,
+            token_masks,
+        )  # fmt: skip
         return fn
 
     return deco

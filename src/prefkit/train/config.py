@@ -489,12 +489,20 @@ class PreferenceConfig(TrainingArguments):
                     f"{key}: {', '.join(kl_losses)} read the reference's next-token distributions at every "
                     "completion token, which only the plain layout with a live reference gives; set it to false"
                 )
+        self._check_token_masks()
         if self.packing and self.loss_kind != "pairwise":
             raise ConfigError(
                 f"packing packs the chosen and rejected sequences of pairwise losses; {self.loss} are of kind "
                 f"{self.loss_kind!r}. Set packing to false."
             )
         super().__post_init__()
+
+    def _check_token_masks(self) -> None:
+        from prefkit.losses import get_loss
+
+        masked = [n for n in self.loss if get_loss(n).token_masks]
+        if len(masked) > 1:
+            raise ConfigError(f"loss: at most one token-mask loss (each builds its own masks), got {masked}")
 
     def _check_curriculum(self) -> None:
         from prefkit.train.curriculum import CURRICULA

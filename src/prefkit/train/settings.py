@@ -207,6 +207,7 @@ class CatalogEntry:
     ranges: dict[str, str]
     batch_coupled: bool = False
     needs_kl: bool = False
+    token_masks: str | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -237,6 +238,7 @@ def loss_catalog() -> dict[str, CatalogEntry]:
                     dict(kw.get("ranges") or {}),
                     bool(kw.get("batch_coupled", False)),
                     bool(kw.get("needs_kl", False)),
+                    kw.get("token_masks"),
                 )
     return out
 
@@ -515,6 +517,13 @@ def check_losses(values: Mapping[str, Any]) -> None:
     for key in ("share_prompt", "packing", "precompute_ref_logps"):
         if kl_losses and values.get(key) is True:
             raise _fail(key, f"false for {', '.join(kl_losses)} (they read the reference's token distributions)", True)
+    masked = [n for n in names if loss_catalog()[n].token_masks]
+    if len(masked) > 1:
+        raise _fail("loss", "at most one token-mask loss (each builds its own masks)", names)
+    if masked and loss_catalog()[masked[0]].token_masks == "learned" and (values.get("lora_r") or 0) > 0:
+        raise _fail(
+            "lora_r", f"0 for {masked[0]} (its learned masks train beside the policy's full weights)", values["lora_r"]
+        )
     if values.get("curriculum") == "margin" and kind != "pairwise":
         raise _fail("curriculum", f"none for {kind} losses (margin orders preference pairs)", "margin")
     if loss_catalog()[names[0]].kind == "policy":

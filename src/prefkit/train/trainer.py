@@ -130,10 +130,19 @@ class _TrackingCollator:
         return batch
 
 
-def pair_logps_batch(pol: LogpOutput, ref: LogpOutput | None, mask: Tensor, margin: Tensor | None, *, tokens: bool):
+def pair_logps_batch(
+    pol: LogpOutput,
+    ref: LogpOutput | None,
+    mask: Tensor,
+    margin: Tensor | None,
+    *,
+    tokens: bool,
+    token_masks: tuple[Tensor, Tensor] | None = None,
+):
     """The `PairLogps` of a pairwise batch's ``2B`` rows (chosen rows, then rejected rows): policy and
     reference (None for reference-free losses) sums and token counts; with ``tokens``, also the
-    per-token log-probs, completion masks and logsumsq that token-level losses read."""
+    per-token log-probs, completion masks and logsumsq that token-level losses read; ``token_masks``: the
+    ``[2B, T]`` reward and KL masks of a token-mask loss (`prefkit.train.token_masks`)."""
     b = pol.sum.shape[0] // 2
     batch = PairLogps(
         policy_chosen=pol.sum[:b],
@@ -153,6 +162,10 @@ def pair_logps_batch(pol: LogpOutput, ref: LogpOutput | None, mask: Tensor, marg
             batch.ref_chosen_tokens, batch.ref_rejected_tokens = ref.per_token[:b], ref.per_token[b:]
     if pol.kl is not None:
         batch.chosen_kl, batch.rejected_kl = pol.kl[:b], pol.kl[b:]
+    if token_masks is not None:
+        reward, kl = (m.to(pol.sum.dtype) for m in token_masks)
+        batch.chosen_weights, batch.rejected_weights = reward[:b], reward[b:]
+        batch.chosen_kl_weights, batch.rejected_kl_weights = kl[:b], kl[b:]
     return batch
 
 
@@ -301,6 +314,19 @@ class PreferenceTrainer(CheckpointingTrainer):
         if args.precompute_ref_logps:
             reference += " (log-probs precomputed before training)"
         self.reference_precomputed = False
+        # -- token masks (sparsepo, mapo): a part that reads the reference's hidden states (prefkit.train.token_masks)
+        self.token_masker = None
+        masked = [s for s in self.loss_specs if s.token_masks]
+        if masked:
+            from prefkit.train.token_masks import TokenMasker
+
+            spec = masked[0]
+            if spec.token_masks == "learned" and self.is_peft:
+                raise ValueError(
+                    f"loss {spec.name!r} trains its token masks beside the policy's full weights; it does not take "
+                    "LoRA (drop peft_config / lora_r)"
+                )
+            self.token_masker = TokenMasker(spec.token_masks, self.loss_params[spec.name], model, seed=args.seed)
         self.run_info.setdefault("reference", reference)
 
         # -- data -------------------------------------------------------------------------------
@@ -653,14 +679,20 @@ class PreferenceTrainer(CheckpointingTrainer):
         weight = inputs["weight"]
         b = weight.shape[0]
         tokens = self.needs_tokens
+        token_masks = None
         if self.needs_kl:  # the reference first: the policy's pass reads its hidden states for the token KL
             with self._reference(model) as ref_model:
                 ref = self._pair_logps(ref_model, inputs, tokens=True, keep_head_inputs=True)
+                states = self.token_masker.reference_states(ref_model, inputs) if self.token_masker else None
             pol = self._pair_logps(model, inputs, tokens=True, logsumsq=True, kl_to=ref)
+            if states is not None:
+                token_masks = self.token_masker.masks(states, inputs["completion_mask"])
         else:
             pol = self._pair_logps(model, inputs, tokens=tokens, logsumsq=tokens)
             ref = self._pair_reference(model, inputs, pol, tokens=tokens) if self.needs_reference else None
-        batch = pair_logps_batch(pol, ref, inputs["completion_mask"], inputs.get("margin"), tokens=tokens)
+        batch = pair_logps_batch(
+            pol, ref, inputs["completion_mask"], inputs.get("margin"), tokens=tokens, token_masks=token_masks
+        )
         out = combine_losses(batch, self.loss_names, self.loss_weights, self.loss_params)
         self._check_batch_coupled_weights(weight)
         per_example = out.loss * weight.to(out.loss.dtype)
@@ -991,7 +1023,20 @@ class PreferenceTrainer(CheckpointingTrainer):
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call=_internal_call)
+        masker = self.token_masker
+        if _internal_call or masker is None or masker.module is None:
+            super().save_model(output_dir, _internal_call=_internal_call)  # checkpoints keep a learned mask inside
+        else:  # the final model: the policy alone, its learned token mask beside it
+            from prefkit.train.token_masks import MASK_MODULE
+
+            policy = self.accelerator.unwrap_model(self.model)
+            module = policy._modules.pop(MASK_MODULE)
+            try:
+                super().save_model(output_dir, _internal_call=_internal_call)
+            finally:
+                policy.add_module(MASK_MODULE, module)
+            if self.args.should_save:
+                masker.save(output_dir or self.args.output_dir)
         if self.user_tokens is not None and self.args.should_save:
             self.user_tokens.save(output_dir or self.args.output_dir, self.processing_class)
         target = os.path.abspath(output_dir or self.args.output_dir)
