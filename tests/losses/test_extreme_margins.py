@@ -34,6 +34,7 @@ def _batch(kind: str, sign: float):
         small, large = [-0.5, -0.5, 0.0], [-0.5, -0.5 - BIG, 0.0]
         pc_t, pr_t = (small, large) if sign > 0 else (large, small)
         pct, prt = _leaf([pc_t, pc_t]), _leaf([pr_t, pr_t])
+        weights = _leaf([[0.5, 1.5, 0.0]] * 2)  # token masks (sparsepo, mapo), learned ones take gradients too
         ref = torch.tensor([[-0.5, -0.5, 0.0]] * 2)
         mask = torch.tensor([[1.0, 1.0, 0.0]] * 2)
         batch = PairLogps(
@@ -54,8 +55,12 @@ def _batch(kind: str, sign: float):
             margin=torch.tensor([1.0, 1.0]),
             chosen_kl=torch.full((2, 3), 0.1),
             rejected_kl=torch.full((2, 3), 0.1),
+            chosen_weights=weights,
+            rejected_weights=weights,
+            chosen_kl_weights=weights,
+            rejected_kl_weights=weights,
         )
-        return batch, [pct, prt]
+        return batch, [pct, prt, weights]
     if kind == "unpaired":
         policy = _leaf([-1.0 + sign * BIG, -1.0 - sign * BIG])
         batch = UnpairedLogps(
