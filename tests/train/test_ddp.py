@@ -14,7 +14,9 @@ that of the mean over the global batch, as in the single process. The logged los
 averaged over the processes. So the logged losses of both steps (the second one after the first
 update) and the parameter updates must agree within 1e-5; they differ only by float32 summation
 order (at most 6e-8 in the losses and 5e-7 in the updates observed). Cases: `RewardTrainer` (bt),
-`PreferenceTrainer` with dpo and a frozen-copy reference, and the same with ``share_prompt``.
+`PreferenceTrainer` with dpo and a frozen-copy reference, the same with ``share_prompt``, and mapo (token masks from
+the reference's hidden states, a third reference pass). sparsepo's learned masks are refused under several processes
+(`test_sparsepo_refuses_several_processes`).
 
 Also: ``prefkit train`` under the same launch writes one run's output once; every
 examples/accelerate/*.yaml passes accelerate's launch-time checks; a wrapped reward model is scored
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "scripts" / "ddp_worker.py"
 DDP_CPU = ROOT / "examples" / "accelerate" / "ddp_cpu.yaml"
 TOL = 1e-5
-CASES = ("reward", "dpo", "dpo-shared", "gpm")
+CASES = ("reward", "dpo", "dpo-shared", "gpm", "mapo")
 UNPAIRED = ("kto", "bco")
 
 
@@ -284,3 +286,16 @@ def test_wrapped_judge_runs_through_the_wrapper(tokenizer):
 
     with pytest.raises(NotImplementedError, match=r"compare\(\) method"):
         RewardTrainer._judge_logits(_Wrapper(OwnCompare()), ids, ones, ones, 1)
+
+
+def test_sparsepo_refuses_several_processes(monkeypatch, tokenizer, tiny_model, pref_args, make_pairs):
+    """DDP reports a learned mask's parameters ready twice (they are used outside the policy's forward), so the
+    trainer refuses it under several processes in one line instead of failing inside backward."""
+    from transformers import TrainingArguments
+
+    from prefkit.train.trainer import PreferenceTrainer
+
+    args = pref_args(loss="sparsepo", loss_params={})
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="learned token masks train on one process only"):
+        PreferenceTrainer(tiny_model, args, train_dataset=make_pairs(4), processing_class=tokenizer)

@@ -201,9 +201,10 @@ def sparsepo(
     (its ``mask_model="simple_all"``), trained with the policy: the trainer attaches the network to the policy as
     ``prefkit_token_mask`` (so the optimizer, checkpoints and exact resume carry it) and saves it beside the final
     model as ``token_mask.safetensors``. The code's separate mask weight decay (0.01) is not reproduced: the mask
-    takes the run's ``weight_decay``. Refused with LoRA. As ``tdpo1``: full-vocabulary KL, plain layout only. TRL:
-    none. Logged: ``mask/reward_mean`` and ``mask/kl_mean`` (mean weight per token), ``mask/reward_sparsity`` (the
-    share of completion tokens with weight 0).
+    takes the run's ``weight_decay``. Refused with LoRA and under several processes (DDP cannot reduce the gradients
+    of a mask used outside the policy's forward; ``mapo`` runs there). As ``tdpo1``: full-vocabulary KL, plain layout
+    only. TRL: none. Logged: ``mask/reward_mean`` and ``mask/kl_mean`` (mean weight per token),
+    ``mask/reward_sparsity`` (the share of completion tokens with weight 0).
     """
     return _masked_tdpo(b, beta=beta, loss="sparsepo", l1_reward=l1_reward, l1_kl=l1_kl)
 

@@ -326,6 +326,11 @@ class PreferenceTrainer(CheckpointingTrainer):
                     f"loss {spec.name!r} trains its token masks beside the policy's full weights; it does not take "
                     "LoRA (drop peft_config / lora_r)"
                 )
+            if spec.token_masks == "learned" and args.world_size > 1:
+                raise ValueError(
+                    f"loss {spec.name!r}: its learned token masks train on one process only (DDP cannot reduce the "
+                    "gradients of a mask used outside the policy's forward); run one process, or use mapo"
+                )
             self.token_masker = TokenMasker(spec.token_masks, self.loss_params[spec.name], model, seed=args.seed)
         self.run_info.setdefault("reference", reference)
 

@@ -72,14 +72,14 @@ def thumbs() -> list[UnpairedRecord]:
     ]
 
 
-CASES = ("reward", "dpo", "dpo-shared", "kto", "bco", "gpm")
+CASES = ("reward", "dpo", "dpo-shared", "kto", "bco", "gpm", "mapo")
 
 
 def build_trainer(case: str, batch: int, grad_accum: int, steps: int, output_dir: str):
     tokenizer = build_byte_tokenizer()
     args = PreferenceConfig(
         output_dir=output_dir,
-        loss={"reward": "bt", "kto": "kto", "bco": "bco", "gpm": "gpm"}.get(case, "dpo"),
+        loss={"reward": "bt", "kto": "kto", "bco": "bco", "gpm": "gpm", "mapo": "mapo"}.get(case, "dpo"),
         max_steps=steps,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=grad_accum,
