@@ -183,3 +183,20 @@ def test_judge_study_trains_a_judge_and_a_reward_model_on_the_same_pairs(tmp_pat
     assert "reward model" in (out / "results.md").read_text()
     with pytest.raises(ValueError, match="size 0 must be a positive int"):
         judge_study(sizes=(0,), output_dir=tmp_path)
+
+
+def test_loss_comparison_reads_each_run_at_matched_kl(tmp_path, cache):
+    out = tmp_path / "losses_kl"
+    r = loss_comparison(
+        losses=["dpo"], seeds=(0,), kl_budgets=(1e-9, 1e6), eval_every=1, output_dir=out, cache_dir=cache, **TINY
+    )
+    row = r["rows"][0]
+    # every run's path starts at the reference (KL 0) and is evaluated after each of its 3 steps
+    assert [p["step"] for p in row["runs"][0]["path"]] == [0, 1, 2, 3]
+    path = row["runs"][0]["path"]
+    reached = any(a["kl"] <= 1e-9 <= b["kl"] and b["kl"] > a["kl"] for a, b in zip(path, path[1:]))
+    assert row["n_at_kl_1e-09"] == int(reached) and math.isfinite(row["runs"][0]["at_kl"]["1e-09"]) == reached
+    assert row["n_at_kl_1e+06"] == 0 and math.isnan(row["runs"][0]["at_kl"]["1e+06"])  # never reached: counted
+    assert "At matched KL" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="kl_budgets must be > 0"):
+        loss_comparison(losses=["dpo"], seeds=(0,), kl_budgets=(0.0,), output_dir=out, cache_dir=cache, **TINY)

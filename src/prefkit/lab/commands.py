@@ -115,6 +115,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     losses.add_argument(
         "--seeds", type=_ints, default=[0, 1, 2], help="data and training seeds, one run per loss each (default: 0,1,2)"
     )
+    losses.add_argument(
+        "--kl-budgets",
+        type=_floats,
+        default=[],
+        help="also compare the losses' true rewards at these KL values (nats), each run evaluated along the way "
+        "(default: none)",
+    )
+    losses.add_argument(
+        "--eval-every", type=int, default=10, help="with --kl-budgets: steps between evaluations (default: 10)"
+    )
     _training(losses, samples_per_prompt=16)
 
     noise = studies.add_parser("noise", help=STUDIES["noise"], description=STUDIES["noise"])
@@ -499,7 +509,15 @@ def run(args: argparse.Namespace) -> int:
         samples_per_prompt=args.samples_per_prompt,
     )
     if args.study == "losses":
-        studies.loss_comparison(args.world, args.losses, seeds=args.seeds, **training, **common)
+        studies.loss_comparison(
+            args.world,
+            args.losses,
+            seeds=args.seeds,
+            kl_budgets=args.kl_budgets,
+            eval_every=args.eval_every,
+            **training,
+            **common,
+        )
     else:
         studies.noise_study(
             args.world,

@@ -242,13 +242,18 @@ def loss_comparison(
     seed: int = 0,
     heldout_pairs: int = 500,
     samples_per_prompt: int = 16,
+    kl_budgets: Sequence[float] = (),
+    eval_every: int = 10,
     output_dir: str | Path = "runs/lab/losses",
     spec=None,
     cache_dir=None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train every pairwise loss (default: all registered ones) from the world's reference policy, once per seed in
-    ``seeds``, and measure each against the true reward.
+    ``seeds``, and measure each against the true reward. With ``kl_budgets``, every run is also evaluated every
+    ``eval_every`` steps (8 samples per prompt) and its true reward read where its (KL, reward) path first reaches
+    each budget, as the noise study reads it (matched KL; off by default, it costs an evaluation every
+    ``eval_every`` steps).
 
     Seed ``s`` draws ``steps * batch_size`` fresh Bradley-Terry (temperature 1) pairs (data seed ``seed + 1 + 100 s``,
     shared by every loss) and trains one epoch with training seed ``s``; the reference's evaluation and the
@@ -280,6 +285,9 @@ def loss_comparison(
     }
     pairs = truth_pairs(setup.world, heldout_pairs, seed=seed + 2)
     before = _reference_eval(setup, samples_per_prompt, seed + 3)
+    if any(not b > 0 for b in kl_budgets):
+        raise ValueError(f"kl_budgets must be > 0, got {list(kl_budgets)}")
+    path_start = _reference_eval(setup, 8, seed + 4) if kl_budgets else None  # step 0 of every run's path
     say(
         f"  {steps * batch_size} training pairs per seed, seeds {list(seeds)}; reference mean true reward "
         f"{before.mean_reward:.3f}; training {len(names)} losses, {steps} steps each"
@@ -297,23 +305,38 @@ def loss_comparison(
         runs = []
         try:
             for s in seeds:
+                truth = None
+                if kl_budgets:
+                    from prefkit.lab.runs import TruthCallback
+
+                    ref = setup.reference
+                    truth = TruthCallback(
+                        setup.world, ref.tokenizer, ref.model, eval_every, n_per_prompt=8, seed=seed + 4
+                    ).start_from(path_start)
                 ev, agreement, seconds = _train_and_evaluate(
-                    setup, data[s], pairs, loss=name, params=params, seed=s, **fixed
+                    setup, data[s], pairs, loss=name, params=params, seed=s, callbacks=[truth] if truth else [], **fixed
                 )
-                runs.append(
-                    {
-                        "seed": s,
-                        "mean_reward": ev.mean_reward,
-                        "reward_se": ev.reward_se,
-                        "kl": ev.kl,
-                        "kl_se": ev.kl_se,
-                        "win_rate": ev.win_rate,
-                        "mean_length": ev.mean_length,
-                        "agreement": agreement,
-                        "train_seconds": seconds,
-                    }
-                )
+                run = {
+                    "seed": s,
+                    "mean_reward": ev.mean_reward,
+                    "reward_se": ev.reward_se,
+                    "kl": ev.kl,
+                    "kl_se": ev.kl_se,
+                    "win_rate": ev.win_rate,
+                    "mean_length": ev.mean_length,
+                    "agreement": agreement,
+                    "train_seconds": seconds,
+                }
+                if truth is not None:
+                    run["path"] = truth.path()
+                    run["at_kl"] = {f"{b:g}": _reward_at_kl(run["path"], b) for b in kl_budgets}
+                runs.append(run)
             row = {"loss": name, "params": params, "error": None, **_over_seeds(runs, before), "runs": runs}
+            for b in kl_budgets:
+                key = f"{b:g}"
+                row[f"reward_at_kl_{key}"], row[f"reward_at_kl_{key}_se"], row[f"n_at_kl_{key}"] = _mean_se(
+                    [r["at_kl"][key] for r in runs]
+                )
             say(
                 f"  [{i}/{len(names)}] {name}: true reward {row['mean_reward']:.3f} (gain {row['gain']:+.3f} "
                 f"± {row['gain_se']:.3f}), KL {row['kl']:.2f}, agreement {row['agreement']:.3f}"
@@ -334,6 +357,8 @@ def loss_comparison(
         "train_pairs": steps * batch_size,
         "heldout_pairs": heldout_pairs,
         "samples_per_prompt": samples_per_prompt,
+        "kl_budgets": list(kl_budgets),
+        "eval_every": eval_every,
         "reference": {
             "mean_reward": before.mean_reward,
             "reward_se": before.reward_se,
@@ -442,6 +467,25 @@ def _losses_markdown(r: dict[str, Any]) -> list[str]:
         "log π(y|x) − log π_ref(y|x) orders as the true preference does (the lab reference is used for the "
         "reference-free losses too, so all rows are measured the same way); train s: training wall time.",
     ]
+    budgets = [f"{b:g}" for b in r.get("kl_budgets", [])]
+    if budgets and ok:
+        lines += [
+            "",
+            f"**At matched KL** (every run evaluated every {r['eval_every']} steps with 8 samples per prompt; the true "
+            "reward where its (KL, reward) path first reaches each budget, linear between evaluations; runs that "
+            "never get there are left out and counted):",
+            "",
+            "| loss | " + " | ".join(f"true reward at KL {b}" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for row in ok:
+            cells = []
+            for b in budgets:
+                cell = _pm(row[f"reward_at_kl_{b}"], row[f"reward_at_kl_{b}_se"])
+                if row[f"n_at_kl_{b}"] < len(row["runs"]):
+                    cell += f" ({row[f'n_at_kl_{b}']}/{len(row['runs'])} runs)"
+                cells.append(cell)
+            lines.append(f"| {row['loss']} | " + " | ".join(cells) + " |")
     return lines + _ending("reward_vs_kl.png", "true reward against KL", _losses_summary(ok, failed), r["seconds"])
 
 
