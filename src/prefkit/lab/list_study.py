@@ -24,17 +24,19 @@ from typing import Any
 
 from prefkit.lab.studies import (
     OWN_BETA,
+    _add_matched_kl,
+    _at_kl,
     _check_positive,
     _check_seeds,
     _ending,
     _fmt,
-    _mean_se,
+    _matched_kl_table,
     _over_seeds,
     _pm,
     _reference_eval,
-    _reward_at_kl,
     _setup,
     _train_and_evaluate,
+    _truth_path,
     _write,
 )
 
@@ -78,7 +80,6 @@ def list_study(
     from prefkit.lab import draw_dataset
     from prefkit.lab.evaluate import truth_pairs
     from prefkit.lab.plots import labelled_scatter
-    from prefkit.lab.runs import TruthCallback
 
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
@@ -110,10 +111,7 @@ def list_study(
         runs = []
         for s in seeds:
             records = lists[s] if mode is None else ranked_to_pairwise(lists[s], mode=mode)
-            ref = setup.reference
-            truth = TruthCallback(
-                setup.world, ref.tokenizer, ref.model, eval_every, n_per_prompt=8, seed=seed + 4
-            ).start_from(path_start)
+            truth = _truth_path(setup, eval_every, seed + 4, path_start)
             ev, agreement, seconds = _train_and_evaluate(
                 setup,
                 records,
@@ -141,16 +139,12 @@ def list_study(
                     "mean_length": ev.mean_length,
                     "agreement": agreement,
                     "train_seconds": seconds,
-                    "at_kl": {f"{b:g}": _reward_at_kl(path, b) for b in kl_budgets},
+                    "at_kl": _at_kl(path, kl_budgets),
                     "path": path,
                 }
             )
         row = {"method": method, "loss": loss, "params": params, **_over_seeds(runs, before), "runs": runs}
-        for b in kl_budgets:
-            key = f"{b:g}"
-            row[f"reward_at_kl_{key}"], row[f"reward_at_kl_{key}_se"], row[f"n_at_kl_{key}"] = _mean_se(
-                [r["at_kl"][key] for r in runs]
-            )
+        _add_matched_kl(row, runs, kl_budgets)
         rows.append(row)
         say(
             f"  [{i}/{len(methods)}] {method}: gain {row['gain']:+.3f} ± {row['gain_se']:.3f}, KL {row['kl']:.2f}, "
@@ -207,25 +201,8 @@ def _markdown(r: dict[str, Any]) -> list[str]:
             f"{_pm(row['gain'], row['gain_se'])} | {_pm(row['kl'], row['kl_se'], 2)} | {_fmt(row['win_rate'])} | "
             f"{_pm(row['agreement'], row['agreement_se'])} | {_fmt(row['train_seconds'], 1)} |"
         )
-    budgets = [f"{b:g}" for b in r.get("kl_budgets", [])]
-    if budgets:
-        lines += [
-            "",
-            f"**At matched KL** (every run evaluated every {r['eval_every']} steps with 8 samples per prompt; the true "
-            "reward where its (KL, reward) path first reaches each budget, linear between evaluations; runs that "
-            "never get there are left out and counted):",
-            "",
-            "| method | " + " | ".join(f"true reward at KL {b}" for b in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
-        ]
-        for row in r["rows"]:
-            cells = []
-            for b in budgets:
-                cell = _pm(row[f"reward_at_kl_{b}"], row[f"reward_at_kl_{b}_se"])
-                if row[f"n_at_kl_{b}"] < len(row["runs"]):
-                    cell += f" ({row[f'n_at_kl_{b}']}/{len(row['runs'])} runs)"
-                cells.append(cell)
-            lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    if r.get("kl_budgets"):
+        lines += _matched_kl_table(r["rows"], "method", r["kl_budgets"], r["eval_every"])
     lines += [
         "",
         "Agreement: share of fresh response pairs the implicit reward log π − log π_ref orders as the true reward "

@@ -305,14 +305,7 @@ def loss_comparison(
         runs = []
         try:
             for s in seeds:
-                truth = None
-                if kl_budgets:
-                    from prefkit.lab.runs import TruthCallback
-
-                    ref = setup.reference
-                    truth = TruthCallback(
-                        setup.world, ref.tokenizer, ref.model, eval_every, n_per_prompt=8, seed=seed + 4
-                    ).start_from(path_start)
+                truth = _truth_path(setup, eval_every, seed + 4, path_start) if kl_budgets else None
                 ev, agreement, seconds = _train_and_evaluate(
                     setup, data[s], pairs, loss=name, params=params, seed=s, callbacks=[truth] if truth else [], **fixed
                 )
@@ -329,14 +322,10 @@ def loss_comparison(
                 }
                 if truth is not None:
                     run["path"] = truth.path()
-                    run["at_kl"] = {f"{b:g}": _reward_at_kl(run["path"], b) for b in kl_budgets}
+                    run["at_kl"] = _at_kl(run["path"], kl_budgets)
                 runs.append(run)
             row = {"loss": name, "params": params, "error": None, **_over_seeds(runs, before), "runs": runs}
-            for b in kl_budgets:
-                key = f"{b:g}"
-                row[f"reward_at_kl_{key}"], row[f"reward_at_kl_{key}_se"], row[f"n_at_kl_{key}"] = _mean_se(
-                    [r["at_kl"][key] for r in runs]
-                )
+            _add_matched_kl(row, runs, kl_budgets)
             say(
                 f"  [{i}/{len(names)}] {name}: true reward {row['mean_reward']:.3f} (gain {row['gain']:+.3f} "
                 f"± {row['gain_se']:.3f}), KL {row['kl']:.2f}, agreement {row['agreement']:.3f}"
@@ -467,25 +456,8 @@ def _losses_markdown(r: dict[str, Any]) -> list[str]:
         "log π(y|x) − log π_ref(y|x) orders as the true preference does (the lab reference is used for the "
         "reference-free losses too, so all rows are measured the same way); train s: training wall time.",
     ]
-    budgets = [f"{b:g}" for b in r.get("kl_budgets", [])]
-    if budgets and ok:
-        lines += [
-            "",
-            f"**At matched KL** (every run evaluated every {r['eval_every']} steps with 8 samples per prompt; the true "
-            "reward where its (KL, reward) path first reaches each budget, linear between evaluations; runs that "
-            "never get there are left out and counted):",
-            "",
-            "| loss | " + " | ".join(f"true reward at KL {b}" for b in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
-        ]
-        for row in ok:
-            cells = []
-            for b in budgets:
-                cell = _pm(row[f"reward_at_kl_{b}"], row[f"reward_at_kl_{b}_se"])
-                if row[f"n_at_kl_{b}"] < len(row["runs"]):
-                    cell += f" ({row[f'n_at_kl_{b}']}/{len(row['runs'])} runs)"
-                cells.append(cell)
-            lines.append(f"| {row['loss']} | " + " | ".join(cells) + " |")
+    if r.get("kl_budgets") and ok:
+        lines += _matched_kl_table(ok, "loss", r["kl_budgets"], r["eval_every"])
     return lines + _ending("reward_vs_kl.png", "true reward against KL", _losses_summary(ok, failed), r["seconds"])
 
 
@@ -721,6 +693,52 @@ def _reward_at_kl(path: list[dict], budget: float) -> float:
             t = (budget - a["kl"]) / (b["kl"] - a["kl"])
             return a["mean_reward"] + t * (b["mean_reward"] - a["mean_reward"])
     return float("nan")
+
+
+def _truth_path(setup: _Setup, eval_every: int, seed: int, start):
+    """A `TruthCallback` that evaluates a run every ``eval_every`` steps (8 samples per prompt, ``seed``) from the
+    reference's evaluation ``start`` (step 0 of every run's path)."""
+    from prefkit.lab.runs import TruthCallback
+
+    ref = setup.reference
+    return TruthCallback(setup.world, ref.tokenizer, ref.model, eval_every, n_per_prompt=8, seed=seed).start_from(start)
+
+
+def _at_kl(path: list[dict], kl_budgets: Sequence[float]) -> dict[str, float]:
+    """A run's true reward at each KL budget (`_reward_at_kl`), keyed by the budget as written (``"1"``, ``"0.5"``)."""
+    return {f"{b:g}": _reward_at_kl(path, b) for b in kl_budgets}
+
+
+def _add_matched_kl(row: dict[str, Any], runs: list[dict], kl_budgets: Sequence[float]) -> None:
+    """``reward_at_kl_B``, its standard error and ``n_at_kl_B`` (the runs that reached ``B``) into ``row``."""
+    for b in kl_budgets:
+        key = f"{b:g}"
+        row[f"reward_at_kl_{key}"], row[f"reward_at_kl_{key}_se"], row[f"n_at_kl_{key}"] = _mean_se(
+            [r["at_kl"][key] for r in runs]
+        )
+
+
+def _matched_kl_table(rows: list[dict], name_key: str, kl_budgets: Sequence[float], eval_every: int) -> list[str]:
+    """The results.md table of each row's true reward at the KL budgets (with how many runs reached each)."""
+    budgets = [f"{b:g}" for b in kl_budgets]
+    lines = [
+        "",
+        f"**At matched KL** (every run evaluated every {eval_every} steps with 8 samples per prompt; the true "
+        "reward where its (KL, reward) path first reaches each budget, linear between evaluations; runs that "
+        "never get there are left out and counted):",
+        "",
+        f"| {name_key} | " + " | ".join(f"true reward at KL {b}" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for row in rows:
+        cells = []
+        for b in budgets:
+            cell = _pm(row[f"reward_at_kl_{b}"], row[f"reward_at_kl_{b}_se"])
+            if row[f"n_at_kl_{b}"] < len(row["runs"]):
+                cell += f" ({row[f'n_at_kl_{b}']}/{len(row['runs'])} runs)"
+            cells.append(cell)
+        lines.append(f"| {row[name_key]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _noise_table(
