@@ -34,6 +34,7 @@ from prefkit.lab.studies import (
     _over_seeds,
     _pm,
     _reference_eval,
+    _run_figures,
     _setup,
     _train_and_evaluate,
     _truth_path,
@@ -129,16 +130,8 @@ def list_study(
             path = truth.path()
             runs.append(
                 {
-                    "seed": s,
+                    **_run_figures(s, ev, agreement, seconds),
                     "examples": len(records),
-                    "mean_reward": ev.mean_reward,
-                    "reward_se": ev.reward_se,
-                    "kl": ev.kl,
-                    "kl_se": ev.kl_se,
-                    "win_rate": ev.win_rate,
-                    "mean_length": ev.mean_length,
-                    "agreement": agreement,
-                    "train_seconds": seconds,
                     "at_kl": _at_kl(path, kl_budgets),
                     "path": path,
                 }

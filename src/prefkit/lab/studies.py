@@ -309,17 +309,7 @@ def loss_comparison(
                 ev, agreement, seconds = _train_and_evaluate(
                     setup, data[s], pairs, loss=name, params=params, seed=s, callbacks=[truth] if truth else [], **fixed
                 )
-                run = {
-                    "seed": s,
-                    "mean_reward": ev.mean_reward,
-                    "reward_se": ev.reward_se,
-                    "kl": ev.kl,
-                    "kl_se": ev.kl_se,
-                    "win_rate": ev.win_rate,
-                    "mean_length": ev.mean_length,
-                    "agreement": agreement,
-                    "train_seconds": seconds,
-                }
+                run = _run_figures(s, ev, agreement, seconds)
                 if truth is not None:
                     run["path"] = truth.path()
                     run["at_kl"] = _at_kl(run["path"], kl_budgets)
@@ -693,6 +683,21 @@ def _reward_at_kl(path: list[dict], budget: float) -> float:
             t = (budget - a["kl"]) / (b["kl"] - a["kl"])
             return a["mean_reward"] + t * (b["mean_reward"] - a["mean_reward"])
     return float("nan")
+
+
+def _run_figures(seed: int, ev, agreement: float, seconds: float) -> dict[str, Any]:
+    """One run's row of figures: its `evaluate_policy` result ``ev``, implicit-reward agreement and training time."""
+    return {
+        "seed": seed,
+        "mean_reward": ev.mean_reward,
+        "reward_se": ev.reward_se,
+        "kl": ev.kl,
+        "kl_se": ev.kl_se,
+        "win_rate": ev.win_rate,
+        "mean_length": ev.mean_length,
+        "agreement": agreement,
+        "train_seconds": seconds,
+    }
 
 
 def _truth_path(setup: _Setup, eval_every: int, seed: int, start):
