@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["batches_by_length", "module_device", "run_batched", "stepwise_batches", "steps_by_row"]
+__all__ = ["batches_by_length", "left_pad", "module_device", "run_batched", "stepwise_batches", "steps_by_row"]
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -23,6 +23,17 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(ids, attention_mask)`` ``[N, max_len]`` with each row right-aligned (generation reads the last column)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
 
 
 def module_device(module: nn.Module) -> torch.device:

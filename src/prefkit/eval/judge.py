@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prefkit.data.batching import left_pad
 from prefkit.data.judge_prompts import (
     TEMPLATES,
     JudgeTemplate,
@@ -46,7 +47,7 @@ from prefkit.data.judge_prompts import (
 )
 from prefkit.data.records import PairwiseRecord
 from prefkit.data.tokenize import tokenize_prompt
-from prefkit.train.logps import completion_logps
+from prefkit.train.logps import completion_logps, last_logits_forward
 
 __all__ = [
     "TEMPLATES",
@@ -135,19 +136,11 @@ def _next_token_verdicts(model, tokenizer, prompts, labels: tuple[int, int], bat
     out = np.zeros(len(prompts))
     for start in _batches(len(prompts), batch_size, progress):
         chunk = prompts[start : start + batch_size]
-        width = max(map(len, chunk))
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, ids in enumerate(chunk):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention[i, width - len(ids) :] = 1
+        input_ids, attention = left_pad(chunk, pad)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions}
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        try:
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
-        except TypeError:  # a model without logits_to_keep
-            logits = model(**inputs).logits[:, -1]
+        logits = last_logits_forward(model, **inputs).logits[:, -1]
         logp = torch.log_softmax(logits.float(), dim=-1)
         out[start : start + len(chunk)] = (logp[:, labels[0]] - logp[:, labels[1]]).cpu().numpy()
     return out
@@ -202,12 +195,8 @@ def generate_verdicts(
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="judging", disable=not progress, unit="batch"):
             chunk = prompts[start : start + batch_size]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            for i, ids in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                attention[i, width - len(ids) :] = 1
+            input_ids, attention = left_pad(chunk, pad)  # every prompt ends where generation starts
+            width = input_ids.shape[1]
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),

@@ -178,8 +178,8 @@ def _best_of_n(args: argparse.Namespace, eval_set, template) -> int:
     from prefkit.eval.rm import best_of_n_results
 
     model, tokenizer = _load(args)
-    judge = LMJudge(model, tokenizer, template, batch_size=args.batch_size, max_prompt_length=args.max_prompt_length)
-    judge.options["progress"] = not args.no_progress
+    options = {"batch_size": args.batch_size, "max_prompt_length": args.max_prompt_length}
+    judge = LMJudge(model, tokenizer, template, **options, progress=not args.no_progress)
     scores = win_rates(judge, [r.prompt for r in eval_set.records], [r.completions for r in eval_set.records])
     metrics: dict = {}
     items = best_of_n_results(eval_set, scores, metrics)

@@ -36,8 +36,7 @@ from transformers import (
 )
 from transformers.generation import utils as _generation_utils
 
-from prefkit.data.batching import module_device
-from prefkit.online.sampling import left_pad
+from prefkit.data.batching import left_pad, module_device
 
 __all__ = ["HFRollouts", "Rollout", "SamplingSettings"]
 

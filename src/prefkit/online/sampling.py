@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prefkit.data.batching import batches_by_length, module_device, run_batched
+from prefkit.data.batching import batches_by_length, left_pad, module_device, run_batched
 from prefkit.data.collators import pad_rows
 from prefkit.data.tokenize import tokenize_prompt
 
@@ -48,17 +48,6 @@ class Completion:
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """``(ids, attention_mask)`` ``[N, max_len]`` with each row right-aligned (generation reads the last column)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
 
 
 def _cut_at_eos(ids: list[int], eos_id: int) -> tuple[list[int], bool]:

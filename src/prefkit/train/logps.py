@@ -55,6 +55,7 @@ from torch import Tensor, nn
 __all__ = [
     "DEFAULT_MEMORY_MB",
     "LogpOutput",
+    "last_logits_forward",
     "auto_chunk_size",
     "chunked_token_kl",
     "chunked_token_logps",
@@ -765,6 +766,15 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Te
         raise ValueError("completion_mask[:, 0] must be 0: the first position has no context to predict it from")
     if bool((completion_mask.bool() & ~attention_mask.bool()).any()):
         raise ValueError("completion_mask marks positions where attention_mask is 0")
+
+
+def last_logits_forward(model: nn.Module, **inputs: Any):
+    """``model(**inputs)`` computing the logits of the last position only where the model takes
+    ``logits_to_keep`` (no ``[N, T, V]`` logits), all of them otherwise; returns the model's output."""
+    try:
+        return model(**inputs, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep
+        return model(**inputs)
 
 
 def completion_logps(

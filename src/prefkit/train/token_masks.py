@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from prefkit.models.token_masks import SparseTokenMask, activation_mask
+from prefkit.train.logps import last_logits_forward
 
 __all__ = ["MASK_FILE", "MASK_MODULE", "TokenMasker"]
 
@@ -31,11 +32,7 @@ MASK_FILE = "token_mask.safetensors"
 
 def _decoder_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
     """Every decoder layer's output ``[N, T, H]`` (HF ``hidden_states[1:]``), shifted right by one position."""
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
-    try:
-        out = model(**kwargs, logits_to_keep=1)
-    except TypeError:  # a model without logits_to_keep
-        out = model(**kwargs)
+    out = last_logits_forward(model, input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     states = getattr(out, "hidden_states", None)
     if not states or len(states) < 2:
         raise ValueError(f"{type(model).__name__} returned no hidden states; token masks need output_hidden_states")
